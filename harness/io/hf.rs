@@ -1,0 +1,215 @@
+//! Hugging Face model directories: `config.json` plus `model.safetensors`, or shards listed
+//! in `model.safetensors.index.json`, with transformers' tensor names.
+//!
+//! Loading checks the set of tensors exactly against the spec: a missing, unexpected,
+//! wrongly-shaped or non-float tensor is an error naming the file and the key. Saving writes
+//! every file atomically and removes the files of the other layout (single vs sharded) so a
+//! directory never holds two disagreeing copies.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::io::atomic::{ensure_dir, write_atomic};
+use crate::io::st::{host, write_host, StFile};
+use crate::spec::ArchSpec;
+use crate::weights::{tensor_shapes, Weights};
+
+/// The single-file weights name.
+pub const SINGLE: &str = "model.safetensors";
+/// The shard index name.
+pub const INDEX: &str = "model.safetensors.index.json";
+/// The config name.
+pub const CONFIG: &str = "config.json";
+
+/// A checkpoint loaded from disk.
+pub struct Checkpoint {
+    /// The architecture from `config.json`.
+    pub spec: ArchSpec,
+    /// The weights, cast to the spec's dtype, on the requested device.
+    pub weights: Weights,
+}
+
+/// Where each tensor of a checkpoint directory lives.
+struct Layout {
+    /// file → tensors in it.
+    files: BTreeMap<PathBuf, Vec<String>>,
+    /// The file that lists the tensors (the index when sharded, else the single file).
+    listing: PathBuf,
+}
+
+fn layout(dir: &Path) -> Result<Layout> {
+    let single = dir.join(SINGLE);
+    let index = dir.join(INDEX);
+    if single.is_file() {
+        let names = StFile::open(&single)?.names()?;
+        return Ok(Layout {
+            files: [(single.clone(), names)].into(),
+            listing: single,
+        });
+    }
+    if !index.is_file() {
+        return Err(Error::file(dir, format!("has neither {SINGLE} nor {INDEX}")));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::Config {
+            file: Some(index.clone()),
+            field: "weight_map".into(),
+            msg: "missing or not an object".into(),
+        })?;
+    let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::Config {
+            file: Some(index.clone()),
+            field: format!("weight_map.{key}"),
+            msg: format!("expected a file name, got {file}"),
+        })?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(Error::Config {
+                file: Some(index.clone()),
+                field: format!("weight_map.{key}"),
+                msg: format!("`{file}` is not a plain file name in the checkpoint directory"),
+            });
+        }
+        files.entry(dir.join(file)).or_default().push(key.clone());
+    }
+    Ok(Layout { files, listing: index })
+}
+
+/// Load a checkpoint directory onto `device`, cast to the config's dtype (or `dtype` when given).
+pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "is not a directory"));
+    }
+    let mut spec = ArchSpec::from_config_file(&dir.join(CONFIG))?;
+    if let Some(d) = dtype {
+        spec.dtype = d;
+    }
+    let layout = layout(dir)?;
+    let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(&spec).into_iter().collect();
+    let mut weights = Weights::new();
+    for (file, listed) in &layout.files {
+        if !file.is_file() {
+            return Err(Error::tensor(
+                &layout.listing,
+                &listed[0],
+                format!("listed in {} which does not exist", file.display()),
+            ));
+        }
+        let st = StFile::open(file)?;
+        let present = st.names()?;
+        for key in listed {
+            if !present.contains(key) {
+                return Err(Error::tensor(
+                    file,
+                    key,
+                    format!("listed in {} but not in this file", layout.listing.display()),
+                ));
+            }
+            let shape = match expected.get(key) {
+                Some(s) => s,
+                None => {
+                    let why = if key == "lm_head.weight" && spec.tie_word_embeddings {
+                        "unexpected: tie_word_embeddings is true, so the head is embed_tokens".to_string()
+                    } else {
+                        format!("unexpected for a {} model with {} layers", spec.family, spec.num_layers)
+                    };
+                    return Err(Error::tensor(file, key, why));
+                }
+            };
+            weights.insert(key.clone(), st.load_float(key, shape, spec.dtype, device)?);
+        }
+    }
+    if let Some(missing) = expected.keys().find(|k| !weights.contains_key(*k)) {
+        return Err(Error::tensor(&layout.listing, missing, "missing"));
+    }
+    Ok(Checkpoint { spec, weights })
+}
+
+/// How to split weights into files when saving.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Sharding {
+    /// One `model.safetensors`.
+    #[default]
+    Single,
+    /// Shards of at most this many bytes (a larger tensor gets a shard of its own) and an index.
+    MaxBytes(usize),
+}
+
+/// Save `spec` + `weights` as a transformers-loadable directory. Every file is written
+/// atomically; weights are checked against the spec first so a bad call writes nothing.
+pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
+    spec.validate()?;
+    let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(spec).into_iter().collect();
+    for (k, shape) in &expected {
+        let t = weights
+            .get(k)
+            .ok_or_else(|| Error::Msg(format!("cannot save: tensor `{k}` is missing")))?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::Msg(format!(
+                "cannot save: tensor `{k}` has shape {:?}, expected {shape:?}",
+                t.dims()
+            )));
+        }
+    }
+    if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
+        return Err(Error::Msg(format!(
+            "cannot save: tensor `{extra}` is not part of the spec"
+        )));
+    }
+    ensure_dir(dir)?;
+    let cfg = serde_json::to_vec_pretty(&spec.to_config_json()).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut hosted = Vec::new();
+    for (k, t) in weights {
+        hosted.push((k.clone(), host(&t.to_dtype(spec.dtype)?)?));
+    }
+    match sharding {
+        Sharding::Single => {
+            write_host(&dir.join(SINGLE), hosted)?;
+            remove_if_exists(&dir.join(INDEX))?;
+        }
+        Sharding::MaxBytes(max) => {
+            let mut shards: Vec<Vec<(String, crate::io::st::HostTensor)>> = vec![Vec::new()];
+            let mut size = 0usize;
+            let total: usize = hosted.iter().map(|(_, h)| h.nbytes()).sum();
+            for (k, h) in hosted {
+                let last = shards.last_mut().expect("one shard");
+                if !last.is_empty() && size + h.nbytes() > max {
+                    shards.push(Vec::new());
+                    size = 0;
+                }
+                size += h.nbytes();
+                shards.last_mut().expect("one shard").push((k, h));
+            }
+            let n = shards.len();
+            let mut weight_map = serde_json::Map::new();
+            for (i, shard) in shards.into_iter().enumerate() {
+                let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+                for (k, _) in &shard {
+                    weight_map.insert(k.clone(), json!(name));
+                }
+                write_host(&dir.join(&name), shard)?;
+            }
+            let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Msg(e.to_string()))?;
+            write_atomic(&dir.join(INDEX), &bytes)?;
+            remove_if_exists(&dir.join(SINGLE))?;
+        }
+    }
+    write_atomic(&dir.join(CONFIG), &cfg)
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(p, e)),
+    }
+}

@@ -1,0 +1,6 @@
+//! Reading and writing checkpoints: safetensors files, Hugging Face model directories, and
+//! the atomic writes every save goes through.
+
+pub mod atomic;
+pub mod hf;
+pub mod st;

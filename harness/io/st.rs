@@ -1,0 +1,202 @@
+//! safetensors ↔ candle: memory-mapped reading with errors that name the file and tensor,
+//! and atomic writing of named tensors.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype as StDtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+use crate::io::atomic::write_atomic;
+
+/// A memory-mapped safetensors file.
+pub struct StFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+impl StFile {
+    /// Map `path` and check its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(Error::file(path, "is a directory, expected a .safetensors file"));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; tunecheck never writes a file it has mapped (saves go
+        // to a temp file and are renamed over, which leaves the mapped inode intact).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let f = StFile {
+            path: path.to_path_buf(),
+            mmap,
+        };
+        f.parse()?;
+        Ok(f)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header and data.
+    pub fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| Error::file(&self.path, format!("not a valid safetensors file: {e}")))
+    }
+
+    /// Names of the tensors in the file, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self.parse()?.names().into_iter().map(str::to_string).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Dtype and shape of `key`, if present.
+    pub fn info(&self, key: &str) -> Result<Option<(StDtype, Vec<usize>)>> {
+        let st = self.parse()?;
+        Ok(st.tensor(key).ok().map(|t| (t.dtype(), t.shape().to_vec())))
+    }
+
+    /// Load `key` as a candle tensor on the host with its stored dtype.
+    pub fn load(&self, key: &str) -> Result<Tensor> {
+        let st = self.parse()?;
+        let view = st.tensor(key).map_err(|_| Error::tensor(&self.path, key, "missing"))?;
+        let dtype = candle_dtype(view.dtype())
+            .ok_or_else(|| Error::tensor(&self.path, key, format!("dtype {:?} is not supported", view.dtype())))?;
+        Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .map_err(|e| Error::tensor(&self.path, key, format!("unreadable data: {e}")))
+    }
+
+    /// Load `key` and require a floating dtype and `shape`; returns it cast to `dtype` on `device`.
+    pub fn load_float(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (st_dtype, got) = self
+            .info(key)?
+            .ok_or_else(|| Error::tensor(&self.path, key, "missing"))?;
+        if !matches!(st_dtype, StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64) {
+            return Err(Error::tensor(
+                &self.path,
+                key,
+                format!("dtype {st_dtype:?} is not a float type (F32, BF16, F16, F64)"),
+            ));
+        }
+        if got != shape {
+            return Err(Error::tensor(
+                &self.path,
+                key,
+                format!("shape {got:?}, expected {shape:?}"),
+            ));
+        }
+        Ok(self.load(key)?.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// The candle dtype of a safetensors dtype, if candle has it.
+pub fn candle_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I64 => DType::I64,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F32 => DType::F32,
+        StDtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+fn st_dtype(d: DType) -> Result<StDtype> {
+    Ok(match d {
+        DType::U8 => StDtype::U8,
+        DType::U32 => StDtype::U32,
+        DType::I64 => StDtype::I64,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F32 => StDtype::F32,
+        DType::F64 => StDtype::F64,
+        other => return Err(Error::Msg(format!("dtype {other:?} cannot be written to safetensors"))),
+    })
+}
+
+/// A tensor copied to host bytes, ready to serialise.
+pub struct HostTensor {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Copy `t` to the host as little-endian bytes.
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let shape = t.dims().to_vec();
+        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let data: Vec<u8> = match t.dtype() {
+            DType::U8 => t.to_vec1::<u8>()?,
+            DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => t
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+            DType::BF16 => t
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+            DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            other => return Err(Error::Msg(format!("dtype {other:?} cannot be written to safetensors"))),
+        };
+        Ok(HostTensor {
+            dtype: st_dtype(t.dtype())?,
+            shape,
+            data,
+        })
+    }
+
+    /// Byte size of the data.
+    pub fn nbytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl View for HostTensor {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Copy `t` to host bytes keeping its shape.
+pub fn host(t: &Tensor) -> Result<HostTensor> {
+    HostTensor::from_tensor(t)
+}
+
+/// Serialise `tensors` (with `{"format": "pt"}` metadata, as transformers writes) to `path`
+/// atomically.
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let host: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), host(t)?)))
+        .collect::<Result<_>>()?;
+    write_host(path, host)
+}
+
+/// Serialise already-copied tensors to `path` atomically.
+pub fn write_host(path: &Path, tensors: Vec<(String, HostTensor)>) -> Result<()> {
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes =
+        safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}

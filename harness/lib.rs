@@ -1,0 +1,35 @@
+//! # tunecheck
+//!
+//! Property tests that catch the silent bugs of LLM fine-tuning stacks — eval path ≠ train
+//! path, untrained tokens turning into NaN, save/reload drift, loss that does not descend —
+//! on small synthetic Llama- and Gemma-shaped models that match transformers numerically.
+//!
+//! The data flow is the module layout:
+//!
+//! ```text
+//! spec (ArchSpec + seed) → weights (seeded ChaCha, host) → model (candle, any device)
+//!        ▲ strategy (proptest arb_*)                              │
+//!        └──────────── props (invariants) ◄──────────────────────┘ → report
+//! ```
+//!
+//! - [`spec`]: the architecture, validated, read from / written to `config.json`;
+//! - [`strategy`]: proptest strategies that shrink toward the smallest model;
+//! - [`weights`]: seeded weights, the same bits on every run and device;
+//! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation;
+//! - [`io`]: Hugging Face checkpoints (single or sharded safetensors), atomic writes;
+//! - [`props`]: the invariants, as public functions;
+//! - [`device`]: devices and the CUDA skip/require policy.
+
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod props;
+pub mod spec;
+pub mod strategy;
+pub mod suite;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use model::{KvCache, Mode, Transformer};
+pub use spec::{ArchSpec, Family, LayerType, Rope, RopeScaling};

@@ -1,0 +1,167 @@
+//! The building blocks of the decoder, written with candle ops that all have a backward
+//! (no fused `rms_norm`, `rope` or `softmax_last_dim`: those detach the graph silently).
+//!
+//! Every numeric detail follows transformers' modeling files: RMSNorm in f32 then cast
+//! (Llama `w·x̂`, Gemma `x̂·(1+w)`), rotate-half rope with cos/sin computed in f32, scores
+//! scaled before soft-capping, soft-capping before the mask, softmax in f32.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+use rand_core::RngCore;
+
+use crate::error::Result;
+use crate::spec::Rope;
+
+/// A bias-free linear layer `y = x·Wᵀ` over inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    /// Wrap a `[out, in]` weight.
+    pub fn new(weight: Tensor) -> Self {
+        Linear { weight }
+    }
+
+    /// The `[out, in]` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = *dims.last().expect("linear input has rank >= 1");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, last))?.matmul(&self.weight.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// RMSNorm in either convention, computed in f32 and cast back to the input dtype.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+    /// Gemma: scale by `1 + w` (in f32). Llama: `w · x̂` with x̂ cast back first.
+    one_plus: bool,
+}
+
+impl RmsNorm {
+    /// A norm with `weight`, `eps` and the Gemma `(1 + w)` convention when `one_plus`.
+    pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
+        RmsNorm { weight, eps, one_plus }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let in_dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+        if self.one_plus {
+            let w = (self.weight.to_dtype(DType::F32)? + 1.0)?;
+            normed.broadcast_mul(&w)?.to_dtype(in_dtype)
+        } else {
+            normed.to_dtype(in_dtype)?.broadcast_mul(&self.weight)
+        }
+    }
+}
+
+/// cos/sin tables `[seq, head_dim]` for positions `offset..offset+seq`, in `dtype`.
+pub fn rope_tables(
+    rope: &Rope,
+    head_dim: usize,
+    offset: usize,
+    seq: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv = rope.inv_freq(head_dim);
+    let half = inv.len();
+    let mut cos = Vec::with_capacity(seq * head_dim);
+    let mut sin = Vec::with_capacity(seq * head_dim);
+    for p in offset..offset + seq {
+        let freqs: Vec<f32> = inv.iter().map(|f| p as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(freqs.iter().map(|a| a.cos()));
+            sin.extend(freqs.iter().map(|a| a.sin()));
+        }
+    }
+    debug_assert_eq!(cos.len(), seq * 2 * half);
+    let cos = Tensor::from_vec(cos, (seq, head_dim), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (seq, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Apply rotate-half rope to `x` `[batch, heads, seq, head_dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Softmax over the last dimension from differentiable ops (the max is detached: it only
+/// shifts, it does not change the value or the gradient).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// `tanh(x / cap) · cap`.
+pub fn soft_cap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
+/// Additive attention mask `[q, kv]` (0 or −∞) for queries at `offset..offset+q` attending
+/// keys `0..offset+q`: causal, and within `window` positions (query included) when set.
+pub fn causal_mask(q: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let kv = offset + q;
+    let mut m = vec![0f32; q * kv];
+    for i in 0..q {
+        let qi = offset + i;
+        for j in 0..kv {
+            let visible = j <= qi && window.is_none_or(|w| qi - j < w);
+            if !visible {
+                m[i * kv + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (q, kv), device)?)
+}
+
+/// Inverted dropout with a mask drawn on the host from `rng` (seeded, so reproducible).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let threshold = (keep * (u32::MAX as f64)) as u32;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.next_u32() < threshold { scale } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// Repeat each of `kv` heads `n_rep` times along dim 1: `[b, kv, s, d]` → `[b, kv·n_rep, s, d]`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))
+}

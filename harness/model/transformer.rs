@@ -1,0 +1,353 @@
+//! The decoder-only transformer for every family, loaded candle-style with `load(vb, spec)`.
+//!
+//! One file serves Llama and Gemma 1/2/3 because they differ in a handful of switches that
+//! the spec already names (norm convention, embedding scale, activation, sandwich norms,
+//! q/k norms, soft-caps, per-layer window and rope). Forward runs in [`Mode::Train`] or
+//! [`Mode::Eval`] on the same path: dropout is the only difference, and only when p > 0.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::model::cache::KvCache;
+use crate::model::layers::{
+    apply_rope, causal_mask, dropout, repeat_kv, rope_tables, soft_cap, softmax_last, Linear, RmsNorm,
+};
+use crate::spec::ArchSpec;
+
+/// Train or eval mode. Without dropout the two must give bitwise identical logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Dropout active (when its probability is > 0).
+    Train,
+    /// Dropout off.
+    Eval,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    gelu: bool,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        // Gemma: tanh-approximate gelu (candle's `gelu` is the tanh form); Llama: silu.
+        let g = if self.gelu { g.gelu()? } else { g.silu()? };
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    /// Gemma 2/3 only: (pre_feedforward, post_feedforward).
+    ff_norms: Option<(RmsNorm, RmsNorm)>,
+    mlp: Mlp,
+}
+
+/// The synthetic (or loaded) model.
+#[derive(Debug)]
+pub struct Transformer {
+    spec: ArchSpec,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    device: Device,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out, inp), &format!("{name}.weight"))?))
+}
+
+fn norm(vb: &VarBuilder, n: usize, name: &str, spec: &ArchSpec) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(
+        vb.get(n, &format!("{name}.weight"))?,
+        spec.rms_norm_eps,
+        spec.family.is_gemma(),
+    ))
+}
+
+impl Transformer {
+    /// Build from a var builder rooted at the checkpoint root (HF names, `model.` prefix).
+    pub fn load(vb: VarBuilder, spec: &ArchSpec) -> Result<Self> {
+        spec.validate()?;
+        let (h, hd) = (spec.hidden_size, spec.head_dim);
+        let vm = vb.pp("model");
+        let embed = vm.get((spec.vocab_size, h), "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for i in 0..spec.num_layers {
+            let lb = vm.pp(format!("layers.{i}"));
+            let ab = lb.pp("self_attn");
+            let attn = Attention {
+                q: linear(&ab, spec.num_heads * hd, h, "q_proj")?,
+                k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj")?,
+                v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj")?,
+                o: linear(&ab, h, spec.num_heads * hd, "o_proj")?,
+                q_norm: if spec.family.has_qk_norm() {
+                    Some(norm(&ab, hd, "q_norm", spec)?)
+                } else {
+                    None
+                },
+                k_norm: if spec.family.has_qk_norm() {
+                    Some(norm(&ab, hd, "k_norm", spec)?)
+                } else {
+                    None
+                },
+            };
+            let mb = lb.pp("mlp");
+            let mlp = Mlp {
+                gate: linear(&mb, spec.intermediate_size, h, "gate_proj")?,
+                up: linear(&mb, spec.intermediate_size, h, "up_proj")?,
+                down: linear(&mb, h, spec.intermediate_size, "down_proj")?,
+                gelu: spec.family.is_gemma(),
+            };
+            let ff_norms = if spec.family.has_sandwich_norms() {
+                Some((
+                    norm(&lb, h, "pre_feedforward_layernorm", spec)?,
+                    norm(&lb, h, "post_feedforward_layernorm", spec)?,
+                ))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: norm(&lb, h, "input_layernorm", spec)?,
+                attn,
+                post_attn_norm: norm(&lb, h, "post_attention_layernorm", spec)?,
+                ff_norms,
+                mlp,
+            });
+        }
+        let final_norm = norm(&vm, h, "norm", spec)?;
+        let lm_head = if spec.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((spec.vocab_size, h), "lm_head.weight")?
+        };
+        Ok(Transformer {
+            spec: spec.clone(),
+            device: embed.device().clone(),
+            embed,
+            layers,
+            norm: final_norm,
+            lm_head,
+            dropout_rng: Mutex::new(crate::weights::stream(0, "dropout")),
+        })
+    }
+
+    /// Build from named weights (e.g. [`crate::weights::generate`]) on their device.
+    pub fn from_weights(spec: &ArchSpec, weights: &crate::weights::Weights) -> Result<Self> {
+        let device = weights
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .ok_or_else(|| Error::Msg("no weights given".into()))?;
+        let map = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Self::load(VarBuilder::from_tensors(map, spec.dtype, &device), spec)
+    }
+
+    /// The spec the model was built from.
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Reseed the dropout stream (train mode with p > 0 is reproducible given the seed).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) = crate::weights::stream(seed, "dropout");
+    }
+
+    /// Logits `[batch, seq, vocab]` (in the model dtype) for `ids` `[batch, seq]` (u32/i64).
+    pub fn forward(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_inner(ids, None, mode)
+    }
+
+    /// Logits for the new positions `ids`, appending their keys and values to `cache`.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, mode: Mode) -> Result<Tensor> {
+        self.forward_inner(ids, Some(cache), mode)
+    }
+
+    /// A fresh cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.spec.num_layers)
+    }
+
+    fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+        let spec = &self.spec;
+        let (b, s) = ids
+            .dims2()
+            .map_err(|_| Error::Msg(format!("input ids must be [batch, seq], got {:?}", ids.dims())))?;
+        if s == 0 {
+            return Err(Error::Msg("input ids have zero length".into()));
+        }
+        let ids = ids.to_dtype(DType::U32)?.to_device(&self.device)?;
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= spec.vocab_size {
+            return Err(Error::Msg(format!(
+                "token id {max_id} is out of range (vocab_size {})",
+                spec.vocab_size
+            )));
+        }
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let dtype = spec.dtype;
+        let train_dropout = mode == Mode::Train;
+
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, spec.hidden_size))?;
+        if spec.family.is_gemma() {
+            // transformers: the normaliser is a tensor in the model dtype, so √hidden is rounded first.
+            let normaliser = Tensor::new((spec.hidden_size as f64).sqrt() as f32, &self.device)?.to_dtype(dtype)?;
+            x = x.broadcast_mul(&normaliser)?;
+        }
+
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        let mut ropes: Vec<(crate::spec::Rope, Tensor, Tensor)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let window = spec.window_for(i);
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = causal_mask(s, offset, window, &self.device)?;
+                    masks.push((window, m.clone()));
+                    m
+                }
+            };
+            let rope = *spec.rope_for(i);
+            let (cos, sin) = match ropes.iter().find(|(r, _, _)| *r == rope) {
+                Some((_, c, s_)) => (c.clone(), s_.clone()),
+                None => {
+                    let (c, s_) = rope_tables(&rope, spec.head_dim, offset, s, dtype, &self.device)?;
+                    ropes.push((rope, c.clone(), s_.clone()));
+                    (c, s_)
+                }
+            };
+
+            let residual = x.clone();
+            let hnorm = layer.input_norm.forward(&x)?;
+            let attn = self.attention(
+                i,
+                &layer.attn,
+                &hnorm,
+                &mask,
+                &cos,
+                &sin,
+                cache.as_deref_mut(),
+                train_dropout,
+            )?;
+            let attn = if spec.family.has_sandwich_norms() {
+                layer.post_attn_norm.forward(&attn)?
+            } else {
+                attn
+            };
+            let attn = self.residual_dropout(&attn, train_dropout)?;
+            x = (residual + attn)?;
+
+            let residual = x.clone();
+            let hnorm = match &layer.ff_norms {
+                Some((pre, _)) => pre.forward(&x)?,
+                None => layer.post_attn_norm.forward(&x)?,
+            };
+            let mut ff = layer.mlp.forward(&hnorm)?;
+            if let Some((_, post)) = &layer.ff_norms {
+                ff = post.forward(&ff)?;
+            }
+            let ff = self.residual_dropout(&ff, train_dropout)?;
+            x = (residual + ff)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let mut logits = Linear::new(self.lm_head.clone()).forward(&x)?;
+        if let Some(cap) = spec.final_logit_softcapping {
+            logits = soft_cap(&logits, cap)?;
+        }
+        Ok(logits)
+    }
+
+    fn residual_dropout(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.spec.residual_dropout <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
+        dropout(x, self.spec.residual_dropout, &mut rng)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        x: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let spec = &self.spec;
+        let (b, s, _) = x.dims3()?;
+        let hd = spec.head_dim;
+        let q = a.q.forward(x)?.reshape((b, s, spec.num_heads, hd))?;
+        let k = a.k.forward(x)?.reshape((b, s, spec.num_kv_heads, hd))?;
+        let v = a.v.forward(x)?.reshape((b, s, spec.num_kv_heads, hd))?;
+        let (q, k) = match (&a.q_norm, &a.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => c.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let n_rep = spec.num_heads / spec.num_kv_heads;
+        let k = repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = repeat_kv(&v, n_rep)?.contiguous()?;
+
+        let mut scores = (q.matmul(&k.t()?)? * spec.attn_scale())?;
+        if let Some(cap) = spec.attn_logit_softcapping {
+            scores = soft_cap(&scores, cap)?;
+        }
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let mut probs = softmax_last(&scores)?.to_dtype(spec.dtype)?;
+        if train && spec.attention_dropout > 0.0 {
+            let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
+            probs = dropout(&probs, spec.attention_dropout, &mut rng)?;
+        }
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, spec.num_heads * hd))?;
+        Ok(a.o.forward(&out)?)
+    }
+}
+
+/// Argmax over the last dimension of logits `[.., vocab]`, as u32.
+pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
+    Ok(logits.to_dtype(DType::F32)?.argmax(D::Minus1)?)
+}

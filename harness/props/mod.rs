@@ -1,0 +1,63 @@
+//! Invariants, one file per family of properties, each a public function that returns
+//! `Ok(())` or a [`Violation`] carrying the numbers that broke it.
+
+pub mod compare;
+pub mod forward;
+
+pub use compare::{bitwise_equal, max_abs_diff, rel_l2};
+
+/// A broken invariant: which one, and the numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    /// Property id and name, e.g. `forward/kv_cache`.
+    pub property: &'static str,
+    /// What was observed, with the numbers and the bound.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} violated: {}", self.property, self.detail)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// The outcome of checking one property: a violation, or an error that kept it from running.
+#[derive(Debug)]
+pub enum Failure {
+    /// The invariant does not hold.
+    Violated(Violation),
+    /// The check could not run (bad spec, candle error, ...).
+    Error(crate::error::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Violated(v) => v.fmt(f),
+            Failure::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+impl From<crate::error::Error> for Failure {
+    fn from(e: crate::error::Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+impl From<candle_core::Error> for Failure {
+    fn from(e: candle_core::Error) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+impl From<Violation> for Failure {
+    fn from(v: Violation) -> Self {
+        Failure::Violated(v)
+    }
+}
+
+/// Result of a property check.
+pub type Check = std::result::Result<(), Failure>;

@@ -1,0 +1,129 @@
+//! proptest strategies for specs and batches. Every range starts at its smallest legal value
+//! so that shrinking walks toward the smallest model: one layer, one kv head, tiny vocab.
+
+use proptest::prelude::*;
+
+use crate::spec::{default_layer_types, ArchSpec, Family, Rope, RopeScaling};
+
+prop_compose! {
+    /// Sizes shared by all families: (vocab, hidden, intermediate, layers, kv heads, heads per kv, head_dim).
+    fn arb_sizes(max_layers: usize)(
+        vocab in 8usize..=64,
+        hidden in 4usize..=32,
+        intermediate in 4usize..=48,
+        layers in 1usize..=max_layers,
+        kv in 1usize..=2,
+        rep in 1usize..=3,
+        half_hd in 1usize..=4,
+    ) -> (usize, usize, usize, usize, usize, usize, usize) {
+        (vocab, hidden, intermediate, layers, kv, kv * rep, 2 * half_hd)
+    }
+}
+
+fn base(family: Family, s: (usize, usize, usize, usize, usize, usize, usize)) -> ArchSpec {
+    let (vocab, hidden, intermediate, layers, kv, heads, hd) = s;
+    let mut spec = ArchSpec::tiny(family);
+    spec.vocab_size = vocab;
+    spec.hidden_size = hidden;
+    spec.intermediate_size = intermediate;
+    spec.num_layers = layers;
+    spec.num_kv_heads = kv;
+    spec.num_heads = heads;
+    spec.head_dim = hd;
+    spec.layer_types = default_layer_types(family, layers, 6);
+    spec
+}
+
+prop_compose! {
+    /// Llama: GQA, tied or untied, plain or Llama-3-scaled rope.
+    pub fn arb_llama()(
+        s in arb_sizes(3),
+        untied in any::<bool>(),
+        theta in prop_oneof![Just(10_000.0), Just(500_000.0)],
+        llama3 in any::<bool>(),
+    ) -> ArchSpec {
+        let mut spec = base(Family::Llama, s);
+        // transformers' LlamaConfig requires heads to divide hidden.
+        spec.hidden_size = spec.hidden_size.div_ceil(spec.num_heads) * spec.num_heads;
+        spec.tie_word_embeddings = !untied;
+        let scaling = if llama3 {
+            RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 }
+        } else {
+            RopeScaling::None
+        };
+        spec.rope = Rope { theta, scaling };
+        spec.rope_local = spec.rope;
+        spec
+    }
+}
+
+prop_compose! {
+    /// Gemma 1.
+    pub fn arb_gemma()(s in arb_sizes(3)) -> ArchSpec {
+        base(Family::Gemma, s)
+    }
+}
+
+prop_compose! {
+    /// Gemma 2: soft-caps on or off, windows shorter than typical batches.
+    pub fn arb_gemma2()(
+        s in arb_sizes(3),
+        window in 1usize..=8,
+        attn_cap in proptest::option::of(prop_oneof![Just(50.0), Just(2.0)]),
+        final_cap in proptest::option::of(prop_oneof![Just(30.0), Just(3.0)]),
+        qpas in 1usize..=4,
+    ) -> ArchSpec {
+        let mut spec = base(Family::Gemma2, s);
+        spec.sliding_window = Some(window);
+        spec.attn_logit_softcapping = attn_cap;
+        spec.final_logit_softcapping = final_cap;
+        spec.query_pre_attn_scalar = Some((qpas * spec.head_dim) as f64);
+        spec
+    }
+}
+
+prop_compose! {
+    /// Gemma 3 (text): up to 7 layers so a global layer (the 6th) can appear; linear rope
+    /// scaling on global layers optional.
+    pub fn arb_gemma3()(
+        s in arb_sizes(7),
+        window in 1usize..=8,
+        linear in proptest::option::of(Just(8.0)),
+    ) -> ArchSpec {
+        let mut spec = base(Family::Gemma3, s);
+        spec.sliding_window = Some(window);
+        spec.query_pre_attn_scalar = Some(spec.head_dim as f64);
+        spec.rope = Rope { theta: 1_000_000.0, scaling: linear.map_or(RopeScaling::None, |factor| RopeScaling::Linear { factor }) };
+        spec.rope_local = Rope::plain(10_000.0);
+        spec
+    }
+}
+
+/// Any family.
+pub fn arb_spec() -> impl Strategy<Value = ArchSpec> {
+    prop_oneof![arb_llama(), arb_gemma(), arb_gemma2(), arb_gemma3()]
+}
+
+/// The strategy for one named family.
+pub fn arb_family(f: Family) -> BoxedStrategy<ArchSpec> {
+    match f {
+        Family::Llama => arb_llama().boxed(),
+        Family::Gemma => arb_gemma().boxed(),
+        Family::Gemma2 => arb_gemma2().boxed(),
+        Family::Gemma3 => arb_gemma3().boxed(),
+    }
+}
+
+/// A batch of token ids `[batch][seq]` valid for `vocab`, rows of equal length.
+pub fn arb_batch(vocab: usize, max_batch: usize, max_seq: usize) -> impl Strategy<Value = Vec<Vec<u32>>> {
+    (1..=max_batch, 1..=max_seq)
+        .prop_flat_map(move |(b, s)| proptest::collection::vec(proptest::collection::vec(0..vocab as u32, s), b))
+}
+
+/// A spec with a batch for it and a weight seed.
+pub fn arb_case() -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
+    arb_spec().prop_flat_map(|spec| {
+        let v = spec.vocab_size;
+        (Just(spec), arb_batch(v, 3, 12), any::<u64>())
+    })
+}

@@ -1,0 +1,218 @@
+//! The suite behind `tunecheck check`: each property run as a seeded proptest over a family's
+//! specs, shrunk to a minimal counterexample on failure, and reported as a table or JSON.
+
+use candle_core::Device;
+use proptest::strategy::Strategy;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
+use serde::Serialize;
+
+use crate::model::Transformer;
+use crate::props::{self, Check, Failure};
+use crate::spec::{ArchSpec, Family};
+use crate::strategy::{arb_batch, arb_family};
+use crate::weights;
+
+/// A property the suite runs on a model and a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelProperty {
+    /// Two forwards bitwise equal; train == eval without dropout.
+    Deterministic,
+    /// Logits at t independent of tokens after t.
+    Causal,
+    /// Cached decode == full forward; identical greedy generations.
+    KvCache,
+}
+
+impl ModelProperty {
+    /// Every property, in report order.
+    pub const ALL: [ModelProperty; 3] = [
+        ModelProperty::Deterministic,
+        ModelProperty::Causal,
+        ModelProperty::KvCache,
+    ];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelProperty::Deterministic => "deterministic (train == eval, bitwise)",
+            ModelProperty::Causal => "causal (future tokens ignored, bitwise)",
+            ModelProperty::KvCache => "kv-cache decode == full forward",
+        }
+    }
+
+    /// Short id for JSON and test names.
+    pub fn id(self) -> &'static str {
+        match self {
+            ModelProperty::Deterministic => "deterministic",
+            ModelProperty::Causal => "causal",
+            ModelProperty::KvCache => "kv_cache",
+        }
+    }
+
+    /// Check this property on `model` with `ids`.
+    pub fn check(self, model: &Transformer, ids: &[Vec<u32>]) -> Check {
+        let s = ids.first().map_or(0, Vec::len);
+        match self {
+            ModelProperty::Deterministic => props::forward::deterministic_and_mode_free(model, ids),
+            ModelProperty::Causal => props::forward::causal(model, ids, s / 2),
+            ModelProperty::KvCache => props::forward::kv_cache_matches(model, ids, s.div_ceil(2), 3),
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// Family checked.
+    pub family: String,
+    /// Property id.
+    pub property: &'static str,
+    /// Device name.
+    pub device: String,
+    /// Cases that ran.
+    pub cases: u32,
+    /// `pass` or `FAIL`.
+    pub passed: bool,
+    /// The violation or error of the minimal counterexample.
+    pub detail: Option<String>,
+    /// The minimal counterexample's spec as `config.json`, on failure.
+    pub minimal_config: Option<serde_json::Value>,
+    /// The minimal counterexample's weight seed and batch, on failure.
+    pub minimal_case: Option<(u64, Vec<Vec<u32>>)>,
+    /// The command that replays this check.
+    pub replay: String,
+}
+
+/// Options for a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Proptest cases per (family, property).
+    pub cases: u32,
+    /// Seed of the case generator.
+    pub seed: u64,
+    /// Families to check.
+    pub families: Vec<Family>,
+}
+
+fn case_strategy(f: Family) -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
+    arb_family(f).prop_flat_map(|spec| {
+        let v = spec.vocab_size;
+        (proptest::strategy::Just(spec), arb_batch(v, 2, 10), 0u64..1_000_000)
+    })
+}
+
+fn run_case(prop: ModelProperty, device: &Device, spec: &ArchSpec, ids: &[Vec<u32>], seed: u64) -> Check {
+    let w = weights::generate(spec, seed, device)?;
+    let model = Transformer::from_weights(spec, &w)?;
+    prop.check(&model, ids)
+}
+
+/// Run every property for every family in `opts` on `device`; `progress` is told each row.
+pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    for &family in &opts.families {
+        for prop in ModelProperty::ALL {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&opts.seed.to_le_bytes());
+            let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+            let config = Config {
+                cases: opts.cases,
+                failure_persistence: None,
+                ..Config::default()
+            };
+            let mut runner = TestRunner::new_with_rng(config, rng);
+            let result = runner.run(&case_strategy(family), |(spec, ids, seed)| {
+                match run_case(prop, device, &spec, &ids, seed) {
+                    Ok(()) => Ok(()),
+                    Err(f) => Err(TestCaseError::fail(f.to_string())),
+                }
+            });
+            let replay = format!(
+                "tunecheck check --device {} --family {family} --cases {} --seed {}",
+                crate::device::name(device),
+                opts.cases,
+                opts.seed
+            );
+            let row = match result {
+                Ok(()) => Outcome {
+                    family: family.to_string(),
+                    property: prop.id(),
+                    device: crate::device::name(device),
+                    cases: opts.cases,
+                    passed: true,
+                    detail: None,
+                    minimal_config: None,
+                    minimal_case: None,
+                    replay,
+                },
+                Err(e) => {
+                    let (detail, minimal) = match e {
+                        TestError::Fail(why, (spec, ids, seed)) => (why.to_string(), Some((spec, ids, seed))),
+                        TestError::Abort(why) => (why.to_string(), None),
+                    };
+                    Outcome {
+                        family: family.to_string(),
+                        property: prop.id(),
+                        device: crate::device::name(device),
+                        cases: opts.cases,
+                        passed: false,
+                        detail: Some(detail),
+                        minimal_config: minimal.as_ref().map(|(s, _, _)| s.to_config_json()),
+                        minimal_case: minimal.map(|(_, ids, seed)| (seed, ids)),
+                        replay,
+                    }
+                }
+            };
+            progress(&row);
+            out.push(row);
+        }
+    }
+    out
+}
+
+/// A fixed-width table of outcomes for a terminal.
+pub fn table(rows: &[Outcome]) -> String {
+    let mut s = format!("{:<8} {:<42} {:>6}  {}\n", "family", "property", "cases", "result");
+    s.push_str(&format!("{}\n", "-".repeat(68)));
+    for r in rows {
+        let name = ModelProperty::ALL
+            .iter()
+            .find(|p| p.id() == r.property)
+            .map_or(r.property, |p| p.name());
+        s.push_str(&format!(
+            "{:<8} {:<42} {:>6}  {}\n",
+            r.family,
+            name,
+            r.cases,
+            if r.passed { "pass" } else { "FAIL" }
+        ));
+    }
+    let failed: Vec<&Outcome> = rows.iter().filter(|r| !r.passed).collect();
+    s.push_str(&format!(
+        "\n{} passed, {} failed\n",
+        rows.len() - failed.len(),
+        failed.len()
+    ));
+    for r in failed {
+        s.push_str(&format!(
+            "\nFAIL {} / {}: {}\n",
+            r.family,
+            r.property,
+            r.detail.as_deref().unwrap_or("")
+        ));
+        if let Some((seed, ids)) = &r.minimal_case {
+            s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
+        }
+        if let Some(cfg) = &r.minimal_config {
+            s.push_str(&format!("  minimal config.json: {cfg}\n"));
+        }
+        s.push_str(&format!("  replay: {}\n", r.replay));
+    }
+    s
+}
+
+impl From<Failure> for TestCaseError {
+    fn from(f: Failure) -> Self {
+        TestCaseError::fail(f.to_string())
+    }
+}

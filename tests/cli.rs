@@ -1,0 +1,133 @@
+//! The `tunecheck` binary: `logits` on the transformers fixtures (file and `--ids` input,
+//! summary and `--out`), its errors and exit codes, and `check` on the built-in default.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::DType;
+use tunecheck::io::st::StFile;
+use tunecheck::props::rel_l2;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tunecheck"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/models")
+        .join(name)
+}
+
+#[test]
+fn logits_file_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["llama_gqa", "gemma2_window", "gemma3"] {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let reference = fixture(name).join("reference.safetensors");
+        let st = bin()
+            .args(["logits", "--model"])
+            .arg(fixture(name))
+            .arg("--input")
+            .arg(&reference)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{name}");
+        let got = StFile::open(&out).unwrap();
+        assert_eq!(got.names().unwrap(), vec!["logits".to_string()]);
+        let got = got.load("logits").unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let want = StFile::open(&reference).unwrap().load("logits").unwrap();
+        let err = rel_l2(&got, &want).unwrap();
+        assert!(err <= 1e-5, "{name}: {err:.3e}");
+    }
+}
+
+#[test]
+fn logits_ids_flags_and_suffixed_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let st = bin()
+        .args(["logits", "--ids", "1,2,3", "--ids", "4,5", "--model"])
+        .arg(fixture("gemma"))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let f = StFile::open(&out).unwrap();
+    assert_eq!(f.names().unwrap(), vec!["logits_ids0", "logits_ids1"]);
+    assert_eq!(f.load("logits_ids0").unwrap().dims(), &[1, 3, 64]);
+    assert_eq!(f.load("logits_ids1").unwrap().dims(), &[1, 2, 64]);
+
+    let summary = bin()
+        .args(["logits", "--ids", "1,2,3", "--model"])
+        .arg(fixture("gemma"))
+        .output()
+        .unwrap();
+    assert!(summary.status.success());
+    let text = String::from_utf8(summary.stdout).unwrap();
+    assert!(text.contains("logits: shape [1, 3, 64], finite: true"), "{text}");
+}
+
+#[test]
+fn logits_bad_input_exits_2_with_a_named_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // A float input_ids tensor is the wrong type.
+    let bad = dir.path().join("bad.safetensors");
+    let t = candle_core::Tensor::zeros((1, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+    tunecheck::io::st::write_safetensors(&bad, &[("input_ids".to_string(), t)].into()).unwrap();
+    let o = bin()
+        .args(["logits", "--model"])
+        .arg(fixture("gemma"))
+        .arg("--input")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8(o.stderr).unwrap();
+    assert!(e.contains("tensor `input_ids`: dtype F32, expected I64"), "{e}");
+    // Out-of-range token id.
+    let o = bin()
+        .args(["logits", "--ids", "1,999", "--model"])
+        .arg(fixture("gemma"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("token id 999 is out of range"));
+    // Not a model directory.
+    let o = bin()
+        .args(["logits", "--ids", "1", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8(o.stderr).unwrap().contains("config.json"));
+    // No input at all.
+    let o = bin()
+        .args(["logits", "--model"])
+        .arg(fixture("gemma"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn check_passes_on_the_default_and_prints_a_table() {
+    let o = bin().args(["check", "--cases", "4"]).output().unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+    let j = bin()
+        .args(["check", "--cases", "2", "--family", "gemma3", "--json"])
+        .output()
+        .unwrap();
+    assert!(j.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    let bad = bin().args(["check", "--family", "mistral"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
