@@ -24,6 +24,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod mutants;
 pub mod props;
 pub mod spec;
 pub mod strategy;

@@ -664,7 +664,13 @@ impl ArchSpec {
             m.insert("rope_parameters".into(), rope_parameters_json(&self.rope));
         }
         if let Some(q) = self.query_pre_attn_scalar {
-            m.insert("query_pre_attn_scalar".into(), json!(q));
+            // transformers 5 types this field as int; write integral values as integers.
+            let v = if q.fract() == 0.0 && q.abs() < 1e15 {
+                json!(q as i64)
+            } else {
+                json!(q)
+            };
+            m.insert("query_pre_attn_scalar".into(), v);
         }
         if matches!(f, Family::Gemma2 | Family::Gemma3) {
             m.insert("attn_logit_softcapping".into(), json!(self.attn_logit_softcapping));

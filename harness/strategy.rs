@@ -31,6 +31,10 @@ fn base(family: Family, s: (usize, usize, usize, usize, usize, usize, usize)) ->
     spec.num_heads = heads;
     spec.head_dim = hd;
     spec.layer_types = default_layer_types(family, layers, 6);
+    if family != Family::Gemma {
+        // transformers 5 requires heads to divide hidden for every family but Gemma 1.
+        spec.hidden_size = spec.hidden_size.div_ceil(heads) * heads;
+    }
     spec
 }
 
@@ -43,8 +47,6 @@ prop_compose! {
         llama3 in any::<bool>(),
     ) -> ArchSpec {
         let mut spec = base(Family::Llama, s);
-        // transformers' LlamaConfig requires heads to divide hidden.
-        spec.hidden_size = spec.hidden_size.div_ceil(spec.num_heads) * spec.num_heads;
         spec.tie_word_embeddings = !untied;
         let scaling = if llama3 {
             RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 }

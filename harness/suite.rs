@@ -6,7 +6,7 @@ use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use serde::Serialize;
 
-use crate::model::Transformer;
+use crate::model::{Faults, Transformer};
 use crate::props::{self, Check, Failure};
 use crate::spec::{ArchSpec, Family};
 use crate::strategy::{arb_batch, arb_family};
@@ -101,9 +101,16 @@ fn case_strategy(f: Family) -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u
     })
 }
 
-fn run_case(prop: ModelProperty, device: &Device, spec: &ArchSpec, ids: &[Vec<u32>], seed: u64) -> Check {
+fn run_case(
+    prop: ModelProperty,
+    device: &Device,
+    spec: &ArchSpec,
+    ids: &[Vec<u32>],
+    seed: u64,
+    faults: Faults,
+) -> Check {
     let w = weights::generate(spec, seed, device)?;
-    let model = Transformer::from_weights(spec, &w)?;
+    let model = Transformer::from_weights(spec, &w)?.with_faults(faults);
     prop.check(&model, ids)
 }
 
@@ -112,62 +119,125 @@ pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Outcome)) 
     let mut out = Vec::new();
     for &family in &opts.families {
         for prop in ModelProperty::ALL {
-            let mut key = [0u8; 32];
-            key[..8].copy_from_slice(&opts.seed.to_le_bytes());
-            let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
-            let config = Config {
-                cases: opts.cases,
-                failure_persistence: None,
-                ..Config::default()
-            };
-            let mut runner = TestRunner::new_with_rng(config, rng);
-            let result = runner.run(&case_strategy(family), |(spec, ids, seed)| {
-                match run_case(prop, device, &spec, &ids, seed) {
-                    Ok(()) => Ok(()),
-                    Err(f) => Err(TestCaseError::fail(f.to_string())),
-                }
-            });
-            let replay = format!(
-                "tunecheck check --device {} --family {family} --cases {} --seed {}",
-                crate::device::name(device),
-                opts.cases,
-                opts.seed
-            );
-            let row = match result {
-                Ok(()) => Outcome {
-                    family: family.to_string(),
-                    property: prop.id(),
-                    device: crate::device::name(device),
-                    cases: opts.cases,
-                    passed: true,
-                    detail: None,
-                    minimal_config: None,
-                    minimal_case: None,
-                    replay,
-                },
-                Err(e) => {
-                    let (detail, minimal) = match e {
-                        TestError::Fail(why, (spec, ids, seed)) => (why.to_string(), Some((spec, ids, seed))),
-                        TestError::Abort(why) => (why.to_string(), None),
-                    };
-                    Outcome {
-                        family: family.to_string(),
-                        property: prop.id(),
-                        device: crate::device::name(device),
-                        cases: opts.cases,
-                        passed: false,
-                        detail: Some(detail),
-                        minimal_config: minimal.as_ref().map(|(s, _, _)| s.to_config_json()),
-                        minimal_case: minimal.map(|(_, ids, seed)| (seed, ids)),
-                        replay,
-                    }
-                }
-            };
+            let row = run_property(device, family, prop, opts.cases, opts.seed, Faults::default());
             progress(&row);
             out.push(row);
         }
     }
     out
+}
+
+/// One mutant's result: whether its property caught it, with the shrunk counterexample.
+#[derive(Debug, Clone, Serialize)]
+pub struct MutantOutcome {
+    /// Mutant id.
+    pub mutant: &'static str,
+    /// The real-world bug it reproduces.
+    pub bug: &'static str,
+    /// The property run against it, and its result (`passed == false` means caught).
+    pub outcome: Outcome,
+}
+
+impl MutantOutcome {
+    /// True when the property failed on the mutant, as it must.
+    pub fn caught(&self) -> bool {
+        !self.outcome.passed
+    }
+}
+
+/// Run each mutant's property against it; every one must be caught.
+pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&MutantOutcome)) -> Vec<MutantOutcome> {
+    let mut out = Vec::new();
+    for m in crate::mutants::forward_mutants() {
+        let outcome = run_property(device, m.family, m.caught_by, opts.cases, opts.seed, m.faults);
+        let row = MutantOutcome {
+            mutant: m.name,
+            bug: m.bug,
+            outcome,
+        };
+        progress(&row);
+        out.push(row);
+    }
+    out
+}
+
+/// A table of mutant outcomes.
+pub fn mutant_table(rows: &[MutantOutcome]) -> String {
+    let mut s = format!("{:<28} {:<8} {:<14} {}\n", "mutant", "family", "property", "result");
+    s.push_str(&format!("{}\n", "-".repeat(64)));
+    for r in rows {
+        s.push_str(&format!(
+            "{:<28} {:<8} {:<14} {}\n",
+            r.mutant,
+            r.outcome.family,
+            r.outcome.property,
+            if r.caught() { "caught" } else { "MISSED" }
+        ));
+    }
+    let caught = rows.iter().filter(|r| r.caught()).count();
+    s.push_str(&format!("\n{caught}/{} mutants caught\n", rows.len()));
+    for r in rows {
+        s.push_str(&format!("\n{} ({}):\n", r.mutant, r.bug));
+        match &r.outcome.detail {
+            Some(d) => s.push_str(&format!("  {d}\n")),
+            None => s.push_str("  NOT CAUGHT: the property passed on this mutant\n"),
+        }
+        if let Some((seed, ids)) = &r.outcome.minimal_case {
+            s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
+        }
+    }
+    s
+}
+
+/// Run one property over `cases` seeded cases of `family`, shrinking any failure.
+pub fn run_property(
+    device: &Device,
+    family: Family,
+    prop: ModelProperty,
+    cases: u32,
+    seed: u64,
+    faults: Faults,
+) -> Outcome {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 4096,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
+        run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
+    });
+    let device_name = crate::device::name(device);
+    let replay = format!("tunecheck check --device {device_name} --family {family} --cases {cases} --seed {seed}");
+    let mut row = Outcome {
+        family: family.to_string(),
+        property: prop.id(),
+        device: device_name,
+        cases,
+        passed: true,
+        detail: None,
+        minimal_config: None,
+        minimal_case: None,
+        replay,
+    };
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(why, (spec, ids, w_seed))) => {
+            row.passed = false;
+            row.detail = Some(why.to_string());
+            row.minimal_config = Some(spec.to_config_json());
+            row.minimal_case = Some((w_seed, ids));
+        }
+        Err(TestError::Abort(why)) => {
+            row.passed = false;
+            row.detail = Some(format!("aborted: {why}"));
+        }
+    }
+    row
 }
 
 /// A fixed-width table of outcomes for a terminal.

@@ -44,6 +44,27 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run each planted-bug mutant against the property that must catch it instead.
+        #[arg(long)]
+        mutants: bool,
+    },
+    /// Write a seeded synthetic checkpoint (config.json + model.safetensors) that transformers loads.
+    Synth {
+        /// Family of the built-in tiny spec (llama, gemma, gemma2, gemma3); ignored with --config.
+        #[arg(long, default_value = "llama")]
+        family: String,
+        /// Use this config.json instead of the built-in tiny spec.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Weight seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (created; existing files are replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Split weights into shards of at most this many bytes (writes an index).
+        #[arg(long)]
+        shard_bytes: Option<usize>,
     },
     /// Compute eval-mode logits of a checkpoint for token ids.
     Logits {
@@ -74,7 +95,21 @@ fn main() -> ExitCode {
             seed,
             family,
             json,
-        } => check(&device, cases, seed, &family, json),
+            mutants,
+        } => check(&device, cases, seed, &family, json, mutants),
+        Cmd::Synth {
+            family,
+            config,
+            seed,
+            out,
+            shard_bytes,
+        } => match synth(&family, config, seed, &out, shard_bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tunecheck synth: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Logits {
             model,
             input,
@@ -91,7 +126,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool) -> ExitCode {
+fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, mutants: bool) -> ExitCode {
     let device = match tunecheck::device::parse(device) {
         Ok(d) => d,
         Err(e) => {
@@ -115,6 +150,23 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool) -
         v
     };
     let opts = Options { cases, seed, families };
+    if mutants {
+        let rows = suite::run_mutants(&device, &opts, |r| {
+            if !json {
+                eprintln!("  {:<28} {}", r.mutant, if r.caught() { "caught" } else { "MISSED" });
+            }
+        });
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        } else {
+            print!("{}", suite::mutant_table(&rows));
+        }
+        return if rows.iter().all(|r| r.caught()) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
     let rows = suite::run(&device, &opts, |r| {
         if !json {
             eprintln!(
@@ -135,6 +187,34 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool) -
     } else {
         ExitCode::from(1)
     }
+}
+
+fn synth(
+    family: &str,
+    config: Option<PathBuf>,
+    seed: u64,
+    out: &std::path::Path,
+    shard_bytes: Option<usize>,
+) -> anyhow::Result<()> {
+    let spec = match config {
+        Some(p) => tunecheck::ArchSpec::from_config_file(&p)?,
+        None => {
+            let f = Family::from_name(family)
+                .ok_or_else(|| anyhow::anyhow!("unknown family `{family}` (llama, gemma, gemma2, gemma3)"))?;
+            tunecheck::ArchSpec::tiny(f)
+        }
+    };
+    let w = tunecheck::weights::generate(&spec, seed, &Device::Cpu)?;
+    let sharding = shard_bytes.map_or(hf::Sharding::Single, hf::Sharding::MaxBytes);
+    hf::save(out, &spec, &w, sharding)?;
+    eprintln!(
+        "wrote {} ({}, {} parameters, seed {seed}) to {}",
+        spec.family,
+        spec.family.architecture(),
+        spec.num_parameters(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn parse_ids(s: &[String]) -> anyhow::Result<Vec<u32>> {

@@ -56,6 +56,14 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
         RmsNorm { weight, eps, one_plus }
     }
+
+    /// The same norm in the other family's convention (a planted bug for mutants).
+    pub fn with_convention_flipped(&self) -> Self {
+        RmsNorm {
+            one_plus: !self.one_plus,
+            ..self.clone()
+        }
+    }
 }
 
 impl Module for RmsNorm {
@@ -125,12 +133,24 @@ pub fn soft_cap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
 /// Additive attention mask `[q, kv]` (0 or −∞) for queries at `offset..offset+q` attending
 /// keys `0..offset+q`: causal, and within `window` positions (query included) when set.
 pub fn causal_mask(q: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    mask_with_lookahead(q, offset, window, 0, device)
+}
+
+/// [`causal_mask`] that also lets each query see `lookahead` future keys (0 is correct;
+/// anything else is a planted bug for mutation testing).
+pub fn mask_with_lookahead(
+    q: usize,
+    offset: usize,
+    window: Option<usize>,
+    lookahead: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let kv = offset + q;
     let mut m = vec![0f32; q * kv];
     for i in 0..q {
         let qi = offset + i;
         for j in 0..kv {
-            let visible = j <= qi && window.is_none_or(|w| qi - j < w);
+            let visible = j <= qi + lookahead && (j > qi || window.is_none_or(|w| qi - j < w));
             if !visible {
                 m[i * kv + j] = f32::NEG_INFINITY;
             }

@@ -7,4 +7,4 @@ pub mod layers;
 pub mod transformer;
 
 pub use cache::KvCache;
-pub use transformer::{Mode, Transformer};
+pub use transformer::{Faults, Mode, Transformer};

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
 use crate::model::layers::{
-    apply_rope, causal_mask, dropout, repeat_kv, rope_tables, soft_cap, softmax_last, Linear, RmsNorm,
+    apply_rope, dropout, mask_with_lookahead, repeat_kv, rope_tables, soft_cap, softmax_last, Linear, RmsNorm,
 };
 use crate::spec::ArchSpec;
 
@@ -64,6 +64,21 @@ struct Layer {
     mlp: Mlp,
 }
 
+/// Planted bugs for mutation testing (see [`crate::mutants`]); all off by default. Each
+/// reproduces a real failure so that the property meant to catch it can be shown to fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// An eval-only "fast path" whose final norm uses the other family's convention
+    /// (the Llama 3.1 `model.eval()` collapse: a separate inference path that drifted).
+    pub eval_path_wrong_norm: bool,
+    /// Cached decode restarts rope positions at 0 for every chunk.
+    pub cache_restarts_positions: bool,
+    /// Cached decode ignores the sliding window.
+    pub cache_ignores_window: bool,
+    /// The causal mask lets each position see the next token.
+    pub mask_leaks_next_token: bool,
+}
+
 /// The synthetic (or loaded) model.
 #[derive(Debug)]
 pub struct Transformer {
@@ -74,6 +89,7 @@ pub struct Transformer {
     lm_head: Tensor,
     device: Device,
     dropout_rng: Mutex<ChaCha8Rng>,
+    faults: Faults,
 }
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
@@ -152,6 +168,7 @@ impl Transformer {
             norm: final_norm,
             lm_head,
             dropout_rng: Mutex::new(crate::weights::stream(0, "dropout")),
+            faults: Faults::default(),
         })
     }
 
@@ -164,6 +181,17 @@ impl Transformer {
             .ok_or_else(|| Error::Msg("no weights given".into()))?;
         let map = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Self::load(VarBuilder::from_tensors(map, spec.dtype, &device), spec)
+    }
+
+    /// The same model with planted bugs (mutation testing only).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// The planted bugs of this model (none for a reference model).
+    pub fn faults(&self) -> Faults {
+        self.faults
     }
 
     /// The spec the model was built from.
@@ -213,6 +241,13 @@ impl Transformer {
             )));
         }
         let offset = cache.as_ref().map_or(0, |c| c.len());
+        let cached = cache.is_some();
+        let rope_offset = if cached && self.faults.cache_restarts_positions {
+            0
+        } else {
+            offset
+        };
+        let lookahead = usize::from(self.faults.mask_leaks_next_token);
         let dtype = spec.dtype;
         let train_dropout = mode == Mode::Train;
 
@@ -229,11 +264,15 @@ impl Transformer {
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         let mut ropes: Vec<(crate::spec::Rope, Tensor, Tensor)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let window = spec.window_for(i);
+            let window = if cached && self.faults.cache_ignores_window {
+                None
+            } else {
+                spec.window_for(i)
+            };
             let mask = match masks.iter().find(|(w, _)| *w == window) {
                 Some((_, m)) => m.clone(),
                 None => {
-                    let m = causal_mask(s, offset, window, &self.device)?;
+                    let m = mask_with_lookahead(s, offset, window, lookahead, &self.device)?;
                     masks.push((window, m.clone()));
                     m
                 }
@@ -242,7 +281,7 @@ impl Transformer {
             let (cos, sin) = match ropes.iter().find(|(r, _, _)| *r == rope) {
                 Some((_, c, s_)) => (c.clone(), s_.clone()),
                 None => {
-                    let (c, s_) = rope_tables(&rope, spec.head_dim, offset, s, dtype, &self.device)?;
+                    let (c, s_) = rope_tables(&rope, spec.head_dim, rope_offset, s, dtype, &self.device)?;
                     ropes.push((rope, c.clone(), s_.clone()));
                     (c, s_)
                 }
@@ -280,7 +319,11 @@ impl Transformer {
             let ff = self.residual_dropout(&ff, train_dropout)?;
             x = (residual + ff)?;
         }
-        let x = self.norm.forward(&x)?;
+        let x = if mode == Mode::Eval && self.faults.eval_path_wrong_norm {
+            self.norm.with_convention_flipped().forward(&x)?
+        } else {
+            self.norm.forward(&x)?
+        };
         let mut logits = Linear::new(self.lm_head.clone()).forward(&x)?;
         if let Some(cap) = spec.final_logit_softcapping {
             logits = soft_cap(&logits, cap)?;
