@@ -20,15 +20,19 @@
 //! - [`props`]: the invariants, as public functions;
 //! - [`device`]: devices and the CUDA skip/require policy.
 
+pub mod adapt;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod model;
 pub mod mutants;
 pub mod props;
+pub mod quant;
 pub mod spec;
 pub mod strategy;
 pub mod suite;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -11,10 +11,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
+use crate::adapt::linear::{Base, Ctx, Linear};
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
 use crate::model::layers::{
-    apply_rope, dropout, mask_with_lookahead, repeat_kv, rope_tables, soft_cap, softmax_last, Linear, RmsNorm,
+    apply_rope, dropout, mask_with_lookahead, repeat_kv, rope_tables, soft_cap, softmax_last, RmsNorm,
 };
 use crate::spec::ArchSpec;
 
@@ -46,12 +47,23 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate.forward(x)?;
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let g = self.gate.forward_ctx(x, ctx)?;
         // Gemma: tanh-approximate gelu (candle's `gelu` is the tanh form); Llama: silu.
         let g = if self.gelu { g.gelu()? } else { g.silu()? };
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        self.down.forward_ctx(&(g * self.up.forward_ctx(x, ctx)?)?, ctx)
     }
+}
+
+/// LoRA on the embedding: `embed(x) + (A[:, x]ᵀ·Bᵀ)·scale` (PEFT `lora_embedding_A/B`).
+#[derive(Debug, Clone)]
+pub struct EmbedLora {
+    /// `[r, vocab]`.
+    pub a: Tensor,
+    /// `[hidden, r]`.
+    pub b: Tensor,
+    /// `alpha / r` or `alpha / √r`.
+    pub scale: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -84,16 +96,42 @@ pub struct Faults {
 pub struct Transformer {
     spec: ArchSpec,
     embed: Tensor,
+    embed_lora: Option<EmbedLora>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     device: Device,
     dropout_rng: Mutex<ChaCha8Rng>,
     faults: Faults,
 }
 
-fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out, inp), &format!("{name}.weight"))?))
+/// Bases supplied instead of dense weights from the var builder, by module path
+/// (e.g. `model.layers.0.self_attn.q_proj`).
+pub type Bases = std::collections::BTreeMap<String, Base>;
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str, bases: &Bases) -> Result<Linear> {
+    let path = if vb.prefix().is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", vb.prefix())
+    };
+    match bases.get(&path) {
+        Some(base) => {
+            let l = Linear {
+                base: base.clone(),
+                lora: None,
+                force_compute_dtype: None,
+            };
+            if l.dims() != (out, inp) {
+                return Err(Error::Msg(format!(
+                    "{path}: base has shape {:?}, expected [{out}, {inp}]",
+                    l.dims()
+                )));
+            }
+            Ok(l)
+        }
+        None => Ok(Linear::dense(vb.get((out, inp), &format!("{name}.weight"))?)),
+    }
 }
 
 fn norm(vb: &VarBuilder, n: usize, name: &str, spec: &ArchSpec) -> Result<RmsNorm> {
@@ -107,6 +145,11 @@ fn norm(vb: &VarBuilder, n: usize, name: &str, spec: &ArchSpec) -> Result<RmsNor
 impl Transformer {
     /// Build from a var builder rooted at the checkpoint root (HF names, `model.` prefix).
     pub fn load(vb: VarBuilder, spec: &ArchSpec) -> Result<Self> {
+        Self::load_with_bases(vb, spec, &Bases::new())
+    }
+
+    /// [`Transformer::load`] with some projections given as ready bases (e.g. 4-bit).
+    pub fn load_with_bases(vb: VarBuilder, spec: &ArchSpec, bases: &Bases) -> Result<Self> {
         spec.validate()?;
         let (h, hd) = (spec.hidden_size, spec.head_dim);
         let vm = vb.pp("model");
@@ -116,10 +159,10 @@ impl Transformer {
             let lb = vm.pp(format!("layers.{i}"));
             let ab = lb.pp("self_attn");
             let attn = Attention {
-                q: linear(&ab, spec.num_heads * hd, h, "q_proj")?,
-                k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj")?,
-                v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj")?,
-                o: linear(&ab, h, spec.num_heads * hd, "o_proj")?,
+                q: linear(&ab, spec.num_heads * hd, h, "q_proj", bases)?,
+                k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj", bases)?,
+                v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj", bases)?,
+                o: linear(&ab, h, spec.num_heads * hd, "o_proj", bases)?,
                 q_norm: if spec.family.has_qk_norm() {
                     Some(norm(&ab, hd, "q_norm", spec)?)
                 } else {
@@ -133,9 +176,9 @@ impl Transformer {
             };
             let mb = lb.pp("mlp");
             let mlp = Mlp {
-                gate: linear(&mb, spec.intermediate_size, h, "gate_proj")?,
-                up: linear(&mb, spec.intermediate_size, h, "up_proj")?,
-                down: linear(&mb, h, spec.intermediate_size, "down_proj")?,
+                gate: linear(&mb, spec.intermediate_size, h, "gate_proj", bases)?,
+                up: linear(&mb, spec.intermediate_size, h, "up_proj", bases)?,
+                down: linear(&mb, h, spec.intermediate_size, "down_proj", bases)?,
                 gelu: spec.family.is_gemma(),
             };
             let ff_norms = if spec.family.has_sandwich_norms() {
@@ -156,14 +199,15 @@ impl Transformer {
         }
         let final_norm = norm(&vm, h, "norm", spec)?;
         let lm_head = if spec.tie_word_embeddings {
-            embed.clone()
+            Linear::dense(embed.clone())
         } else {
-            vb.get((spec.vocab_size, h), "lm_head.weight")?
+            linear(&vb, spec.vocab_size, h, "lm_head", bases)?
         };
         Ok(Transformer {
             spec: spec.clone(),
             device: embed.device().clone(),
             embed,
+            embed_lora: None,
             layers,
             norm: final_norm,
             lm_head,
@@ -192,6 +236,99 @@ impl Transformer {
     /// The planted bugs of this model (none for a reference model).
     pub fn faults(&self) -> Faults {
         self.faults
+    }
+
+    /// Every projection with its PEFT module path (`model.layers.{i}.self_attn.q_proj`, ...,
+    /// and `lm_head` when untied), in a fixed order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q));
+            out.push((format!("{p}.self_attn.k_proj"), &mut l.attn.k));
+            out.push((format!("{p}.self_attn.v_proj"), &mut l.attn.v));
+            out.push((format!("{p}.self_attn.o_proj"), &mut l.attn.o));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down));
+        }
+        if !self.spec.tie_word_embeddings {
+            out.push(("lm_head".to_string(), &mut self.lm_head));
+        }
+        out
+    }
+
+    /// Read-only view of [`Transformer::linears_mut`].
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &l.attn.q));
+            out.push((format!("{p}.self_attn.k_proj"), &l.attn.k));
+            out.push((format!("{p}.self_attn.v_proj"), &l.attn.v));
+            out.push((format!("{p}.self_attn.o_proj"), &l.attn.o));
+            out.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate));
+            out.push((format!("{p}.mlp.up_proj"), &l.mlp.up));
+            out.push((format!("{p}.mlp.down_proj"), &l.mlp.down));
+        }
+        if !self.spec.tie_word_embeddings {
+            out.push(("lm_head".to_string(), &self.lm_head));
+        }
+        out
+    }
+
+    /// The embedding matrix `[vocab, hidden]`.
+    pub fn embed(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// The output head `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// Replace the embedding (e.g. with a trainable `Var`); a tied head follows it.
+    pub fn set_embed(&mut self, t: Tensor) -> Result<()> {
+        if t.dims() != self.embed.dims() {
+            return Err(Error::Msg(format!(
+                "embed_tokens: shape {:?}, expected {:?}",
+                t.dims(),
+                self.embed.dims()
+            )));
+        }
+        if self.spec.tie_word_embeddings {
+            self.lm_head.base = Base::Dense(t.clone());
+        }
+        self.embed = t;
+        Ok(())
+    }
+
+    /// Replace an untied head's dense weight (e.g. with a trainable `Var`).
+    pub fn set_lm_head(&mut self, t: Tensor) -> Result<()> {
+        if self.spec.tie_word_embeddings {
+            return Err(Error::Msg(
+                "lm_head is tied to embed_tokens; set the embedding instead".into(),
+            ));
+        }
+        self.lm_head.base = Base::Dense(t);
+        Ok(())
+    }
+
+    /// Attach (or remove) LoRA on the embedding.
+    pub fn set_embed_lora(&mut self, l: Option<EmbedLora>) {
+        self.embed_lora = l;
+    }
+
+    /// The embedding LoRA, if any.
+    pub fn embed_lora(&self) -> Option<&EmbedLora> {
+        self.embed_lora.as_ref()
+    }
+
+    /// Planted bug (mutants only): run every 4-bit base in `dtype` regardless of its config.
+    pub fn force_quant_compute_dtype(&mut self, dtype: DType) {
+        for (_, l) in self.linears_mut() {
+            l.force_compute_dtype = Some(dtype);
+        }
     }
 
     /// The spec the model was built from.
@@ -251,10 +388,22 @@ impl Transformer {
         let dtype = spec.dtype;
         let train_dropout = mode == Mode::Train;
 
+        let flat_ids = ids.flatten_all()?;
         let mut x = self
             .embed
-            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(dtype)?
+            .index_select(&flat_ids, 0)?
             .reshape((b, s, spec.hidden_size))?;
+        if let Some(l) = &self.embed_lora {
+            // PEFT: the delta is part of embed_tokens' output, before Gemma's √hidden scaling.
+            let after_a = l.a.t()?.to_dtype(dtype)?.contiguous()?.index_select(&flat_ids, 0)?; // [b·s, r]
+            let d = (after_a.matmul(&l.b.t()?.to_dtype(dtype)?)? * l.scale)?;
+            x = (x + d.reshape((b, s, spec.hidden_size))?)?;
+        }
+        let ctx = Ctx {
+            train: train_dropout,
+            rng: &self.dropout_rng,
+        };
         if spec.family.is_gemma() {
             // transformers: the normaliser is a tensor in the model dtype, so √hidden is rounded first.
             let normaliser = Tensor::new((spec.hidden_size as f64).sqrt() as f32, &self.device)?.to_dtype(dtype)?;
@@ -289,16 +438,7 @@ impl Transformer {
 
             let residual = x.clone();
             let hnorm = layer.input_norm.forward(&x)?;
-            let attn = self.attention(
-                i,
-                &layer.attn,
-                &hnorm,
-                &mask,
-                &cos,
-                &sin,
-                cache.as_deref_mut(),
-                train_dropout,
-            )?;
+            let attn = self.attention(i, &layer.attn, &hnorm, &mask, &cos, &sin, cache.as_deref_mut(), &ctx)?;
             let attn = if spec.family.has_sandwich_norms() {
                 layer.post_attn_norm.forward(&attn)?
             } else {
@@ -312,7 +452,7 @@ impl Transformer {
                 Some((pre, _)) => pre.forward(&x)?,
                 None => layer.post_attn_norm.forward(&x)?,
             };
-            let mut ff = layer.mlp.forward(&hnorm)?;
+            let mut ff = layer.mlp.forward(&hnorm, &ctx)?;
             if let Some((_, post)) = &layer.ff_norms {
                 ff = post.forward(&ff)?;
             }
@@ -324,7 +464,7 @@ impl Transformer {
         } else {
             self.norm.forward(&x)?
         };
-        let mut logits = Linear::new(self.lm_head.clone()).forward(&x)?;
+        let mut logits = self.lm_head.forward_ctx(&x, &ctx)?;
         if let Some(cap) = spec.final_logit_softcapping {
             logits = soft_cap(&logits, cap)?;
         }
@@ -349,14 +489,15 @@ impl Transformer {
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut KvCache>,
-        train: bool,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
+        let train = ctx.train;
         let spec = &self.spec;
         let (b, s, _) = x.dims3()?;
         let hd = spec.head_dim;
-        let q = a.q.forward(x)?.reshape((b, s, spec.num_heads, hd))?;
-        let k = a.k.forward(x)?.reshape((b, s, spec.num_kv_heads, hd))?;
-        let v = a.v.forward(x)?.reshape((b, s, spec.num_kv_heads, hd))?;
+        let q = a.q.forward_ctx(x, ctx)?.reshape((b, s, spec.num_heads, hd))?;
+        let k = a.k.forward_ctx(x, ctx)?.reshape((b, s, spec.num_kv_heads, hd))?;
+        let v = a.v.forward_ctx(x, ctx)?.reshape((b, s, spec.num_kv_heads, hd))?;
         let (q, k) = match (&a.q_norm, &a.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -386,7 +527,7 @@ impl Transformer {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, s, spec.num_heads * hd))?;
-        Ok(a.o.forward(&out)?)
+        a.o.forward_ctx(&out, ctx)
     }
 }
 

@@ -1,0 +1,146 @@
+//! The projection layer of the model: a dense or 4-bit frozen base plus an optional LoRA
+//! term, `y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale`. Every op has a backward: gradients reach
+//! the input and A/B (and a dense base when it is trainable); a 4-bit base is a constant.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use crate::adapt::qlora::Quant4Linear;
+use crate::error::Result;
+use crate::model::layers::dropout;
+
+/// The frozen (or fully trained) weight of a projection.
+#[derive(Debug, Clone)]
+pub enum Base {
+    /// A dense `[out, in]` weight (a `Var` when trained in full).
+    Dense(Tensor),
+    /// A 4-bit weight, frozen.
+    Quant4(Box<Quant4Linear>),
+}
+
+/// A LoRA term on a projection.
+#[derive(Debug, Clone)]
+pub struct LoraPart {
+    /// `[r, in]` (a `Var` when training; may be f32 master weights under a bf16 model).
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// `alpha / r` or `alpha / √r`.
+    pub scale: f64,
+    /// Dropout on the adapter input, train mode only.
+    pub dropout: f64,
+}
+
+/// A projection: base plus optional LoRA.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The base weight.
+    pub base: Base,
+    /// The adapter, if any.
+    pub lora: Option<LoraPart>,
+    /// Planted bug (mutants only): the 4-bit base runs in this dtype instead of its config's.
+    pub(crate) force_compute_dtype: Option<DType>,
+}
+
+/// Whether dropout is active, and the stream it draws from.
+pub struct Ctx<'a> {
+    /// Train mode.
+    pub train: bool,
+    /// The seeded dropout stream.
+    pub rng: &'a Mutex<ChaCha8Rng>,
+}
+
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = *dims.last().expect("rank >= 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out)
+}
+
+impl Linear {
+    /// A dense projection without adapter.
+    pub fn dense(weight: Tensor) -> Self {
+        Linear {
+            base: Base::Dense(weight),
+            lora: None,
+            force_compute_dtype: None,
+        }
+    }
+
+    /// `(out, in)` of the weight.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.base {
+            Base::Dense(w) => (w.dim(0).unwrap_or(0), w.dim(1).unwrap_or(0)),
+            Base::Quant4(q) => (q.q.shape[0], q.q.shape[1]),
+        }
+    }
+
+    /// The base output alone.
+    pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.base {
+            Base::Dense(w) => matmul_t(x, &w.to_dtype(x.dtype())?)?,
+            Base::Quant4(q) => {
+                // bitsandbytes' Linear4bit: cast the input to the compute dtype, multiply by the
+                // dequantized weight, cast the output back to the input dtype.
+                let compute = self.force_compute_dtype.unwrap_or(q.compute_dtype);
+                let w = if compute == q.dequantized.dtype() {
+                    q.dequantized.clone()
+                } else {
+                    q.dequantized.to_dtype(compute)?
+                };
+                matmul_t(&x.to_dtype(compute)?, &w)?.to_dtype(x.dtype())?
+            }
+        })
+    }
+
+    /// Forward with dropout per `ctx`.
+    pub fn forward_ctx(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let y = self.base_forward(x)?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let xin = if ctx.train && l.dropout > 0.0 {
+            let mut rng = ctx.rng.lock().unwrap_or_else(|e| e.into_inner());
+            dropout(x, l.dropout, &mut rng)?
+        } else {
+            x.clone()
+        };
+        let a = l.a.to_dtype(x.dtype())?;
+        let b = l.b.to_dtype(x.dtype())?;
+        let delta = (matmul_t(&matmul_t(&xin, &a)?, &b)? * l.scale)?;
+        Ok((y + delta)?)
+    }
+
+    /// Fold the adapter into a dense base (`W += B·A·scale`) and drop it; returns the delta
+    /// so that [`Linear::unmerge`] can restore the adapter. A 4-bit base cannot be merged
+    /// without requantizing, which changes the function: that is an error.
+    pub fn merge(&mut self) -> Result<Option<LoraPart>> {
+        let Some(l) = self.lora.take() else { return Ok(None) };
+        match &self.base {
+            Base::Dense(w) => {
+                let d = crate::adapt::lora::delta(&l.a, &l.b, l.scale, w.dtype())?;
+                self.base = Base::Dense((w.detach() + d)?);
+                Ok(Some(l))
+            }
+            Base::Quant4(_) => {
+                self.lora = Some(l);
+                Err(crate::error::Error::Msg(
+                    "cannot merge LoRA into a 4-bit base without requantizing (dequantize the base first)".into(),
+                ))
+            }
+        }
+    }
+
+    /// Undo [`Linear::merge`]: subtract the delta and put the adapter back.
+    pub fn unmerge(&mut self, l: LoraPart) -> Result<()> {
+        if let Base::Dense(w) = &self.base {
+            let d = crate::adapt::lora::delta(&l.a, &l.b, l.scale, w.dtype())?;
+            self.base = Base::Dense((w.detach() - d)?);
+        }
+        self.lora = Some(l);
+        Ok(())
+    }
+}

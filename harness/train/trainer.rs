@@ -1,0 +1,446 @@
+//! The reference trainer: a synthetic (or loaded) base, optionally quantized to 4 bits, an
+//! adapter (LoRA and/or full `modules_to_save`), AdamW with f32 master weights and state,
+//! gradient accumulation normalised by the total number of unmasked tokens across the
+//! micro-batches of a step, epochs that keep optimizer and schedule state, and evaluation.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::adapt::attach::{attach, Params};
+use crate::adapt::linear::Base;
+use crate::adapt::lora::{LoraConfig, PROJECTIONS};
+use crate::adapt::qlora::{Quant4Linear, QuantConfig};
+use crate::error::{Error, Result};
+use crate::model::transformer::Bases;
+use crate::model::{Mode, Transformer};
+use crate::spec::ArchSpec;
+use crate::train::loss::{causal_lm_loss, count_tokens, IGNORE};
+use crate::train::optim::{clip, AdamW, AdamWConfig, Schedule};
+use crate::train::untrained::{self, UntrainedPolicy};
+use crate::weights::Weights;
+
+/// A micro-batch: token ids and labels (`-100` masks a position), `[batch][seq]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Token ids.
+    pub ids: Vec<Vec<u32>>,
+    /// Labels, unshifted (position t's label is token t; the loss shifts).
+    pub labels: Vec<Vec<i64>>,
+}
+
+impl Batch {
+    /// Right-pad `seqs` with `pad` to the longest; padded positions get label −100.
+    pub fn from_sequences(seqs: &[Vec<u32>], pad: u32) -> Self {
+        let s = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids = seqs
+            .iter()
+            .map(|q| q.iter().copied().chain(std::iter::repeat(pad)).take(s).collect())
+            .collect();
+        let labels = seqs
+            .iter()
+            .map(|q| {
+                q.iter()
+                    .map(|&t| t as i64)
+                    .chain(std::iter::repeat(IGNORE))
+                    .take(s)
+                    .collect()
+            })
+            .collect();
+        Batch { ids, labels }
+    }
+
+    /// Positions that enter the loss.
+    pub fn tokens(&self) -> usize {
+        count_tokens(&self.labels)
+    }
+
+    /// The ids as a `[batch, seq]` u32 tensor on `device`.
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
+        let b = self.ids.len();
+        let s = self.ids.first().map_or(0, Vec::len);
+        Ok(Tensor::from_vec(
+            self.ids.iter().flatten().copied().collect::<Vec<_>>(),
+            (b, s),
+            device,
+        )?)
+    }
+}
+
+/// When to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalStrategy {
+    /// Never.
+    No,
+    /// Every N optimizer steps.
+    Steps(usize),
+    /// At the end of every epoch.
+    Epoch,
+}
+
+/// Planted trainer bugs (mutants only); all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrainFaults {
+    /// Normalise each micro-batch by its own token count, then average (the 2024 bug).
+    pub per_microbatch_mean: bool,
+    /// Reset the optimizer and the schedule at every epoch boundary.
+    pub reset_at_epoch: bool,
+    /// Skip evaluation even when asked.
+    pub skip_eval: bool,
+}
+
+/// Trainer configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// AdamW hyper-parameters.
+    pub optim: AdamWConfig,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the training data in [`RefTrainer::fit`].
+    pub epochs: usize,
+    /// When to evaluate in [`RefTrainer::fit`].
+    pub eval: EvalStrategy,
+    /// Dtype of the trainable master weights (f32; bf16 only to reproduce update stalls).
+    pub master_dtype: DType,
+    /// What to do with untrained tokens in the data.
+    pub untrained: UntrainedPolicy,
+    /// Dropout stream seed.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            optim: AdamWConfig::default(),
+            schedule: Schedule {
+                warmup_steps: 5,
+                total_steps: 200,
+                min_ratio: 0.1,
+            },
+            max_grad_norm: Some(1.0),
+            grad_accum: 1,
+            epochs: 1,
+            eval: EvalStrategy::No,
+            master_dtype: DType::F32,
+            untrained: UntrainedPolicy::Refuse,
+            seed: 0,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Token-weighted mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Tokens in the loss.
+    pub tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Loss curves from [`RefTrainer::fit`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// (optimizer step, epoch, train loss).
+    pub train: Vec<(usize, usize, f64)>,
+    /// (optimizer step, eval loss).
+    pub eval: Vec<(usize, f64)>,
+}
+
+/// The reference trainer.
+pub struct RefTrainer {
+    spec: ArchSpec,
+    model: Transformer,
+    params: Params,
+    opt: AdamW,
+    cfg: TrainConfig,
+    lora: LoraConfig,
+    quant: Option<QuantConfig>,
+    untrained: Vec<u32>,
+    /// Steps since the schedule last started (equal to the optimizer step unless reset).
+    schedule_step: usize,
+    epoch: usize,
+    faults: TrainFaults,
+}
+
+/// Quantize every projection of `weights` (not embeddings, norms or lm_head, as transformers).
+pub fn quantize_bases(spec: &ArchSpec, weights: &Weights, q: &QuantConfig) -> Result<Bases> {
+    let mut bases = Bases::new();
+    for (name, t) in weights {
+        let Some(path) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        if PROJECTIONS.contains(&leaf) {
+            bases.insert(path.to_string(), Base::Quant4(Box::new(Quant4Linear::quantize(t, q)?)));
+        }
+    }
+    debug_assert_eq!(bases.len(), spec.num_layers * 7);
+    Ok(bases)
+}
+
+impl RefTrainer {
+    /// Build a trainer from a spec and base weights (on their device), with adapter `lora`
+    /// (seeded by `adapter_seed`), optionally a 4-bit base, and `cfg`.
+    pub fn new(
+        spec: &ArchSpec,
+        weights: &Weights,
+        lora: &LoraConfig,
+        quant: Option<QuantConfig>,
+        cfg: TrainConfig,
+        adapter_seed: u64,
+    ) -> Result<Self> {
+        if cfg.grad_accum == 0 {
+            return Err(Error::field("grad_accum", "must be at least 1"));
+        }
+        let mut weights = weights.clone();
+        let found = untrained::detect(&weights, untrained::DEFAULT_THRESHOLD)?;
+        let untrained = if cfg.untrained == UntrainedPolicy::FixMean {
+            untrained::fix_mean(&mut weights, &found)?;
+            Vec::new()
+        } else {
+            found
+        };
+        let device = weights
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .ok_or_else(|| Error::Msg("no weights".into()))?;
+        let bases = match &quant {
+            Some(q) => quantize_bases(spec, &weights, q)?,
+            None => Bases::new(),
+        };
+        let map = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut model = Transformer::load_with_bases(VarBuilder::from_tensors(map, spec.dtype, &device), spec, &bases)?;
+        model.set_dropout_seed(cfg.seed);
+        let params = attach(&mut model, lora, adapter_seed, cfg.master_dtype)?;
+        Ok(RefTrainer {
+            spec: spec.clone(),
+            model,
+            params,
+            opt: AdamW::new(cfg.optim),
+            cfg,
+            lora: lora.clone(),
+            quant,
+            untrained,
+            schedule_step: 0,
+            epoch: 0,
+            faults: TrainFaults::default(),
+        })
+    }
+
+    /// Plant trainer bugs (mutants only).
+    pub fn with_faults(mut self, faults: TrainFaults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// Mutable model (e.g. to plant forward faults).
+    pub fn model_mut(&mut self) -> &mut Transformer {
+        &mut self.model
+    }
+
+    /// The architecture.
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    /// Trainable parameters by name.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The adapter configuration.
+    pub fn lora(&self) -> &LoraConfig {
+        &self.lora
+    }
+
+    /// The 4-bit configuration of the base, if quantized.
+    pub fn quant(&self) -> Option<&QuantConfig> {
+        self.quant.as_ref()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The optimizer (for saving its state).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Mutable optimizer (for restoring its state).
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    /// (schedule step, epoch), for saving and resuming.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.schedule_step, self.epoch)
+    }
+
+    /// Restore (schedule step, epoch).
+    pub fn set_progress(&mut self, schedule_step: usize, epoch: usize) {
+        self.schedule_step = schedule_step;
+        self.epoch = epoch;
+    }
+
+    /// Untrained token ids still present in the base (empty after a mean fix).
+    pub fn untrained_tokens(&self) -> &[u32] {
+        &self.untrained
+    }
+
+    /// True when the rows of untrained tokens can learn (embedding or head trainable).
+    fn token_rows_trainable(&self) -> bool {
+        self.params
+            .iter()
+            .any(|(n, _)| n.starts_with("model.embed_tokens") || n.starts_with("lm_head"))
+    }
+
+    fn check_untrained(&self, batches: &[Batch]) -> Result<()> {
+        if self.untrained.is_empty() || self.token_rows_trainable() {
+            return Ok(());
+        }
+        for b in batches {
+            let found = untrained::occurring(&self.untrained, &b.ids);
+            if !found.is_empty() {
+                return Err(Error::Msg(format!(
+                    "the batch contains untrained tokens {found:?} (all-zero rows of embed_tokens/lm_head) while \
+                     embed_tokens and lm_head are frozen: their gradients cannot fix them. Make embed_tokens/lm_head \
+                     trainable (modules_to_save), fix the rows (UntrainedPolicy::FixMean), or remove the tokens"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits `[b, s, vocab]` (model dtype) of a batch.
+    pub fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.model.forward(ids, mode)
+    }
+
+    /// Gradients of the step's loss with respect to every trainable parameter, normalised by
+    /// the total number of unmasked tokens across `micro` (or per micro-batch under the fault),
+    /// with the token-weighted mean loss and the token count.
+    pub fn gradients(&self, micro: &[Batch], mode: Mode) -> Result<(BTreeMap<String, Tensor>, f64, usize)> {
+        self.check_untrained(micro)?;
+        let total: usize = micro.iter().map(Batch::tokens).sum();
+        if total == 0 {
+            return Err(Error::Msg("the step has no unmasked tokens".into()));
+        }
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = 0f64;
+        for b in micro {
+            let logits = self.model.forward(&b.ids_tensor(self.model.device())?, mode)?;
+            let l = causal_lm_loss(&logits, &b.labels)?;
+            if l.tokens == 0 {
+                continue;
+            }
+            loss_sum += l.sum.to_scalar::<f32>()? as f64;
+            let denom = if self.faults.per_microbatch_mean {
+                (l.tokens * micro.len()) as f64
+            } else {
+                total as f64
+            };
+            let g = (l.sum / denom)?.backward()?;
+            for (name, var) in &self.params {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    let gv = gv.to_dtype(DType::F32)?;
+                    let acc = match grads.remove(name) {
+                        Some(prev) => (prev + gv)?,
+                        None => gv,
+                    };
+                    grads.insert(name.clone(), acc);
+                }
+            }
+        }
+        Ok((grads, loss_sum / total as f64, total))
+    }
+
+    /// One optimizer step over `micro` (its micro-batches are accumulated).
+    pub fn train_step(&mut self, micro: &[Batch]) -> Result<StepReport> {
+        let (mut grads, loss, tokens) = self.gradients(micro, Mode::Train)?;
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!("non-finite loss {loss} at step {}", self.opt.step)));
+        }
+        let grad_norm = match self.cfg.max_grad_norm {
+            Some(m) => clip(&mut grads, m)?,
+            None => crate::train::optim::global_norm(&grads)?,
+        };
+        if !grad_norm.is_finite() {
+            return Err(Error::Msg(format!(
+                "non-finite gradient norm at step {}",
+                self.opt.step
+            )));
+        }
+        let lr = self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step);
+        self.opt.apply(&self.params, &grads, lr)?;
+        self.schedule_step += 1;
+        Ok(StepReport {
+            loss,
+            tokens,
+            grad_norm,
+            lr,
+        })
+    }
+
+    /// Token-weighted mean loss over `batches` in eval mode (no gradient).
+    pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for b in batches {
+            let logits = self.model.forward(&b.ids_tensor(self.model.device())?, Mode::Eval)?;
+            let l = causal_lm_loss(&logits.detach(), &b.labels)?;
+            sum += l.sum.to_scalar::<f32>()? as f64;
+            n += l.tokens;
+        }
+        if n == 0 {
+            return Err(Error::Msg("the eval set has no unmasked tokens".into()));
+        }
+        Ok(sum / n as f64)
+    }
+
+    /// Train for `cfg.epochs` passes over `train` (grouped into steps of `grad_accum`
+    /// micro-batches), evaluating on `eval` per the strategy. Asking for evaluation without
+    /// eval data is an error, not a silent no-op.
+    pub fn fit(&mut self, train: &[Batch], eval: &[Batch]) -> Result<History> {
+        if self.cfg.eval != EvalStrategy::No && eval.is_empty() {
+            return Err(Error::Msg("an eval strategy is set but the eval set is empty".into()));
+        }
+        let mut h = History::default();
+        let start_epoch = self.epoch;
+        for epoch in start_epoch..self.cfg.epochs {
+            if epoch > start_epoch && self.faults.reset_at_epoch {
+                self.opt.reset();
+                self.schedule_step = 0;
+            }
+            for chunk in train.chunks(self.cfg.grad_accum) {
+                let r = self.train_step(chunk)?;
+                h.train.push((self.opt.step, epoch, r.loss));
+                if let EvalStrategy::Steps(n) = self.cfg.eval {
+                    if n > 0 && self.opt.step % n == 0 && !self.faults.skip_eval {
+                        h.eval.push((self.opt.step, self.eval_loss(eval)?));
+                    }
+                }
+            }
+            self.epoch = epoch + 1;
+            if self.cfg.eval == EvalStrategy::Epoch && !self.faults.skip_eval {
+                h.eval.push((self.opt.step, self.eval_loss(eval)?));
+            }
+        }
+        Ok(h)
+    }
+}
