@@ -98,7 +98,7 @@ pub fn attach(model: &mut Transformer, cfg: &LoraConfig, seed: u64, master: DTyp
         match m.as_str() {
             "embed_tokens" => {
                 let v = var(model.embed(), master)?;
-                model.set_embed(v.as_tensor().clone())?;
+                model.set_embed(v.as_tensor().clone(), cfg.ensure_weight_tying)?;
                 params.push(("model.embed_tokens.weight".into(), v));
             }
             "lm_head" => {

@@ -44,6 +44,9 @@ pub struct LoraConfig {
     pub modules_to_save: Vec<String>,
     /// Initialisation of B.
     pub init: LoraInit,
+    /// With tied embeddings and `embed_tokens` in `modules_to_save`, keep the head tied to
+    /// the trained copy. PEFT's default (false) unties them: the head keeps the base matrix.
+    pub ensure_weight_tying: bool,
 }
 
 impl Default for LoraConfig {
@@ -56,6 +59,7 @@ impl Default for LoraConfig {
             target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             modules_to_save: Vec::new(),
             init: LoraInit::Default,
+            ensure_weight_tying: false,
         }
     }
 }

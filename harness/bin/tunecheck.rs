@@ -66,6 +66,30 @@ enum Cmd {
         #[arg(long)]
         shard_bytes: Option<usize>,
     },
+    /// Fine-tune a LoRA adapter on the synthetic successor task and save it as a PEFT directory.
+    Train {
+        /// Base model directory (vocab must cover the fixture tokenizer's 65 ids).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output adapter directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        /// Modules to adapt (comma-separated PEFT names).
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+        targets: String,
+        /// Quantize the base to 4 bits first (QLoRA): nf4 or fp4.
+        #[arg(long)]
+        quant: Option<String>,
+        /// Seed of the adapter init and the data.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Compute eval-mode logits of a checkpoint for token ids.
     Logits {
         /// Hugging Face model directory (config.json + model.safetensors or shards).
@@ -83,6 +107,9 @@ enum Cmd {
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// PEFT LoRA adapter directory to apply on top of the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -97,6 +124,18 @@ fn main() -> ExitCode {
             json,
             mutants,
         } => check(&device, cases, seed, &family, json, mutants),
+        Cmd::Train {
+            model,
+            out,
+            steps,
+            rank,
+            targets,
+            quant,
+            seed,
+        } => report(
+            "train",
+            train(&model, &out, steps, rank, &targets, quant.as_deref(), seed),
+        ),
         Cmd::Synth {
             family,
             config,
@@ -116,13 +155,25 @@ fn main() -> ExitCode {
             ids,
             out,
             device,
-        } => match logits(&model, input, &ids, out, &device) {
+            adapter,
+        } => match logits(&model, input, &ids, out, &device, adapter.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tunecheck logits: {e}");
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+/// Print an error for `cmd` and map it to exit code 2 (unusable input).
+fn report(cmd: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunecheck {cmd}: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -189,6 +240,60 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
     }
 }
 
+fn train(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    steps: usize,
+    rank: usize,
+    targets: &str,
+    quant: Option<&str>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use tunecheck::adapt::{LoraConfig, QuantConfig};
+    use tunecheck::data::{tokenizer, SuccessorTask};
+    use tunecheck::train::{RefTrainer, TrainConfig};
+    let ck = hf::load(model, &Device::Cpu, None)?;
+    let quant = match quant {
+        None => None,
+        Some(q) => Some(QuantConfig {
+            quant_type: tunecheck::quant::QuantType::parse(q)
+                .ok_or_else(|| anyhow::anyhow!("--quant: `{q}` is not nf4 or fp4"))?,
+            compute_dtype: DType::F32,
+            ..QuantConfig::default()
+        }),
+    };
+    let lora = LoraConfig {
+        r: rank,
+        alpha: 2.0 * rank as f64,
+        target_modules: targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        ..LoraConfig::default()
+    };
+    let tok = tokenizer::fixture()?;
+    if ck.spec.vocab_size < tok.get_vocab_size(true) {
+        anyhow::bail!(
+            "the model's vocab ({}) does not cover the fixture tokenizer ({})",
+            ck.spec.vocab_size,
+            tok.get_vocab_size(true)
+        );
+    }
+    let task = SuccessorTask::new(tokenizer::specials(&tok)?, seed, 16);
+    let data = task.batches(seed, steps, 8, 10);
+    let mut tr = RefTrainer::new(&ck.spec, &ck.weights, &lora, quant, TrainConfig::default(), seed)?;
+    let before = tr.eval_loss(&data[..data.len().min(4)])?;
+    tr.fit(&data, &[])?;
+    let after = tr.eval_loss(&data[..data.len().min(4)])?;
+    tunecheck::io::peft::save(out, tr.lora(), tr.params(), tr.quant(), &model.display().to_string())?;
+    eprintln!(
+        "trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}",
+        out.display()
+    );
+    Ok(())
+}
+
 fn synth(
     family: &str,
     config: Option<PathBuf>,
@@ -233,6 +338,7 @@ fn logits(
     ids: &[String],
     out: Option<PathBuf>,
     device: &str,
+    adapter: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let device: Device = tunecheck::device::parse(device).map_err(anyhow::Error::msg)?;
     let mut inputs: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -282,7 +388,11 @@ fn logits(
         anyhow::bail!("nothing to run: give --input FILE or --ids 1,2,3");
     }
     let ckpt = hf::load(model_dir, &device, None)?;
-    let model = Transformer::from_weights(&ckpt.spec, &ckpt.weights)?;
+    let mut model = Transformer::from_weights(&ckpt.spec, &ckpt.weights)?;
+    if let Some(adir) = adapter {
+        let a = tunecheck::io::peft::read(adir)?;
+        tunecheck::io::peft::apply(&mut model, &a, None, adir)?;
+    }
     let mut outputs = BTreeMap::new();
     for (name, ids) in &inputs {
         let logits = model

@@ -3,4 +3,5 @@
 
 pub mod atomic;
 pub mod hf;
+pub mod peft;
 pub mod st;

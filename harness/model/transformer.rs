@@ -287,8 +287,9 @@ impl Transformer {
         &self.lm_head
     }
 
-    /// Replace the embedding (e.g. with a trainable `Var`); a tied head follows it.
-    pub fn set_embed(&mut self, t: Tensor) -> Result<()> {
+    /// Replace the embedding (e.g. with a trainable `Var`); a tied head follows it when
+    /// `retie` (PEFT's `modules_to_save` copy leaves the head on the old matrix otherwise).
+    pub fn set_embed(&mut self, t: Tensor, retie: bool) -> Result<()> {
         if t.dims() != self.embed.dims() {
             return Err(Error::Msg(format!(
                 "embed_tokens: shape {:?}, expected {:?}",
@@ -296,7 +297,7 @@ impl Transformer {
                 self.embed.dims()
             )));
         }
-        if self.spec.tie_word_embeddings {
+        if self.spec.tie_word_embeddings && retie {
             self.lm_head.base = Base::Dense(t.clone());
         }
         self.embed = t;
