@@ -144,7 +144,8 @@ fn quantization_mismatch_on_reload_is_an_error() {
 fn bad_adapter_files_are_named() {
     let (tr, _) = trained(None);
     let mut report = String::new();
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>)> = vec![
+    type Breaker = Box<dyn Fn(&std::path::Path)>;
+    let cases: Vec<(&str, Breaker)> = vec![
         (
             "not_lora",
             Box::new(|d| patch(d, "peft_type", serde_json::json!("PREFIX_TUNING"))),
