@@ -40,8 +40,7 @@ fn bench(c: &mut Criterion) {
             bch.iter_batched(
                 || {
                     let mut cache = m.new_cache();
-                    m.forward_cached(&ids.narrow(0, 0, 1).unwrap(), &mut cache, Mode::Eval)
-                        .unwrap();
+                    m.forward_cached(&ids.narrow(0, 0, 1).unwrap(), &mut cache, Mode::Eval).unwrap();
                     cache
                 },
                 |mut cache| m.forward_cached(&one, &mut cache, Mode::Eval).unwrap(),

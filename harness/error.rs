@@ -61,48 +61,30 @@ fn display_path(p: &Option<PathBuf>) -> String {
 impl Error {
     /// A config error on a spec built in code (no file).
     pub fn field(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config {
-            file: None,
-            field: field.into(),
-            msg: msg.into(),
-        }
+        Error::Config { file: None, field: field.into(), msg: msg.into() }
     }
 
     /// Attach a file to a config error that has none.
     pub fn in_file(self, path: &Path) -> Self {
         match self {
-            Error::Config { file: None, field, msg } => Error::Config {
-                file: Some(path.to_path_buf()),
-                field,
-                msg,
-            },
+            Error::Config { file: None, field, msg } => Error::Config { file: Some(path.to_path_buf()), field, msg },
             other => other,
         }
     }
 
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.to_path_buf(), source }
     }
 
     /// A tensor-level error in `file`.
     pub fn tensor(file: &Path, key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor {
-            file: file.to_path_buf(),
-            key: key.into(),
-            msg: msg.into(),
-        }
+        Error::Tensor { file: file.to_path_buf(), key: key.into(), msg: msg.into() }
     }
 
     /// A whole-file error.
     pub fn file(file: &Path, msg: impl Into<String>) -> Self {
-        Error::File {
-            file: file.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::File { file: file.to_path_buf(), msg: msg.into() }
     }
 }
 

@@ -26,40 +26,28 @@ pub fn forward_mutants() -> Vec<Mutant> {
         Mutant {
             name: "eval_fast_path_wrong_norm",
             bug: "separate eval-only path with the wrong RMSNorm convention (Llama 3.1 model.eval() collapse)",
-            faults: Faults {
-                eval_path_wrong_norm: true,
-                ..Faults::default()
-            },
+            faults: Faults { eval_path_wrong_norm: true, ..Faults::default() },
             caught_by: ModelProperty::Deterministic,
             family: Family::Gemma,
         },
         Mutant {
             name: "mask_leaks_next_token",
             bug: "causal mask off by one: each position attends the next token",
-            faults: Faults {
-                mask_leaks_next_token: true,
-                ..Faults::default()
-            },
+            faults: Faults { mask_leaks_next_token: true, ..Faults::default() },
             caught_by: ModelProperty::Causal,
             family: Family::Llama,
         },
         Mutant {
             name: "cache_restarts_positions",
             bug: "KV-cache decode restarts rope positions at 0 for every new token",
-            faults: Faults {
-                cache_restarts_positions: true,
-                ..Faults::default()
-            },
+            faults: Faults { cache_restarts_positions: true, ..Faults::default() },
             caught_by: ModelProperty::KvCache,
             family: Family::Llama,
         },
         Mutant {
             name: "cache_ignores_window",
             bug: "KV-cache decode attends beyond the sliding window (Gemma 2/3 local layers)",
-            faults: Faults {
-                cache_ignores_window: true,
-                ..Faults::default()
-            },
+            faults: Faults { cache_ignores_window: true, ..Faults::default() },
             caught_by: ModelProperty::KvCache,
             family: Family::Gemma2,
         },

@@ -153,28 +153,18 @@ pub struct Rope {
 impl Rope {
     /// Plain rope with base `theta`.
     pub fn plain(theta: f64) -> Self {
-        Rope {
-            theta,
-            scaling: RopeScaling::None,
-        }
+        Rope { theta, scaling: RopeScaling::None }
     }
 
     /// Inverse frequencies for a rotary dimension `dim`, in the order transformers uses.
     pub fn inv_freq(&self, dim: usize) -> Vec<f32> {
         // transformers computes base ** (arange(0, dim, 2).float() / dim) in float32.
-        let base: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / (self.theta as f32).powf(i as f32 / dim as f32))
-            .collect();
+        let base: Vec<f32> =
+            (0..dim).step_by(2).map(|i| 1.0f32 / (self.theta as f32).powf(i as f32 / dim as f32)).collect();
         match self.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old = original_max_position_embeddings as f32;
                 let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
                 let low_wavelen = old / lo;
@@ -316,10 +306,7 @@ impl ArchSpec {
 
     /// Number of parameters, counting a tied head once.
     pub fn num_parameters(&self) -> usize {
-        crate::weights::tensor_shapes(self)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        crate::weights::tensor_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
     /// Check the spec for consistency; the error names the field at fault.
@@ -342,10 +329,7 @@ impl ArchSpec {
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(Error::field(
                 "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads = {}",
-                    self.num_kv_heads, self.num_heads
-                ),
+                format!("{} does not divide num_attention_heads = {}", self.num_kv_heads, self.num_heads),
             ));
         }
         if self.family == Family::Llama && self.hidden_size % self.num_heads != 0 {
@@ -359,16 +343,10 @@ impl ArchSpec {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::field(
-                "head_dim",
-                format!("rope needs an even head_dim, got {}", self.head_dim),
-            ));
+            return Err(Error::field("head_dim", format!("rope needs an even head_dim, got {}", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return Err(Error::field(
-                "rms_norm_eps",
-                format!("must be > 0, got {}", self.rms_norm_eps),
-            ));
+            return Err(Error::field("rms_norm_eps", format!("must be > 0, got {}", self.rms_norm_eps)));
         }
         for (field, rope) in [("rope_theta", &self.rope), ("rope_local_base_freq", &self.rope_local)] {
             if !(rope.theta > 1.0 && rope.theta.is_finite()) {
@@ -378,23 +356,12 @@ impl ArchSpec {
                 RopeScaling::None => {}
                 RopeScaling::Linear { factor } => {
                     if !(factor > 0.0 && factor.is_finite()) {
-                        return Err(Error::field(
-                            "rope_scaling.factor",
-                            format!("must be > 0, got {factor}"),
-                        ));
+                        return Err(Error::field("rope_scaling.factor", format!("must be > 0, got {factor}")));
                     }
                 }
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => {
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                     if !(factor > 0.0 && factor.is_finite()) {
-                        return Err(Error::field(
-                            "rope_scaling.factor",
-                            format!("must be > 0, got {factor}"),
-                        ));
+                        return Err(Error::field("rope_scaling.factor", format!("must be > 0, got {factor}")));
                     }
                     if !(low_freq_factor > 0.0 && high_freq_factor > low_freq_factor) {
                         return Err(Error::field(
@@ -416,21 +383,14 @@ impl ArchSpec {
         if self.layer_types.len() != self.num_layers {
             return Err(Error::field(
                 "layer_types",
-                format!(
-                    "has {} entries but num_hidden_layers = {}",
-                    self.layer_types.len(),
-                    self.num_layers
-                ),
+                format!("has {} entries but num_hidden_layers = {}", self.layer_types.len(), self.num_layers),
             ));
         }
         let any_sliding = self.layer_types.contains(&LayerType::Sliding);
         match self.sliding_window {
             Some(0) => return Err(Error::field("sliding_window", "must be at least 1, got 0")),
             None if any_sliding => {
-                return Err(Error::field(
-                    "sliding_window",
-                    "layer_types has sliding layers but no window is set",
-                ))
+                return Err(Error::field("sliding_window", "layer_types has sliding layers but no window is set"))
             }
             _ => {}
         }
@@ -445,42 +405,28 @@ impl ArchSpec {
                 }
             }
         }
-        for (field, p) in [
-            ("attention_dropout", self.attention_dropout),
-            ("residual_dropout", self.residual_dropout),
-        ] {
+        for (field, p) in [("attention_dropout", self.attention_dropout), ("residual_dropout", self.residual_dropout)] {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::field(field, format!("must be in [0, 1), got {p}")));
             }
         }
         if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::field(
-                "dtype",
-                format!("{:?} is not a float compute dtype", self.dtype),
-            ));
+            return Err(Error::field("dtype", format!("{:?} is not a float compute dtype", self.dtype)));
         }
         if self.family == Family::Gemma && !self.tie_word_embeddings {
             // transformers' Gemma always ties; an untied Gemma is not a Gemma checkpoint.
-            return Err(Error::field(
-                "tie_word_embeddings",
-                "Gemma ties embeddings; false is not supported",
-            ));
+            return Err(Error::field("tie_word_embeddings", "Gemma ties embeddings; false is not supported"));
         }
         Ok(())
     }
 
     /// Parse a `config.json` value (4.x or 5.x placement) and validate it.
     pub fn from_config_json(v: &Value) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::field("(root)", "config.json is not a JSON object"))?;
+        let obj = v.as_object().ok_or_else(|| Error::field("(root)", "config.json is not a JSON object"))?;
         let c = Cfg(obj);
         let model_type = c.str("model_type")?;
         let family = Family::from_model_type(model_type).ok_or_else(|| {
-            Error::field(
-                "model_type",
-                format!("`{model_type}` is not supported (llama, gemma, gemma2, gemma3_text)"),
-            )
+            Error::field("model_type", format!("`{model_type}` is not supported (llama, gemma, gemma2, gemma3_text)"))
         })?;
         let hidden_size = c.usize("hidden_size")?;
         let num_heads = c.usize("num_attention_heads")?;
@@ -501,11 +447,8 @@ impl ArchSpec {
         };
         for act_key in ["hidden_act", "hidden_activation"] {
             if let Some(a) = c.opt_str(act_key)? {
-                let want = if family.is_gemma() {
-                    ["gelu_pytorch_tanh", "gelu_pytorch_tanh"]
-                } else {
-                    ["silu", "swish"]
-                };
+                let want =
+                    if family.is_gemma() { ["gelu_pytorch_tanh", "gelu_pytorch_tanh"] } else { ["silu", "swish"] };
                 if !want.contains(&a) {
                     return Err(Error::field(
                         act_key,
@@ -525,15 +468,12 @@ impl ArchSpec {
                 return Err(Error::field(flag, "biases are not supported"));
             }
         }
-        let dtype = match c
-            .opt_str("dtype")?
-            .map(|s| ("dtype", s))
-            .or(c.opt_str("torch_dtype")?.map(|s| ("torch_dtype", s)))
-        {
-            None => DType::F32,
-            Some((field, s)) => parse_dtype(s)
-                .ok_or_else(|| Error::field(field, format!("`{s}` is not float32, bfloat16 or float16")))?,
-        };
+        let dtype =
+            match c.opt_str("dtype")?.map(|s| ("dtype", s)).or(c.opt_str("torch_dtype")?.map(|s| ("torch_dtype", s))) {
+                None => DType::F32,
+                Some((field, s)) => parse_dtype(s)
+                    .ok_or_else(|| Error::field(field, format!("`{s}` is not float32, bfloat16 or float16")))?,
+            };
 
         let sliding_window = c.opt_usize("sliding_window")?.or(match family {
             Family::Gemma2 | Family::Gemma3 => Some(4096),
@@ -633,15 +573,8 @@ impl ArchSpec {
         if self.residual_dropout > 0.0 {
             m.insert("residual_dropout".into(), json!(self.residual_dropout));
         }
-        let act_key = if f.is_gemma() {
-            "hidden_activation"
-        } else {
-            "hidden_act"
-        };
-        m.insert(
-            act_key.into(),
-            json!(if f.is_gemma() { "gelu_pytorch_tanh" } else { "silu" }),
-        );
+        let act_key = if f.is_gemma() { "hidden_activation" } else { "hidden_act" };
+        m.insert(act_key.into(), json!(if f.is_gemma() { "gelu_pytorch_tanh" } else { "silu" }));
         if f == Family::Llama {
             m.insert("mlp_bias".into(), json!(false));
         }
@@ -665,11 +598,7 @@ impl ArchSpec {
         }
         if let Some(q) = self.query_pre_attn_scalar {
             // transformers 5 types this field as int; write integral values as integers.
-            let v = if q.fract() == 0.0 && q.abs() < 1e15 {
-                json!(q as i64)
-            } else {
-                json!(q)
-            };
+            let v = if q.fract() == 0.0 && q.abs() < 1e15 { json!(q as i64) } else { json!(q) };
             m.insert("query_pre_attn_scalar".into(), v);
         }
         if matches!(f, Family::Gemma2 | Family::Gemma3) {
@@ -680,10 +609,7 @@ impl ArchSpec {
             m.insert("sliding_window".into(), json!(w));
         }
         if f != Family::Llama || self.layer_types.contains(&LayerType::Sliding) {
-            m.insert(
-                "layer_types".into(),
-                json!(self.layer_types.iter().map(|t| t.as_str()).collect::<Vec<_>>()),
-            );
+            m.insert("layer_types".into(), json!(self.layer_types.iter().map(|t| t.as_str()).collect::<Vec<_>>()));
         }
         m.insert("use_cache".into(), json!(true));
         Value::Object(m)
@@ -728,12 +654,7 @@ fn rope_scaling_json(s: &RopeScaling) -> Value {
     match *s {
         RopeScaling::None => Value::Null,
         RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => json!({
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
             "rope_type": "llama3",
             "factor": factor,
             "low_freq_factor": low_freq_factor,
@@ -762,18 +683,13 @@ fn parse_rope_object(field: &str, v: &Value, theta: f64) -> Result<Rope> {
     };
     let c = Cfg(o);
     let sub = |k: &str| format!("{field}.{k}");
-    let theta = c
-        .opt_f64("rope_theta")
-        .map_err(|_| Error::field(sub("rope_theta"), "not a number"))?
-        .unwrap_or(theta);
+    let theta = c.opt_f64("rope_theta").map_err(|_| Error::field(sub("rope_theta"), "not a number"))?.unwrap_or(theta);
     let kind = match c.opt_str("rope_type")? {
         Some(t) => t,
         None => c.opt_str("type")?.unwrap_or("default"),
     };
     let num = |k: &str| -> Result<f64> {
-        o.get(k)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| Error::field(sub(k), "missing or not a number"))
+        o.get(k).and_then(Value::as_f64).ok_or_else(|| Error::field(sub(k), "missing or not a number"))
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
@@ -789,10 +705,7 @@ fn parse_rope_object(field: &str, v: &Value, theta: f64) -> Result<Rope> {
                 as usize,
         },
         other => {
-            return Err(Error::field(
-                sub("rope_type"),
-                format!("`{other}` is not supported (default, linear, llama3)"),
-            ))
+            return Err(Error::field(sub("rope_type"), format!("`{other}` is not supported (default, linear, llama3)")))
         }
     };
     Ok(Rope { theta, scaling })
@@ -807,11 +720,7 @@ fn parse_rope(c: &Cfg<'_>, family: Family) -> Result<(Rope, Rope)> {
             let full = parse_rope_object(
                 "rope_parameters.full_attention",
                 params.get("full_attention").unwrap_or(&Value::Null),
-                top_theta.unwrap_or(if family == Family::Gemma3 {
-                    1_000_000.0
-                } else {
-                    10_000.0
-                }),
+                top_theta.unwrap_or(if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 }),
             )?;
             let local = match params.get("sliding_attention") {
                 Some(v) => parse_rope_object("rope_parameters.sliding_attention", v, local_theta.unwrap_or(10_000.0))?,
@@ -820,24 +729,12 @@ fn parse_rope(c: &Cfg<'_>, family: Family) -> Result<(Rope, Rope)> {
             return Ok((full, local));
         }
         let r = parse_rope_object("rope_parameters", params, top_theta.unwrap_or(10_000.0))?;
-        let local = if family == Family::Gemma3 {
-            Rope::plain(local_theta.unwrap_or(10_000.0))
-        } else {
-            r
-        };
+        let local = if family == Family::Gemma3 { Rope::plain(local_theta.unwrap_or(10_000.0)) } else { r };
         return Ok((r, local));
     }
-    let theta = top_theta.unwrap_or(if family == Family::Gemma3 {
-        1_000_000.0
-    } else {
-        10_000.0
-    });
+    let theta = top_theta.unwrap_or(if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 });
     let full = parse_rope_object("rope_scaling", c.0.get("rope_scaling").unwrap_or(&Value::Null), theta)?;
-    let local = if family == Family::Gemma3 {
-        Rope::plain(local_theta.unwrap_or(10_000.0))
-    } else {
-        full
-    };
+    let local = if family == Family::Gemma3 { Rope::plain(local_theta.unwrap_or(10_000.0)) } else { full };
     Ok((full, local))
 }
 
@@ -874,10 +771,7 @@ impl Cfg<'_> {
     fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| Error::field(k, format!("expected a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::field(k, format!("expected a number, got {v}"))),
         }
     }
     /// A number whose explicit `null` means "off" and whose absence means `default`.
@@ -885,10 +779,9 @@ impl Cfg<'_> {
         match self.0.get(k) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| Error::field(k, format!("expected a number or null, got {v}"))),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| Error::field(k, format!("expected a number or null, got {v}")))
+            }
         }
     }
     fn opt_bool(&self, k: &str) -> Result<Option<bool>> {

@@ -25,11 +25,7 @@ pub enum ModelProperty {
 
 impl ModelProperty {
     /// Every property, in report order.
-    pub const ALL: [ModelProperty; 3] = [
-        ModelProperty::Deterministic,
-        ModelProperty::Causal,
-        ModelProperty::KvCache,
-    ];
+    pub const ALL: [ModelProperty; 3] = [ModelProperty::Deterministic, ModelProperty::Causal, ModelProperty::KvCache];
 
     /// Short name.
     pub fn name(self) -> &'static str {
@@ -150,11 +146,7 @@ pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&Mu
     let mut out = Vec::new();
     for m in crate::mutants::forward_mutants() {
         let outcome = run_property(device, m.family, m.caught_by, opts.cases, opts.seed, m.faults);
-        let row = MutantOutcome {
-            mutant: m.name,
-            bug: m.bug,
-            outcome,
-        };
+        let row = MutantOutcome { mutant: m.name, bug: m.bug, outcome };
         progress(&row);
         out.push(row);
     }
@@ -201,12 +193,7 @@ pub fn run_property(
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 4096,
-        ..Config::default()
-    };
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, rng);
     let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
         run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
@@ -245,10 +232,7 @@ pub fn table(rows: &[Outcome]) -> String {
     let mut s = format!("{:<8} {:<42} {:>6}  {}\n", "family", "property", "cases", "result");
     s.push_str(&format!("{}\n", "-".repeat(68)));
     for r in rows {
-        let name = ModelProperty::ALL
-            .iter()
-            .find(|p| p.id() == r.property)
-            .map_or(r.property, |p| p.name());
+        let name = ModelProperty::ALL.iter().find(|p| p.id() == r.property).map_or(r.property, |p| p.name());
         s.push_str(&format!(
             "{:<8} {:<42} {:>6}  {}\n",
             r.family,
@@ -258,18 +242,9 @@ pub fn table(rows: &[Outcome]) -> String {
         ));
     }
     let failed: Vec<&Outcome> = rows.iter().filter(|r| !r.passed).collect();
-    s.push_str(&format!(
-        "\n{} passed, {} failed\n",
-        rows.len() - failed.len(),
-        failed.len()
-    ));
+    s.push_str(&format!("\n{} passed, {} failed\n", rows.len() - failed.len(), failed.len()));
     for r in failed {
-        s.push_str(&format!(
-            "\nFAIL {} / {}: {}\n",
-            r.family,
-            r.property,
-            r.detail.as_deref().unwrap_or("")
-        ));
+        s.push_str(&format!("\nFAIL {} / {}: {}\n", r.family, r.property, r.detail.as_deref().unwrap_or("")));
         if let Some((seed, ids)) = &r.minimal_case {
             s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
         }

@@ -108,9 +108,7 @@ pub fn generate(spec: &ArchSpec, seed: u64, device: &Device) -> Result<Weights> 
     let mut out = Weights::new();
     for (name, shape) in tensor_shapes(spec) {
         let values = tensor_values(spec, seed, &name, &shape);
-        let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?
-            .to_dtype(spec.dtype)?
-            .to_device(device)?;
+        let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?.to_dtype(spec.dtype)?.to_device(device)?;
         out.insert(name, t);
     }
     Ok(out)
@@ -118,26 +116,17 @@ pub fn generate(spec: &ArchSpec, seed: u64, device: &Device) -> Result<Weights> 
 
 /// The embedding-like matrices whose rows are tokens: `embed_tokens` and (untied) `lm_head`.
 pub fn token_matrices(weights: &Weights) -> Vec<&str> {
-    ["model.embed_tokens.weight", "lm_head.weight"]
-        .into_iter()
-        .filter(|k| weights.contains_key(*k))
-        .collect()
+    ["model.embed_tokens.weight", "lm_head.weight"].into_iter().filter(|k| weights.contains_key(*k)).collect()
 }
 
 /// Set rows `ids` of `embed_tokens` and `lm_head` to zero: Llama-3 base's untrained
 /// reserved and chat-template tokens. Errors name the tensor when an id is out of range.
 pub fn plant_zero_rows(weights: &mut Weights, ids: &[u32]) -> Result<()> {
-    for name in token_matrices(weights)
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>()
-    {
+    for name in token_matrices(weights).into_iter().map(str::to_string).collect::<Vec<_>>() {
         let t = &weights[&name];
         let (rows, cols) = t.dims2()?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
-            return Err(Error::Msg(format!(
-                "tensor `{name}`: token id {bad} is out of range (vocab {rows})"
-            )));
+            return Err(Error::Msg(format!("tensor `{name}`: token id {bad} is out of range (vocab {rows})")));
         }
         let mut keep = vec![1f32; rows];
         for &i in ids {
@@ -153,8 +142,5 @@ pub fn plant_zero_rows(weights: &mut Weights, ids: &[u32]) -> Result<()> {
 
 /// Cast every tensor to `dtype`.
 pub fn cast(weights: &Weights, dtype: DType) -> Result<Weights> {
-    weights
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
-        .collect()
+    weights.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?))).collect()
 }

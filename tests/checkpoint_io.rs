@@ -53,12 +53,8 @@ fn sharded_save_writes_an_index_and_replaces_the_single_file() {
     assert!(!dir.path().join(hf::SINGLE).exists());
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join(hf::INDEX)).unwrap()).unwrap();
-    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let shards: std::collections::BTreeSet<&str> =
+        index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
     assert!(shards.len() > 1, "{shards:?}");
     assert_eq!(index["weight_map"].as_object().unwrap().len(), w.len());
     hf::save(dir.path(), &spec, &w, Sharding::Single).unwrap();
@@ -103,9 +99,7 @@ fn bad_checkpoints_give_errors_naming_file_and_key() {
         break_it(dir.path());
         report.push_str(&format!("{name}: {}\n", err(dir.path())));
     };
-    case("missing_tensor", &|d| {
-        edit_weights(d, |w| drop(w.remove("model.layers.1.mlp.up_proj.weight")))
-    });
+    case("missing_tensor", &|d| edit_weights(d, |w| drop(w.remove("model.layers.1.mlp.up_proj.weight"))));
     case("extra_tensor", &|d| {
         edit_weights(d, |w| {
             drop(w.insert(
@@ -116,18 +110,12 @@ fn bad_checkpoints_give_errors_naming_file_and_key() {
     });
     case("wrong_shape", &|d| {
         edit_weights(d, |w| {
-            drop(w.insert(
-                "model.norm.weight".into(),
-                Tensor::zeros(31, DType::F32, &Device::Cpu).unwrap(),
-            ))
+            drop(w.insert("model.norm.weight".into(), Tensor::zeros(31, DType::F32, &Device::Cpu).unwrap()))
         })
     });
     case("wrong_dtype", &|d| {
         edit_weights(d, |w| {
-            drop(w.insert(
-                "model.norm.weight".into(),
-                Tensor::zeros(32, DType::I64, &Device::Cpu).unwrap(),
-            ))
+            drop(w.insert("model.norm.weight".into(), Tensor::zeros(32, DType::I64, &Device::Cpu).unwrap()))
         })
     });
     case("tied_but_has_lm_head", &|d| {
@@ -175,9 +163,7 @@ fn bad_sharded_checkpoints_give_errors_naming_index_and_shard() {
         serde_json::from_str(&std::fs::read_to_string(d.join(hf::INDEX)).unwrap()).unwrap()
     };
     let shard_of = |d: &Path, key: &str| index(d)["weight_map"][key].as_str().unwrap().to_string();
-    case("shard_missing", &|d| {
-        std::fs::remove_file(d.join(shard_of(d, "model.norm.weight"))).unwrap()
-    });
+    case("shard_missing", &|d| std::fs::remove_file(d.join(shard_of(d, "model.norm.weight"))).unwrap());
     case("index_lists_key_not_in_shard", &|d| {
         let mut v = index(d);
         let other = shard_of(d, "model.embed_tokens.weight");
@@ -196,9 +182,7 @@ fn bad_sharded_checkpoints_give_errors_naming_index_and_shard() {
         std::fs::write(d.join(hf::INDEX), v.to_string()).unwrap();
     });
     case("index_not_json", &|d| std::fs::write(d.join(hf::INDEX), "{").unwrap());
-    case("index_no_weight_map", &|d| {
-        std::fs::write(d.join(hf::INDEX), "{}").unwrap()
-    });
+    case("index_no_weight_map", &|d| std::fs::write(d.join(hf::INDEX), "{}").unwrap());
     golden().bind(|| insta::assert_snapshot!("sharded_checkpoint_errors", report));
 }
 
@@ -221,16 +205,11 @@ fn a_bad_save_leaves_the_previous_checkpoint_intact() {
         .collect();
     let mut broken = w.clone();
     broken.remove("model.norm.weight");
-    let e = hf::save(dir.path(), &spec, &broken, Sharding::Single)
-        .unwrap_err()
-        .to_string();
+    let e = hf::save(dir.path(), &spec, &broken, Sharding::Single).unwrap_err().to_string();
     assert!(e.contains("model.norm.weight"), "{e}");
     for (p, bytes) in before {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 2, "{leftovers:?}");
 }

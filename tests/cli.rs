@@ -13,9 +13,7 @@ fn bin() -> Command {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/models")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models").join(name)
 }
 
 #[test]
@@ -61,11 +59,7 @@ fn logits_ids_flags_and_suffixed_inputs() {
     assert_eq!(f.load("logits_ids0").unwrap().dims(), &[1, 3, 64]);
     assert_eq!(f.load("logits_ids1").unwrap().dims(), &[1, 2, 64]);
 
-    let summary = bin()
-        .args(["logits", "--ids", "1,2,3", "--model"])
-        .arg(fixture("gemma"))
-        .output()
-        .unwrap();
+    let summary = bin().args(["logits", "--ids", "1,2,3", "--model"]).arg(fixture("gemma")).output().unwrap();
     assert!(summary.status.success());
     let text = String::from_utf8(summary.stdout).unwrap();
     assert!(text.contains("logits: shape [1, 3, 64], finite: true"), "{text}");
@@ -78,40 +72,20 @@ fn logits_bad_input_exits_2_with_a_named_reason() {
     let bad = dir.path().join("bad.safetensors");
     let t = candle_core::Tensor::zeros((1, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
     tunecheck::io::st::write_safetensors(&bad, &[("input_ids".to_string(), t)].into()).unwrap();
-    let o = bin()
-        .args(["logits", "--model"])
-        .arg(fixture("gemma"))
-        .arg("--input")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let o = bin().args(["logits", "--model"]).arg(fixture("gemma")).arg("--input").arg(&bad).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8(o.stderr).unwrap();
     assert!(e.contains("tensor `input_ids`: dtype F32, expected I64"), "{e}");
     // Out-of-range token id.
-    let o = bin()
-        .args(["logits", "--ids", "1,999", "--model"])
-        .arg(fixture("gemma"))
-        .output()
-        .unwrap();
+    let o = bin().args(["logits", "--ids", "1,999", "--model"]).arg(fixture("gemma")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8(o.stderr)
-        .unwrap()
-        .contains("token id 999 is out of range"));
+    assert!(String::from_utf8(o.stderr).unwrap().contains("token id 999 is out of range"));
     // Not a model directory.
-    let o = bin()
-        .args(["logits", "--ids", "1", "--model"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = bin().args(["logits", "--ids", "1", "--model"]).arg(dir.path()).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8(o.stderr).unwrap().contains("config.json"));
     // No input at all.
-    let o = bin()
-        .args(["logits", "--model"])
-        .arg(fixture("gemma"))
-        .output()
-        .unwrap();
+    let o = bin().args(["logits", "--model"]).arg(fixture("gemma")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -121,10 +95,7 @@ fn check_passes_on_the_default_and_prints_a_table() {
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{text}");
     assert!(text.contains("12 passed, 0 failed"), "{text}");
-    let j = bin()
-        .args(["check", "--cases", "2", "--family", "gemma3", "--json"])
-        .output()
-        .unwrap();
+    let j = bin().args(["check", "--cases", "2", "--family", "gemma3", "--json"]).output().unwrap();
     assert!(j.status.success());
     let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 3);

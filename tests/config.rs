@@ -92,13 +92,7 @@ fn explicit_5x_fields_win_over_4x_ones() {
         "layer_types": ["full_attention", "full_attention"]
     });
     let s = ArchSpec::from_config_json(&v).unwrap();
-    assert_eq!(
-        s.rope,
-        Rope {
-            theta: 500000.0,
-            scaling: RopeScaling::None
-        }
-    );
+    assert_eq!(s.rope, Rope { theta: 500000.0, scaling: RopeScaling::None });
     assert_eq!(s.head_dim, 4);
     assert_eq!(s.num_kv_heads, 2);
     assert_eq!(s.family, Family::Llama);
@@ -112,10 +106,7 @@ fn invalid_configs_name_the_field() {
     });
     let cases: Vec<(&str, serde_json::Value)> = vec![
         ("kv_heads_not_dividing", json!({"num_key_value_heads": 3})),
-        (
-            "heads_not_dividing_hidden",
-            json!({"num_attention_heads": 3, "num_key_value_heads": 1}),
-        ),
+        ("heads_not_dividing_hidden", json!({"num_attention_heads": 3, "num_key_value_heads": 1})),
         ("zero_vocab", json!({"vocab_size": 0})),
         ("zero_layers", json!({"num_hidden_layers": 0})),
         ("odd_head_dim", json!({"head_dim": 3})),
@@ -125,18 +116,9 @@ fn invalid_configs_name_the_field() {
         ("missing_vocab", json!({"vocab_size": null})),
         ("layer_types_length", json!({"layer_types": ["full_attention"]})),
         ("layer_types_value", json!({"layer_types": ["full_attention", "local"]})),
-        (
-            "sliding_without_window",
-            json!({"layer_types": ["sliding_attention", "full_attention"]}),
-        ),
-        (
-            "bad_rope_type",
-            json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}}),
-        ),
-        (
-            "llama3_missing_factor",
-            json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0}}),
-        ),
+        ("sliding_without_window", json!({"layer_types": ["sliding_attention", "full_attention"]})),
+        ("bad_rope_type", json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}})),
+        ("llama3_missing_factor", json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0}})),
         ("bad_dtype", json!({"dtype": "int8"})),
         ("attention_bias", json!({"attention_bias": true})),
         ("wrong_activation", json!({"hidden_act": "gelu"})),
@@ -160,16 +142,11 @@ fn config_file_errors_name_the_file() {
     let p = dir.path().join("config.json");
     std::fs::write(&p, "{not json").unwrap();
     let e = ArchSpec::from_config_file(&p).unwrap_err().to_string();
-    assert!(
-        e.starts_with(&p.display().to_string()) && e.contains("not valid JSON"),
-        "{e}"
-    );
+    assert!(e.starts_with(&p.display().to_string()) && e.contains("not valid JSON"), "{e}");
     std::fs::write(&p, r#"{"model_type": "llama"}"#).unwrap();
     let e = ArchSpec::from_config_file(&p).unwrap_err().to_string();
     assert!(e.contains("config.json: field `hidden_size`: missing"), "{e}");
-    let e = ArchSpec::from_config_file(&dir.path().join("absent.json"))
-        .unwrap_err()
-        .to_string();
+    let e = ArchSpec::from_config_file(&dir.path().join("absent.json")).unwrap_err().to_string();
     assert!(e.contains("absent.json"), "{e}");
 }
 

@@ -15,35 +15,16 @@ fn golden() -> insta::Settings {
 
 #[test]
 fn every_forward_mutant_is_caught_with_a_minimal_counterexample() {
-    let opts = Options {
-        cases: 16,
-        seed: 0,
-        families: vec![],
-    };
+    let opts = Options { cases: 16, seed: 0, families: vec![] };
     let mut report = String::new();
     for m in forward_mutants() {
-        let reference = run_property(
-            &Device::Cpu,
-            m.family,
-            m.caught_by,
-            opts.cases,
-            opts.seed,
-            Faults::default(),
-        );
-        assert!(
-            reference.passed,
-            "{}: reference fails {:?}: {:?}",
-            m.name, m.caught_by, reference.detail
-        );
+        let reference = run_property(&Device::Cpu, m.family, m.caught_by, opts.cases, opts.seed, Faults::default());
+        assert!(reference.passed, "{}: reference fails {:?}: {:?}", m.name, m.caught_by, reference.detail);
         let o = run_property(&Device::Cpu, m.family, m.caught_by, opts.cases, opts.seed, m.faults);
         assert!(!o.passed, "mutant {} was not caught by {:?}", m.name, m.caught_by);
         let cfg = o.minimal_config.as_ref().unwrap();
         let (seed, ids) = o.minimal_case.clone().unwrap();
-        assert_eq!(
-            cfg["num_hidden_layers"], 1,
-            "{}: shrinking should reach one layer",
-            m.name
-        );
+        assert_eq!(cfg["num_hidden_layers"], 1, "{}: shrinking should reach one layer", m.name);
         report.push_str(&format!(
             "{} [{} / {}]\n  {}\n  minimal: layers {} hidden {} heads {}/{} head_dim {} vocab {} window {}; weight seed {seed}; ids {ids:?}\n",
             m.name,

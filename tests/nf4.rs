@@ -8,11 +8,7 @@ use tunecheck::quant::blockwise::{error_bound, quantize, Absmax, QuantType, NEST
 use tunecheck::quant::codes::{dynamic_map_signed, CodeBook};
 
 fn fixtures() -> StFile {
-    StFile::open(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/bnb/quant.safetensors"
-    )))
-    .unwrap()
+    StFile::open(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/bnb/quant.safetensors"))).unwrap()
 }
 
 fn f32s(f: &StFile, k: &str) -> Vec<f32> {
@@ -60,19 +56,11 @@ fn dynamic_map_follows_its_construction() {
 #[test]
 fn quantization_matches_bitsandbytes() {
     let f = fixtures();
-    let names: std::collections::BTreeSet<String> = f
-        .names()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n.strip_suffix(".input").map(str::to_string))
-        .collect();
+    let names: std::collections::BTreeSet<String> =
+        f.names().unwrap().iter().filter_map(|n| n.strip_suffix(".input").map(str::to_string)).collect();
     assert!(names.len() >= 9, "{names:?}");
     for name in names {
-        let qt = if name.starts_with("nf4") {
-            QuantType::Nf4
-        } else {
-            QuantType::Fp4
-        };
+        let qt = if name.starts_with("nf4") { QuantType::Nf4 } else { QuantType::Fp4 };
         let bs: usize = name.split('_').nth(1).unwrap()[1..].parse().unwrap();
         let dq = name.ends_with("_dq");
         let input = f.load(&format!("{name}.input")).unwrap();
@@ -94,12 +82,7 @@ fn quantization_matches_bitsandbytes() {
                     "{name}: absmax"
                 );
             }
-            Absmax::Nested {
-                codes,
-                nested_absmax,
-                nested_blocksize,
-                offset,
-            } => {
+            Absmax::Nested { codes, nested_absmax, nested_blocksize, offset } => {
                 assert_eq!(*nested_blocksize, NESTED_BLOCKSIZE);
                 let want_offset = f32s(&f, &format!("{name}.nested_offset"))[0];
                 assert!(
@@ -113,13 +96,8 @@ fn quantization_matches_bitsandbytes() {
                 // bitsandbytes' CPU 8-bit search sometimes picks the neighbouring code: allow
                 // |Δcode| ≤ 1 on at most 5 % of the scales, exact elsewhere.
                 let want_codes = u8s(&f, &format!("{name}.absmax"));
-                let off: Vec<usize> = codes
-                    .iter()
-                    .zip(&want_codes)
-                    .enumerate()
-                    .filter(|(_, (a, b))| a != b)
-                    .map(|(i, _)| i)
-                    .collect();
+                let off: Vec<usize> =
+                    codes.iter().zip(&want_codes).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
                 for &i in &off {
                     assert!(
                         (codes[i] as i32 - want_codes[i] as i32).abs() <= 1,
@@ -128,12 +106,7 @@ fn quantization_matches_bitsandbytes() {
                         want_codes[i]
                     );
                 }
-                assert!(
-                    off.len() * 20 <= codes.len(),
-                    "{name}: {} of {} scale codes differ",
-                    off.len(),
-                    codes.len()
-                );
+                assert!(off.len() * 20 <= codes.len(), "{name}: {} of {} scale codes differ", off.len(), codes.len());
             }
         }
         // Dequantization. bitsandbytes' native CPU dequantize uses the wrong block scale when
@@ -186,24 +159,15 @@ fn nearest_code_ties_go_to_the_lower_code() {
 #[test]
 fn bad_blocksizes_are_rejected_by_name() {
     for bs in [0, 16, 48, 8192] {
-        let e = quantize(&[1.0; 64], &[64], QuantType::Nf4, bs, false)
-            .unwrap_err()
-            .to_string();
+        let e = quantize(&[1.0; 64], &[64], QuantType::Nf4, bs, false).unwrap_err().to_string();
         assert!(e.contains("blocksize"), "{e}");
     }
-    let e = quantize(&[1.0, f32::NAN], &[2], QuantType::Nf4, 64, false)
-        .unwrap_err()
-        .to_string();
+    let e = quantize(&[1.0, f32::NAN], &[2], QuantType::Nf4, 64, false).unwrap_err().to_string();
     assert!(e.contains("not finite"), "{e}");
 }
 
 fn arb_tensor() -> impl Strategy<Value = (Vec<f32>, usize, QuantType, bool)> {
-    (
-        1usize..600,
-        prop_oneof![Just(32usize), Just(64), Just(128), Just(256), Just(4096)],
-        any::<bool>(),
-        any::<bool>(),
-    )
+    (1usize..600, prop_oneof![Just(32usize), Just(64), Just(128), Just(256), Just(4096)], any::<bool>(), any::<bool>())
         .prop_flat_map(|(n, bs, nf4, dq)| {
             (
                 proptest::collection::vec(-100f32..100f32, n),

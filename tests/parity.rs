@@ -13,9 +13,7 @@ use tunecheck::props::rel_l2;
 use tunecheck::{Family, Mode, Transformer};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/models")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models").join(name)
 }
 
 #[rstest]
@@ -36,24 +34,10 @@ fn logits_and_generation_match_transformers(#[case] name: &str, #[case] family: 
     let err = rel_l2(&got, &want).unwrap();
     assert!(err <= 1e-5, "{name}: rel L2 {err:.3e} > 1e-5");
 
-    let generated = reference
-        .load("generated")
-        .unwrap()
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec2::<u32>()
-        .unwrap();
+    let generated = reference.load("generated").unwrap().to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
     let n = generated[0].len();
-    assert_eq!(
-        greedy_cached(&model, &ids, n).unwrap(),
-        generated,
-        "{name}: cached greedy"
-    );
-    assert_eq!(
-        greedy_uncached(&model, &ids, n).unwrap(),
-        generated,
-        "{name}: uncached greedy"
-    );
+    assert_eq!(greedy_cached(&model, &ids, n).unwrap(), generated, "{name}: cached greedy");
+    assert_eq!(greedy_uncached(&model, &ids, n).unwrap(), generated, "{name}: uncached greedy");
 }
 
 /// The sliding window really is shorter than the sequence in the Gemma 2/3 fixtures, so the
@@ -65,12 +49,6 @@ fn fixtures_exercise_windows_and_global_layers() {
         g2.sliding_window.unwrap() < 11 && g2.attn_logit_softcapping.is_some() && g2.final_logit_softcapping.is_some()
     );
     let g3 = hf::load(&fixture("gemma3"), &Device::Cpu, None).unwrap().spec;
-    assert_eq!(
-        g3.layer_types
-            .iter()
-            .filter(|t| **t == tunecheck::LayerType::Full)
-            .count(),
-        1
-    );
+    assert_eq!(g3.layer_types.iter().filter(|t| **t == tunecheck::LayerType::Full).count(), 1);
     assert_ne!(g3.rope, g3.rope_local);
 }

@@ -35,14 +35,8 @@ fn python_peft_adapters_match(#[case] adapter: &str, #[case] base: &str) {
     let err = rel_l2(&got, &want).unwrap();
     assert!(err <= 1e-5, "{adapter}: rel L2 {err:.3e}");
     // The adapter matters: without it the logits are far off.
-    let plain = Transformer::from_weights(&ck.spec, &ck.weights)
-        .unwrap()
-        .forward(&ids, Mode::Eval)
-        .unwrap();
-    assert!(
-        rel_l2(&plain, &want).unwrap() > 1e-3,
-        "{adapter}: the adapter changes nothing"
-    );
+    let plain = Transformer::from_weights(&ck.spec, &ck.weights).unwrap().forward(&ids, Mode::Eval).unwrap();
+    assert!(rel_l2(&plain, &want).unwrap() > 1e-3, "{adapter}: the adapter changes nothing");
 }
 
 fn trained(quant: Option<QuantConfig>) -> (RefTrainer, hf::Checkpoint) {
@@ -62,23 +56,10 @@ fn trained(quant: Option<QuantConfig>) -> (RefTrainer, hf::Checkpoint) {
 
 #[test]
 fn saved_adapter_reloads_bitwise() {
-    for quant in [
-        None,
-        Some(QuantConfig {
-            compute_dtype: DType::F32,
-            ..QuantConfig::default()
-        }),
-    ] {
+    for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
         let (tr, ck) = trained(quant);
         let dir = tempfile::tempdir().unwrap();
-        peft::save(
-            dir.path(),
-            tr.lora(),
-            tr.params(),
-            tr.quant(),
-            "fixtures/models/llama_gqa",
-        )
-        .unwrap();
+        peft::save(dir.path(), tr.lora(), tr.params(), tr.quant(), "fixtures/models/llama_gqa").unwrap();
         let a = peft::read(dir.path()).unwrap();
         assert_eq!(a.base_quant, Some(quant));
         let mut model = {
@@ -103,40 +84,23 @@ fn saved_adapter_reloads_bitwise() {
         let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2, 7, 3]], &Device::Cpu).unwrap();
         let a = tr.logits(&ids, Mode::Eval).unwrap();
         let b = model.forward(&ids, Mode::Eval).unwrap();
-        assert!(
-            bitwise_equal(&a, &b).unwrap(),
-            "quant={}: logits differ after reload",
-            quant.is_some()
-        );
+        assert!(bitwise_equal(&a, &b).unwrap(), "quant={}: logits differ after reload", quant.is_some());
     }
 }
 
 #[test]
 fn quantization_mismatch_on_reload_is_an_error() {
-    let q = QuantConfig {
-        compute_dtype: DType::F32,
-        ..QuantConfig::default()
-    };
+    let q = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
     let (tr, ck) = trained(Some(q));
     let dir = tempfile::tempdir().unwrap();
     peft::save(dir.path(), tr.lora(), tr.params(), tr.quant(), "base").unwrap();
     let a = peft::read(dir.path()).unwrap();
-    for wrong in [
-        None,
-        Some(QuantConfig::transformers_defaults()),
-        Some(QuantConfig {
-            compute_dtype: DType::BF16,
-            ..q
-        }),
-    ] {
+    for wrong in
+        [None, Some(QuantConfig::transformers_defaults()), Some(QuantConfig { compute_dtype: DType::BF16, ..q })]
+    {
         let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
-        let e = peft::apply(&mut model, &a, wrong.as_ref(), dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("tunecheck_base_quantization") && e.contains("adapter_config.json"),
-            "{e}"
-        );
+        let e = peft::apply(&mut model, &a, wrong.as_ref(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("tunecheck_base_quantization") && e.contains("adapter_config.json"), "{e}");
     }
 }
 
@@ -146,27 +110,14 @@ fn bad_adapter_files_are_named() {
     let mut report = String::new();
     type Breaker = Box<dyn Fn(&std::path::Path)>;
     let cases: Vec<(&str, Breaker)> = vec![
-        (
-            "not_lora",
-            Box::new(|d| patch(d, "peft_type", serde_json::json!("PREFIX_TUNING"))),
-        ),
-        (
-            "regex_targets",
-            Box::new(|d| patch(d, "target_modules", serde_json::json!(".*proj"))),
-        ),
+        ("not_lora", Box::new(|d| patch(d, "peft_type", serde_json::json!("PREFIX_TUNING")))),
+        ("regex_targets", Box::new(|d| patch(d, "target_modules", serde_json::json!(".*proj")))),
         ("dora", Box::new(|d| patch(d, "use_dora", serde_json::json!(true)))),
         ("zero_rank", Box::new(|d| patch(d, "r", serde_json::json!(0)))),
-        (
-            "unknown_target",
-            Box::new(|d| patch(d, "target_modules", serde_json::json!(["q_proj", "attn"]))),
-        ),
+        ("unknown_target", Box::new(|d| patch(d, "target_modules", serde_json::json!(["q_proj", "attn"])))),
         (
             "missing_tensor",
-            Box::new(|d| {
-                edit(d, |m| {
-                    drop(m.remove("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"))
-                })
-            }),
+            Box::new(|d| edit(d, |m| drop(m.remove("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")))),
         ),
         (
             "extra_tensor",
@@ -203,10 +154,7 @@ fn bad_adapter_files_are_named() {
         let ck = hf::load(&root().join("fixtures/models/llama_gqa"), &Device::Cpu, None).unwrap();
         let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
         let e = peft::read(dir.path()).and_then(|a| peft::apply(&mut model, &a, None, dir.path()).map(|_| ()));
-        let msg = e
-            .expect_err(name)
-            .to_string()
-            .replace(&dir.path().display().to_string(), "$DIR");
+        let msg = e.expect_err(name).to_string().replace(&dir.path().display().to_string(), "$DIR");
         report.push_str(&format!("{name}: {msg}\n"));
     }
     let mut s = insta::Settings::clone_current();
@@ -225,12 +173,8 @@ fn patch(dir: &std::path::Path, key: &str, value: serde_json::Value) {
 fn edit(dir: &std::path::Path, f: impl FnOnce(&mut std::collections::BTreeMap<String, candle_core::Tensor>)) {
     let p = dir.join(peft::WEIGHTS);
     let st = StFile::open(&p).unwrap();
-    let mut m: std::collections::BTreeMap<String, candle_core::Tensor> = st
-        .names()
-        .unwrap()
-        .into_iter()
-        .map(|k| (k.clone(), st.load(&k).unwrap()))
-        .collect();
+    let mut m: std::collections::BTreeMap<String, candle_core::Tensor> =
+        st.names().unwrap().into_iter().map(|k| (k.clone(), st.load(&k).unwrap())).collect();
     drop(st);
     f(&mut m);
     tunecheck::io::st::write_safetensors(&p, &m).unwrap();

@@ -33,44 +33,19 @@ fn loss_falls_below_a_tenth_lora_and_qlora_every_family() {
     let t = task();
     let train = t.batches(10, 200, 8, 10);
     for family in Family::ALL {
-        for quant in [
-            None,
-            Some(QuantConfig {
-                compute_dtype: DType::F32,
-                ..QuantConfig::default()
-            }),
-        ] {
-            let lora = LoraConfig {
-                r: 16,
-                alpha: 32.0,
-                ..LoraConfig::default()
-            };
+        for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
+            let lora = LoraConfig { r: 16, alpha: 32.0, ..LoraConfig::default() };
             let cfg = TrainConfig {
-                optim: tunecheck::train::optim::AdamWConfig {
-                    lr: 3e-2,
-                    ..Default::default()
-                },
-                schedule: tunecheck::train::optim::Schedule {
-                    warmup_steps: 10,
-                    total_steps: 200,
-                    min_ratio: 0.1,
-                },
+                optim: tunecheck::train::optim::AdamWConfig { lr: 3e-2, ..Default::default() },
+                schedule: tunecheck::train::optim::Schedule { warmup_steps: 10, total_steps: 200, min_ratio: 0.1 },
                 ..TrainConfig::default()
             };
             let mut tr = trainer(family, &lora, quant, cfg);
             let first = tr.eval_loss(&train[..8]).unwrap();
             let h = tr.fit(&train, &[]).unwrap();
             let last = tr.eval_loss(&train[..8]).unwrap();
-            println!(
-                "{family} quant={} first {first:.3} last {last:.3} steps {}",
-                quant.is_some(),
-                h.train.len()
-            );
-            assert!(
-                last < 0.1 * first,
-                "{family} quant={}: {first:.3} → {last:.3}",
-                quant.is_some()
-            );
+            println!("{family} quant={} first {first:.3} last {last:.3} steps {}", quant.is_some(), h.train.len());
+            assert!(last < 0.1 * first, "{family} quant={}: {first:.3} → {last:.3}", quant.is_some());
         }
     }
 }
@@ -86,33 +61,15 @@ fn accumulation_equals_one_big_batch_with_uneven_tokens() {
         let mut labels = Vec::new();
         for b in &micro {
             for (i, l) in b.ids.iter().zip(&b.labels) {
-                ids.push(
-                    i.iter()
-                        .copied()
-                        .chain(std::iter::repeat(0))
-                        .take(s)
-                        .collect::<Vec<u32>>(),
-                );
-                labels.push(
-                    l.iter()
-                        .copied()
-                        .chain(std::iter::repeat(-100))
-                        .take(s)
-                        .collect::<Vec<i64>>(),
-                );
+                ids.push(i.iter().copied().chain(std::iter::repeat(0)).take(s).collect::<Vec<u32>>());
+                labels.push(l.iter().copied().chain(std::iter::repeat(-100)).take(s).collect::<Vec<i64>>());
             }
         }
         Batch { ids, labels }
     };
     let counts: Vec<usize> = micro.iter().map(Batch::tokens).collect();
-    assert!(
-        counts.windows(2).any(|w| w[0] != w[1]),
-        "token counts should be uneven: {counts:?}"
-    );
-    let lora = LoraConfig {
-        init: tunecheck::adapt::LoraInit::NonZero(0.05),
-        ..LoraConfig::default()
-    };
+    assert!(counts.windows(2).any(|w| w[0] != w[1]), "token counts should be uneven: {counts:?}");
+    let lora = LoraConfig { init: tunecheck::adapt::LoraInit::NonZero(0.05), ..LoraConfig::default() };
     let tr = trainer(Family::Llama, &lora, None, TrainConfig::default());
     let (ga, la, na) = tr.gradients(&micro, Mode::Eval).unwrap();
     let (gb, lb, nb) = tr.gradients(std::slice::from_ref(&merged), Mode::Eval).unwrap();
@@ -123,15 +80,10 @@ fn accumulation_equals_one_big_batch_with_uneven_tokens() {
         assert!(err <= 1e-5, "{k}: rel L2 {err:.3e}");
     }
     // The per-micro-batch mean (the 2024 bug) is caught by the same comparison.
-    let bad = trainer(Family::Llama, &lora, None, TrainConfig::default()).with_faults(TrainFaults {
-        per_microbatch_mean: true,
-        ..Default::default()
-    });
+    let bad = trainer(Family::Llama, &lora, None, TrainConfig::default())
+        .with_faults(TrainFaults { per_microbatch_mean: true, ..Default::default() });
     let (gc, _, _) = bad.gradients(&micro, Mode::Eval).unwrap();
-    let worst = gc
-        .iter()
-        .map(|(k, a)| tunecheck::props::rel_l2(a, &gb[k]).unwrap())
-        .fold(0.0, f64::max);
+    let worst = gc.iter().map(|(k, a)| tunecheck::props::rel_l2(a, &gb[k]).unwrap()).fold(0.0, f64::max);
     assert!(worst > 1e-3, "per-micro-batch mean should differ, got {worst:.3e}");
 }
 
@@ -143,24 +95,11 @@ fn gradients_reach_every_trainable_tensor_and_no_frozen_one() {
     let t = task();
     let batch = t.batches(4, 1, 4, 8);
     for family in Family::ALL {
-        for quant in [
-            None,
-            Some(QuantConfig {
-                compute_dtype: DType::F32,
-                ..QuantConfig::default()
-            }),
-        ] {
-            let mut targets: Vec<String> = tunecheck::adapt::lora::PROJECTIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
+            let mut targets: Vec<String> = tunecheck::adapt::lora::PROJECTIONS.iter().map(|s| s.to_string()).collect();
             targets.push("embed_tokens".into());
             // Untied Llama: also train lm_head in full (PEFT modules_to_save).
-            let save = if spec(family).tie_word_embeddings {
-                vec![]
-            } else {
-                vec!["lm_head".to_string()]
-            };
+            let save = if spec(family).tie_word_embeddings { vec![] } else { vec!["lm_head".to_string()] };
             let lora = LoraConfig {
                 target_modules: targets,
                 modules_to_save: save,
@@ -176,15 +115,10 @@ fn gradients_reach_every_trainable_tensor_and_no_frozen_one() {
                 assert!(v.iter().any(|&x| x != 0.0), "{family} {name}: zero gradient");
             }
             // Frozen tensors are not in the graph at all.
-            let logits = tr
-                .logits(&batch[0].ids_tensor(&Device::Cpu).unwrap(), Mode::Eval)
-                .unwrap();
+            let logits = tr.logits(&batch[0].ids_tensor(&Device::Cpu).unwrap(), Mode::Eval).unwrap();
             let loss = tunecheck::train::causal_lm_loss(&logits, &batch[0].labels).unwrap();
             let store = loss.sum.backward().unwrap();
-            assert!(
-                store.get(tr.model().embed()).is_none(),
-                "{family}: frozen embedding got a gradient"
-            );
+            assert!(store.get(tr.model().embed()).is_none(), "{family}: frozen embedding got a gradient");
             for (path, lin) in tr.model().linears() {
                 let trained_in_full = tr.params().iter().any(|(n, _)| *n == format!("{path}.weight"));
                 if let (tunecheck::adapt::Base::Dense(w), false) = (&lin.base, trained_in_full) {
@@ -198,16 +132,10 @@ fn gradients_reach_every_trainable_tensor_and_no_frozen_one() {
     let mut tr = trainer(Family::Gemma2, &lora, None, TrainConfig::default());
     let (g0, _, _) = tr.gradients(&batch, Mode::Eval).unwrap();
     let a0 = g0.iter().find(|(k, _)| k.ends_with("lora_A.weight")).unwrap().1;
-    assert_eq!(
-        a0.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
-        0.0,
-        "B = 0 ⇒ dA = 0"
-    );
+    assert_eq!(a0.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "B = 0 ⇒ dA = 0");
     tr.train_step(&batch).unwrap();
     let (g1, _, _) = tr.gradients(&batch, Mode::Eval).unwrap();
-    assert!(g1
-        .values()
-        .all(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
+    assert!(g1.values().all(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
 }
 
 fn with_untrained(family: Family) -> (ArchSpec, tunecheck::weights::Weights, Vec<u32>) {
@@ -223,16 +151,7 @@ fn with_untrained(family: Family) -> (ArchSpec, tunecheck::weights::Weights, Vec
 fn chat_batch() -> Vec<Batch> {
     // A chat-formatted batch: the untrained header tokens appear in the data.
     let sp = tokenizer::specials(&tokenizer::fixture().unwrap()).unwrap();
-    let seq: Vec<u32> = [
-        sp.bos,
-        sp.chat[0],
-        sp.words[0],
-        sp.chat[1],
-        sp.words[1],
-        sp.words[2],
-        sp.chat[2],
-    ]
-    .to_vec();
+    let seq: Vec<u32> = [sp.bos, sp.chat[0], sp.words[0], sp.chat[1], sp.words[1], sp.words[2], sp.chat[2]].to_vec();
     vec![Batch::from_sequences(&[seq.clone(), seq[..5].to_vec()], sp.pad)]
 }
 
@@ -243,10 +162,7 @@ fn untrained_tokens_with_frozen_embeddings_are_refused_by_name() {
         let mut tr = RefTrainer::new(&s, &w, &LoraConfig::default(), None, TrainConfig::default(), 0).unwrap();
         assert_eq!(tr.untrained_tokens(), &ids[..]);
         let e = tr.train_step(&chat_batch()).unwrap_err().to_string();
-        assert!(
-            e.contains("untrained tokens [7, 8, 9]") && e.contains("frozen"),
-            "{family}: {e}"
-        );
+        assert!(e.contains("untrained tokens [7, 8, 9]") && e.contains("frozen"), "{family}: {e}");
     }
 }
 
@@ -254,15 +170,11 @@ fn untrained_tokens_with_frozen_embeddings_are_refused_by_name() {
 fn untrained_tokens_fixed_to_the_mean_train_finite() {
     for family in Family::ALL {
         let (s, w, _) = with_untrained(family);
-        let cfg = TrainConfig {
-            untrained: tunecheck::train::untrained::UntrainedPolicy::FixMean,
-            ..TrainConfig::default()
-        };
+        let cfg =
+            TrainConfig { untrained: tunecheck::train::untrained::UntrainedPolicy::FixMean, ..TrainConfig::default() };
         let mut tr = RefTrainer::new(&s, &w, &LoraConfig::default(), None, cfg, 0).unwrap();
         assert!(tr.untrained_tokens().is_empty());
-        assert!(tunecheck::train::untrained::zero_rows(tr.model().embed(), 1e-16)
-            .unwrap()
-            .is_empty());
+        assert!(tunecheck::train::untrained::zero_rows(tr.model().embed(), 1e-16).unwrap().is_empty());
         for _ in 0..5 {
             let r = tr.train_step(&chat_batch()).unwrap();
             assert!(r.loss.is_finite() && r.grad_norm.is_finite(), "{family}");
@@ -279,10 +191,7 @@ fn untrained_tokens_with_trainable_embeddings_learn_and_stay_finite() {
         } else {
             vec!["embed_tokens".to_string(), "lm_head".to_string()]
         };
-        let lora = LoraConfig {
-            modules_to_save: save,
-            ..LoraConfig::default()
-        };
+        let lora = LoraConfig { modules_to_save: save, ..LoraConfig::default() };
         let mut tr = RefTrainer::new(&s, &w, &lora, None, TrainConfig::default(), 0).unwrap();
         let b = chat_batch();
         let first = tr.eval_loss(&b).unwrap();
@@ -292,10 +201,7 @@ fn untrained_tokens_with_trainable_embeddings_learn_and_stay_finite() {
         }
         for (name, v) in tr.params() {
             let x = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(
-                x.iter().all(|f| f.is_finite()),
-                "{family}: {name} has non-finite values"
-            );
+            assert!(x.iter().all(|f| f.is_finite()), "{family}: {name} has non-finite values");
         }
         let last = tr.eval_loss(&b).unwrap();
         assert!(last < first, "{family}: {first} → {last}");

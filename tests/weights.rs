@@ -18,11 +18,7 @@ fn seed_zero_bits_are_pinned() {
     for family in Family::ALL {
         let spec = ArchSpec::tiny(family);
         let w = weights::generate(&spec, 0, &Device::Cpu).unwrap();
-        for name in [
-            "model.embed_tokens.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.norm.weight",
-        ] {
+        for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"] {
             let v = w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let bits: Vec<String> = v.iter().take(4).map(|x| format!("{:08x}", x.to_bits())).collect();
             let sum: f64 = v.iter().map(|&x| x as f64).sum();

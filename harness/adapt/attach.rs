@@ -46,12 +46,7 @@ pub fn attach(model: &mut Transformer, cfg: &LoraConfig, seed: u64, master: DTyp
         let (out, inp) = lin.dims();
         let (a, b) = cfg.init_pair(seed, &path, inp, out, &device)?;
         let (va, vb) = (var(&a, master)?, var(&b, master)?);
-        lin.lora = Some(LoraPart {
-            a: va.as_tensor().clone(),
-            b: vb.as_tensor().clone(),
-            scale,
-            dropout: cfg.dropout,
-        });
+        lin.lora = Some(LoraPart { a: va.as_tensor().clone(), b: vb.as_tensor().clone(), scale, dropout: cfg.dropout });
         params.push((format!("{path}.lora_A.weight"), va));
         params.push((format!("{path}.lora_B.weight"), vb));
     }
@@ -62,35 +57,16 @@ pub fn attach(model: &mut Transformer, cfg: &LoraConfig, seed: u64, master: DTyp
         let (a, b) = match cfg.init {
             LoraInit::Default => (
                 vec![0f32; cfg.r * vocab],
-                uniform(
-                    &mut stream(seed, &format!("{p}.lora_embedding_B")),
-                    hidden * cfg.r,
-                    0.0,
-                    1.0,
-                ),
+                uniform(&mut stream(seed, &format!("{p}.lora_embedding_B")), hidden * cfg.r, 0.0, 1.0),
             ),
             LoraInit::NonZero(std) => (
-                uniform(
-                    &mut stream(seed, &format!("{p}.lora_embedding_A")),
-                    cfg.r * vocab,
-                    0.0,
-                    std,
-                ),
-                uniform(
-                    &mut stream(seed, &format!("{p}.lora_embedding_B")),
-                    hidden * cfg.r,
-                    0.0,
-                    1.0,
-                ),
+                uniform(&mut stream(seed, &format!("{p}.lora_embedding_A")), cfg.r * vocab, 0.0, std),
+                uniform(&mut stream(seed, &format!("{p}.lora_embedding_B")), hidden * cfg.r, 0.0, 1.0),
             ),
         };
         let va = var(&Tensor::from_vec(a, (cfg.r, vocab), &device)?, master)?;
         let vb = var(&Tensor::from_vec(b, (hidden, cfg.r), &device)?, master)?;
-        model.set_embed_lora(Some(EmbedLora {
-            a: va.as_tensor().clone(),
-            b: vb.as_tensor().clone(),
-            scale,
-        }));
+        model.set_embed_lora(Some(EmbedLora { a: va.as_tensor().clone(), b: vb.as_tensor().clone(), scale }));
         params.push((format!("{p}.lora_embedding_A"), va));
         params.push((format!("{p}.lora_embedding_B"), vb));
     }
@@ -112,12 +88,7 @@ pub fn attach(model: &mut Transformer, cfg: &LoraConfig, seed: u64, master: DTyp
                 model.set_lm_head(v.as_tensor().clone())?;
                 params.push(("lm_head.weight".into(), v));
             }
-            other => {
-                return Err(Error::field(
-                    "modules_to_save",
-                    format!("`{other}` is not embed_tokens or lm_head"),
-                ))
-            }
+            other => return Err(Error::field("modules_to_save", format!("`{other}` is not embed_tokens or lm_head"))),
         }
     }
     Ok(params)
@@ -126,9 +97,7 @@ pub fn attach(model: &mut Transformer, cfg: &LoraConfig, seed: u64, master: DTyp
 /// Load saved values into attached parameters; every name must match in both directions.
 pub fn load_values(params: &Params, values: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
     for (name, v) in params {
-        let t = values
-            .get(name)
-            .ok_or_else(|| Error::Msg(format!("{what}: tensor `{name}` is missing")))?;
+        let t = values.get(name).ok_or_else(|| Error::Msg(format!("{what}: tensor `{name}` is missing")))?;
         if t.dims() != v.dims() {
             return Err(Error::Msg(format!(
                 "{what}: tensor `{name}` has shape {:?}, expected {:?}",
@@ -139,9 +108,7 @@ pub fn load_values(params: &Params, values: &BTreeMap<String, Tensor>, what: &st
         v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
     }
     if let Some(extra) = values.keys().find(|k| !params.iter().any(|(n, _)| n == *k)) {
-        return Err(Error::Msg(format!(
-            "{what}: tensor `{extra}` does not belong to this adapter"
-        )));
+        return Err(Error::Msg(format!("{what}: tensor `{extra}` does not belong to this adapter")));
     }
     Ok(())
 }

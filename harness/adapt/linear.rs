@@ -65,11 +65,7 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 impl Linear {
     /// A dense projection without adapter.
     pub fn dense(weight: Tensor) -> Self {
-        Linear {
-            base: Base::Dense(weight),
-            lora: None,
-            force_compute_dtype: None,
-        }
+        Linear { base: Base::Dense(weight), lora: None, force_compute_dtype: None }
     }
 
     /// `(out, in)` of the weight.

@@ -17,15 +17,7 @@ pub enum LoraInit {
 }
 
 /// The projections LoRA can target, PEFT names.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// A LoRA adapter's shape and scaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,10 +75,7 @@ impl LoraConfig {
             return Err(Error::field("lora_alpha", format!("must be > 0, got {}", self.alpha)));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::field(
-                "lora_dropout",
-                format!("must be in [0, 1), got {}", self.dropout),
-            ));
+            return Err(Error::field("lora_dropout", format!("must be in [0, 1), got {}", self.dropout)));
         }
         for t in &self.target_modules {
             if !PROJECTIONS.contains(&t.as_str()) && t != "embed_tokens" && t != "lm_head" {
@@ -98,10 +87,7 @@ impl LoraConfig {
         }
         for m in &self.modules_to_save {
             if m != "embed_tokens" && m != "lm_head" {
-                return Err(Error::field(
-                    "modules_to_save",
-                    format!("`{m}` is not embed_tokens or lm_head"),
-                ));
+                return Err(Error::field("modules_to_save", format!("`{m}` is not embed_tokens or lm_head")));
             }
             if self.target_modules.contains(m) {
                 return Err(Error::field("modules_to_save", format!("`{m}` is also a LoRA target")));

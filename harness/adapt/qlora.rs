@@ -23,12 +23,7 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     /// The QLoRA paper's recipe: NF4, double quantization, blocksize 64, bf16 compute.
     fn default() -> Self {
-        QuantConfig {
-            quant_type: QuantType::Nf4,
-            blocksize: 64,
-            double_quant: true,
-            compute_dtype: DType::BF16,
-        }
+        QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: DType::BF16 }
     }
 }
 
@@ -37,12 +32,7 @@ impl QuantConfig {
     /// given: FP4, no double quantization, f32 compute. Relying on these on reload silently
     /// changes the function of an NF4 checkpoint.
     pub fn transformers_defaults() -> Self {
-        QuantConfig {
-            quant_type: QuantType::Fp4,
-            blocksize: 64,
-            double_quant: false,
-            compute_dtype: DType::F32,
-        }
+        QuantConfig { quant_type: QuantType::Fp4, blocksize: 64, double_quant: false, compute_dtype: DType::F32 }
     }
 
     /// The `quantization_config` object of `config.json`.
@@ -68,9 +58,7 @@ impl QuantConfig {
     /// Parse a `quantization_config` object; missing fields take transformers' defaults
     /// (the trap this crate exists to catch is then visible in the returned value).
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let o = v
-            .as_object()
-            .ok_or_else(|| Error::field("quantization_config", "not an object"))?;
+        let o = v.as_object().ok_or_else(|| Error::field("quantization_config", "not an object"))?;
         let d = Self::transformers_defaults();
         let method = o.get("quant_method").and_then(|m| m.as_str()).unwrap_or("bitsandbytes");
         if method != "bitsandbytes" {
@@ -88,10 +76,7 @@ impl QuantConfig {
         let quant_type = match o.get("bnb_4bit_quant_type").and_then(|s| s.as_str()) {
             None => d.quant_type,
             Some(s) => QuantType::parse(s).ok_or_else(|| {
-                Error::field(
-                    "quantization_config.bnb_4bit_quant_type",
-                    format!("`{s}` is not nf4 or fp4"),
-                )
+                Error::field("quantization_config.bnb_4bit_quant_type", format!("`{s}` is not nf4 or fp4"))
             })?,
         };
         let compute_dtype = match o.get("bnb_4bit_compute_dtype").and_then(|s| s.as_str()) {
@@ -113,14 +98,8 @@ impl QuantConfig {
         }
         Ok(QuantConfig {
             quant_type,
-            blocksize: o
-                .get("tunecheck_blocksize")
-                .and_then(|b| b.as_u64())
-                .map_or(d.blocksize, |b| b as usize),
-            double_quant: o
-                .get("bnb_4bit_use_double_quant")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(d.double_quant),
+            blocksize: o.get("tunecheck_blocksize").and_then(|b| b.as_u64()).map_or(d.blocksize, |b| b as usize),
+            double_quant: o.get("bnb_4bit_use_double_quant").and_then(|b| b.as_bool()).unwrap_or(d.double_quant),
             compute_dtype,
         })
     }
@@ -144,21 +123,13 @@ impl Quant4Linear {
     pub fn new(q: Quantized4, orig_dtype: DType, compute_dtype: DType, device: &Device) -> Result<Self> {
         q.validate()?;
         if q.shape.len() != 2 {
-            return Err(Error::Msg(format!(
-                "a 4-bit linear weight must be 2-D, got shape {:?}",
-                q.shape
-            )));
+            return Err(Error::Msg(format!("a 4-bit linear weight must be 2-D, got shape {:?}", q.shape)));
         }
         let w = Tensor::from_vec(q.dequantize(), q.shape.as_slice(), device)?
             .to_dtype(orig_dtype)?
             .to_dtype(compute_dtype)?
             .detach();
-        Ok(Quant4Linear {
-            q,
-            orig_dtype,
-            compute_dtype,
-            dequantized: w,
-        })
+        Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w })
     }
 
     /// Quantize a dense `[out, in]` weight with `cfg`.

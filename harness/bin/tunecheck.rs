@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use tunecheck::io::{hf, st};
 use tunecheck::suite::{self, Options};
-use tunecheck::{Family, Mode, Transformer};
+use tunecheck::{Family, Mode};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +90,27 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Quantize a checkpoint's projections to 4 bits and save it as transformers + bitsandbytes do.
+    Quantize {
+        /// Dense Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// 4-bit code: nf4 or fp4.
+        #[arg(long, default_value = "nf4")]
+        quant: String,
+        /// Elements per block (power of two, 32..=4096; bitsandbytes uses 64).
+        #[arg(long, default_value_t = 64)]
+        blocksize: usize,
+        /// Quantize the block scales too (bnb_4bit_use_double_quant).
+        #[arg(long)]
+        double_quant: bool,
+        /// bnb_4bit_compute_dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        compute_dtype: String,
+    },
     /// Compute eval-mode logits of a checkpoint for token ids.
     Logits {
         /// Hugging Face model directory (config.json + model.safetensors or shards).
@@ -116,53 +137,33 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check {
-            device,
-            cases,
-            seed,
-            family,
-            json,
-            mutants,
-        } => check(&device, cases, seed, &family, json, mutants),
-        Cmd::Train {
-            model,
-            out,
-            steps,
-            rank,
-            targets,
-            quant,
-            seed,
-        } => report(
-            "train",
-            train(&model, &out, steps, rank, &targets, quant.as_deref(), seed),
-        ),
-        Cmd::Synth {
-            family,
-            config,
-            seed,
-            out,
-            shard_bytes,
-        } => match synth(&family, config, seed, &out, shard_bytes) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tunecheck synth: {e}");
-                ExitCode::from(2)
+        Cmd::Check { device, cases, seed, family, json, mutants } => {
+            check(&device, cases, seed, &family, json, mutants)
+        }
+        Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype } => {
+            report("quantize", quantize(&model, &out, &quant, blocksize, double_quant, &compute_dtype))
+        }
+        Cmd::Train { model, out, steps, rank, targets, quant, seed } => {
+            report("train", train(&model, &out, steps, rank, &targets, quant.as_deref(), seed))
+        }
+        Cmd::Synth { family, config, seed, out, shard_bytes } => {
+            match synth(&family, config, seed, &out, shard_bytes) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tunecheck synth: {e}");
+                    ExitCode::from(2)
+                }
             }
-        },
-        Cmd::Logits {
-            model,
-            input,
-            ids,
-            out,
-            device,
-            adapter,
-        } => match logits(&model, input, &ids, out, &device, adapter.as_deref()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tunecheck logits: {e}");
-                ExitCode::from(2)
+        }
+        Cmd::Logits { model, input, ids, out, device, adapter } => {
+            match logits(&model, input, &ids, out, &device, adapter.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tunecheck logits: {e}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
     }
 }
 
@@ -212,20 +213,11 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         } else {
             print!("{}", suite::mutant_table(&rows));
         }
-        return if rows.iter().all(|r| r.caught()) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        };
+        return if rows.iter().all(|r| r.caught()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     let rows = suite::run(&device, &opts, |r| {
         if !json {
-            eprintln!(
-                "  {:<7} {:<14} {}",
-                r.family,
-                r.property,
-                if r.passed { "pass" } else { "FAIL" }
-            );
+            eprintln!("  {:<7} {:<14} {}", r.family, r.property, if r.passed { "pass" } else { "FAIL" });
         }
     });
     if json {
@@ -238,6 +230,30 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
     } else {
         ExitCode::from(1)
     }
+}
+
+fn quantize(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    quant: &str,
+    blocksize: usize,
+    double_quant: bool,
+    compute_dtype: &str,
+) -> anyhow::Result<()> {
+    let quant_type = tunecheck::quant::QuantType::parse(quant)
+        .ok_or_else(|| anyhow::anyhow!("--quant: `{quant}` is not nf4 or fp4"))?;
+    tunecheck::quant::blockwise::check_blocksize(blocksize)
+        .map_err(|_| anyhow::anyhow!("--blocksize: {blocksize} is not a power of two in 32..=4096"))?;
+    let compute_dtype = tunecheck::spec::parse_dtype(compute_dtype)
+        .ok_or_else(|| anyhow::anyhow!("--compute-dtype: `{compute_dtype}` is not f32, bf16 or f16"))?;
+    let ck = hf::load(model, &Device::Cpu, None)?;
+    if ck.quant.is_some() {
+        anyhow::bail!("{}: already quantized", model.display());
+    }
+    let cfg = tunecheck::adapt::QuantConfig { quant_type, blocksize, double_quant, compute_dtype };
+    tunecheck::io::bnb::save_quantized(out, &ck.spec, &ck.weights, &cfg)?;
+    eprintln!("wrote {} 4-bit checkpoint ({} layers) to {}", quant_type.name(), ck.spec.num_layers, out.display());
+    Ok(())
 }
 
 fn train(
@@ -265,11 +281,7 @@ fn train(
     let lora = LoraConfig {
         r: rank,
         alpha: 2.0 * rank as f64,
-        target_modules: targets
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        target_modules: targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         ..LoraConfig::default()
     };
     let tok = tokenizer::fixture()?;
@@ -287,10 +299,7 @@ fn train(
     tr.fit(&data, &[])?;
     let after = tr.eval_loss(&data[..data.len().min(4)])?;
     tunecheck::io::peft::save(out, tr.lora(), tr.params(), tr.quant(), &model.display().to_string())?;
-    eprintln!(
-        "trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}",
-        out.display()
-    );
+    eprintln!("trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}", out.display());
     Ok(())
 }
 
@@ -323,13 +332,7 @@ fn synth(
 }
 
 fn parse_ids(s: &[String]) -> anyhow::Result<Vec<u32>> {
-    s.iter()
-        .map(|x| {
-            x.trim()
-                .parse::<u32>()
-                .map_err(|_| anyhow::anyhow!("--ids: `{x}` is not a token id"))
-        })
-        .collect()
+    s.iter().map(|x| x.trim().parse::<u32>().map_err(|_| anyhow::anyhow!("--ids: `{x}` is not a token id"))).collect()
 }
 
 fn logits(
@@ -361,10 +364,7 @@ fn logits(
             inputs.insert(name.clone(), f.load(&name)?);
         }
         if inputs.is_empty() {
-            anyhow::bail!(
-                "{}: no tensor named `input_ids` or `input_ids_<suffix>`",
-                path.display()
-            );
+            anyhow::bail!("{}: no tensor named `input_ids` or `input_ids_<suffix>`", path.display());
         }
     }
     let many = ids.len() > 1;
@@ -379,26 +379,21 @@ fn logits(
             "input_ids".to_string()
         };
         let n = v.len();
-        inputs.insert(
-            name,
-            Tensor::from_vec(v.into_iter().map(i64::from).collect::<Vec<_>>(), (1, n), &Device::Cpu)?,
-        );
+        inputs.insert(name, Tensor::from_vec(v.into_iter().map(i64::from).collect::<Vec<_>>(), (1, n), &Device::Cpu)?);
     }
     if inputs.is_empty() {
         anyhow::bail!("nothing to run: give --input FILE or --ids 1,2,3");
     }
     let ckpt = hf::load(model_dir, &device, None)?;
-    let mut model = Transformer::from_weights(&ckpt.spec, &ckpt.weights)?;
+    let mut model = ckpt.model()?;
     if let Some(adir) = adapter {
         let a = tunecheck::io::peft::read(adir)?;
-        tunecheck::io::peft::apply(&mut model, &a, None, adir)?;
+        tunecheck::io::peft::apply(&mut model, &a, ckpt.quant.as_ref(), adir)?;
     }
     let mut outputs = BTreeMap::new();
     for (name, ids) in &inputs {
-        let logits = model
-            .forward(ids, Mode::Eval)
-            .map_err(|e| anyhow::anyhow!("input `{name}`: {e}"))?
-            .to_dtype(DType::F32)?;
+        let logits =
+            model.forward(ids, Mode::Eval).map_err(|e| anyhow::anyhow!("input `{name}`: {e}"))?.to_dtype(DType::F32)?;
         let out_name = name.replacen("input_ids", "logits", 1);
         outputs.insert(out_name, logits);
     }

@@ -36,8 +36,7 @@ pub fn load(path: &std::path::Path) -> Result<Tokenizer> {
 }
 
 fn id(t: &Tokenizer, s: &str) -> Result<u32> {
-    t.token_to_id(s)
-        .ok_or_else(|| Error::Msg(format!("tokenizer has no token `{s}`")))
+    t.token_to_id(s).ok_or_else(|| Error::Msg(format!("tokenizer has no token `{s}`")))
 }
 
 /// The special ids of a tokenizer laid out like the fixture.
@@ -55,11 +54,7 @@ pub fn specials(t: &Tokenizer) -> Result<Specials> {
         bos: id(t, "<bos>")?,
         eos: id(t, "<eos>")?,
         reserved,
-        chat: vec![
-            id(t, "<|start_header_id|>")?,
-            id(t, "<|end_header_id|>")?,
-            id(t, "<|eot_id|>")?,
-        ],
+        chat: vec![id(t, "<|start_header_id|>")?, id(t, "<|end_header_id|>")?, id(t, "<|eot_id|>")?],
         words,
     })
 }

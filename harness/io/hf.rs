@@ -12,11 +12,17 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
+use crate::adapt::linear::Base;
+use crate::adapt::lora::PROJECTIONS;
+use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::{ensure_dir, write_atomic};
 use crate::io::st::{host, write_host, StFile};
+use crate::model::transformer::Bases;
+use crate::model::Transformer;
 use crate::spec::ArchSpec;
 use crate::weights::{tensor_shapes, Weights};
+use candle_nn::VarBuilder;
 
 /// The single-file weights name.
 pub const SINGLE: &str = "model.safetensors";
@@ -29,8 +35,22 @@ pub const CONFIG: &str = "config.json";
 pub struct Checkpoint {
     /// The architecture from `config.json`.
     pub spec: ArchSpec,
-    /// The weights, cast to the spec's dtype, on the requested device.
+    /// The dense weights, cast to the spec's dtype, on the requested device (every tensor
+    /// of the spec except 4-bit projections).
     pub weights: Weights,
+    /// The 4-bit configuration from `quantization_config`, if any.
+    pub quant: Option<QuantConfig>,
+    /// The 4-bit projections by module path (empty when not quantized).
+    pub bases: Bases,
+}
+
+impl Checkpoint {
+    /// Build the model (4-bit projections included).
+    pub fn model(&self) -> Result<Transformer> {
+        let device = self.weights.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let map = self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Transformer::load_with_bases(VarBuilder::from_tensors(map, self.spec.dtype, &device), &self.spec, &self.bases)
+    }
 }
 
 /// Where each tensor of a checkpoint directory lives.
@@ -46,24 +66,18 @@ fn layout(dir: &Path) -> Result<Layout> {
     let index = dir.join(INDEX);
     if single.is_file() {
         let names = StFile::open(&single)?.names()?;
-        return Ok(Layout {
-            files: [(single.clone(), names)].into(),
-            listing: single,
-        });
+        return Ok(Layout { files: [(single.clone(), names)].into(), listing: single });
     }
     if !index.is_file() {
         return Err(Error::file(dir, format!("has neither {SINGLE} nor {INDEX}")));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::Config {
-            file: Some(index.clone()),
-            field: "weight_map".into(),
-            msg: "missing or not an object".into(),
-        })?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Config {
+        file: Some(index.clone()),
+        field: "weight_map".into(),
+        msg: "missing or not an object".into(),
+    })?;
     let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
     for (key, file) in map {
         let file = file.as_str().ok_or_else(|| Error::Config {
@@ -83,18 +97,25 @@ fn layout(dir: &Path) -> Result<Layout> {
     Ok(Layout { files, listing: index })
 }
 
-/// Load a checkpoint directory onto `device`, cast to the config's dtype (or `dtype` when given).
-pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
-    if !dir.is_dir() {
-        return Err(Error::file(dir, "is not a directory"));
+/// The opened files of a checkpoint and where each key lives.
+pub struct Opened {
+    /// key → file path.
+    pub index: BTreeMap<String, PathBuf>,
+    /// file path → mapped file.
+    pub files: BTreeMap<PathBuf, StFile>,
+}
+
+impl Opened {
+    /// The file holding `key`, or a "missing" error naming `listing`.
+    pub fn file_of(&self, key: &str, listing: &Path) -> Result<&StFile> {
+        let path = self.index.get(key).ok_or_else(|| Error::tensor(listing, key, "missing"))?;
+        Ok(&self.files[path])
     }
-    let mut spec = ArchSpec::from_config_file(&dir.join(CONFIG))?;
-    if let Some(d) = dtype {
-        spec.dtype = d;
-    }
-    let layout = layout(dir)?;
-    let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(&spec).into_iter().collect();
-    let mut weights = Weights::new();
+}
+
+fn open_all(layout: &Layout) -> Result<Opened> {
+    let mut index = BTreeMap::new();
+    let mut files = BTreeMap::new();
     for (file, listed) in &layout.files {
         if !file.is_file() {
             return Err(Error::tensor(
@@ -113,24 +134,63 @@ pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpo
                     format!("listed in {} but not in this file", layout.listing.display()),
                 ));
             }
-            let shape = match expected.get(key) {
-                Some(s) => s,
-                None => {
-                    let why = if key == "lm_head.weight" && spec.tie_word_embeddings {
-                        "unexpected: tie_word_embeddings is true, so the head is embed_tokens".to_string()
-                    } else {
-                        format!("unexpected for a {} model with {} layers", spec.family, spec.num_layers)
-                    };
-                    return Err(Error::tensor(file, key, why));
-                }
-            };
-            weights.insert(key.clone(), st.load_float(key, shape, spec.dtype, device)?);
+            index.insert(key.clone(), file.clone());
         }
+        files.insert(file.clone(), st);
     }
-    if let Some(missing) = expected.keys().find(|k| !weights.contains_key(*k)) {
-        return Err(Error::tensor(&layout.listing, missing, "missing"));
+    Ok(Opened { index, files })
+}
+
+/// Load a checkpoint directory onto `device`, cast to the config's dtype (or `dtype` when
+/// given). A `quantization_config` in `config.json` makes the projections 4-bit bases read
+/// from transformers' bitsandbytes serialisation.
+pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "is not a directory"));
     }
-    Ok(Checkpoint { spec, weights })
+    let cfg_path = dir.join(CONFIG);
+    let mut spec = ArchSpec::from_config_file(&cfg_path)?;
+    let quant = crate::io::bnb::read_quant_config(&cfg_path)?;
+    if let Some(d) = dtype {
+        spec.dtype = d;
+    }
+    let layout = layout(dir)?;
+    let opened = open_all(&layout)?;
+    let mut consumed: std::collections::BTreeSet<String> = Default::default();
+    let mut weights = Weights::new();
+    let mut bases = Bases::new();
+    for (key, shape) in tensor_shapes(&spec) {
+        let path = key.strip_suffix(".weight").unwrap_or(&key);
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        if let (Some(q), true) = (&quant, PROJECTIONS.contains(&leaf)) {
+            let (lin, keys) = crate::io::bnb::read_linear(&opened, &layout.listing, path, &shape, q, device)?;
+            consumed.extend(keys);
+            bases.insert(path.to_string(), Base::Quant4(Box::new(lin)));
+            continue;
+        }
+        let st = opened.file_of(&key, &layout.listing)?;
+        if ["nf4", "fp4"].iter().any(|q| opened.index.contains_key(&format!("{key}.quant_state.bitsandbytes__{q}"))) {
+            return Err(Error::tensor(
+                st.path(),
+                &key,
+                "is 4-bit (it has a bitsandbytes quant_state) but config.json has no quantization_config",
+            ));
+        }
+        weights.insert(key.clone(), st.load_float(&key, &shape, spec.dtype, device)?);
+        consumed.insert(key);
+    }
+    if let Some(extra) = opened.index.keys().find(|k| !consumed.contains(*k)) {
+        let file = &opened.index[extra];
+        let why = if extra == "lm_head.weight" && spec.tie_word_embeddings {
+            "unexpected: tie_word_embeddings is true, so the head is embed_tokens".to_string()
+        } else if extra.contains(".weight.") && quant.is_none() {
+            "unexpected: looks like 4-bit quantization state but config.json has no quantization_config".to_string()
+        } else {
+            format!("unexpected for a {} model with {} layers", spec.family, spec.num_layers)
+        };
+        return Err(Error::tensor(file, extra, why));
+    }
+    Ok(Checkpoint { spec, weights, quant, bases })
 }
 
 /// How to split weights into files when saving.
@@ -149,20 +209,13 @@ pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) 
     spec.validate()?;
     let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(spec).into_iter().collect();
     for (k, shape) in &expected {
-        let t = weights
-            .get(k)
-            .ok_or_else(|| Error::Msg(format!("cannot save: tensor `{k}` is missing")))?;
+        let t = weights.get(k).ok_or_else(|| Error::Msg(format!("cannot save: tensor `{k}` is missing")))?;
         if t.dims() != shape.as_slice() {
-            return Err(Error::Msg(format!(
-                "cannot save: tensor `{k}` has shape {:?}, expected {shape:?}",
-                t.dims()
-            )));
+            return Err(Error::Msg(format!("cannot save: tensor `{k}` has shape {:?}, expected {shape:?}", t.dims())));
         }
     }
     if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
-        return Err(Error::Msg(format!(
-            "cannot save: tensor `{extra}` is not part of the spec"
-        )));
+        return Err(Error::Msg(format!("cannot save: tensor `{extra}` is not part of the spec")));
     }
     ensure_dir(dir)?;
     let cfg = serde_json::to_vec_pretty(&spec.to_config_json()).map_err(|e| Error::Msg(e.to_string()))?;

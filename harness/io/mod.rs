@@ -2,6 +2,7 @@
 //! the atomic writes every save goes through.
 
 pub mod atomic;
+pub mod bnb;
 pub mod hf;
 pub mod peft;
 pub mod st;

@@ -46,52 +46,39 @@ pub struct Adapter {
 }
 
 fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
-    Error::Config {
-        file: Some(path.to_path_buf()),
-        field: field.into(),
-        msg: msg.into(),
-    }
+    Error::Config { file: Some(path.to_path_buf()), field: field.into(), msg: msg.into() }
 }
 
 /// Parse an `adapter_config.json` value.
 pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option<QuantConfig>>, Option<String>)> {
-    let o = v
-        .as_object()
-        .ok_or_else(|| cfg_err(path, "(root)", "not a JSON object"))?;
+    let o = v.as_object().ok_or_else(|| cfg_err(path, "(root)", "not a JSON object"))?;
     let get = |k: &str| o.get(k).filter(|x| !x.is_null());
     match get("peft_type").and_then(Value::as_str) {
         Some("LORA") => {}
         Some(other) => return Err(cfg_err(path, "peft_type", format!("`{other}` is not supported (LORA)"))),
         None => return Err(cfg_err(path, "peft_type", "missing")),
     }
-    let r = get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| cfg_err(path, "r", "missing or not a positive integer"))? as usize;
+    let r = get("r").and_then(Value::as_u64).ok_or_else(|| cfg_err(path, "r", "missing or not a positive integer"))?
+        as usize;
     let alpha = get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| cfg_err(path, "lora_alpha", "missing or not a number"))?;
-    let dropout = get("lora_dropout").map_or(Ok(0.0), |x| {
-        x.as_f64().ok_or_else(|| cfg_err(path, "lora_dropout", "not a number"))
-    })?;
-    let use_rslora = get("use_rslora").map_or(Ok(false), |x| {
-        x.as_bool().ok_or_else(|| cfg_err(path, "use_rslora", "not a boolean"))
-    })?;
+    let dropout = get("lora_dropout")
+        .map_or(Ok(0.0), |x| x.as_f64().ok_or_else(|| cfg_err(path, "lora_dropout", "not a number")))?;
+    let use_rslora = get("use_rslora")
+        .map_or(Ok(false), |x| x.as_bool().ok_or_else(|| cfg_err(path, "use_rslora", "not a boolean")))?;
     let names = |k: &str| -> Result<Vec<String>> {
         match get(k) {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| cfg_err(path, k, format!("entry {x} is not a string")))
+                    x.as_str().map(str::to_string).ok_or_else(|| cfg_err(path, k, format!("entry {x} is not a string")))
                 })
                 .collect(),
-            Some(Value::String(s)) => Err(cfg_err(
-                path,
-                k,
-                format!("a regular expression (`{s}`) is not supported; list the module names"),
-            )),
+            Some(Value::String(s)) => {
+                Err(cfg_err(path, k, format!("a regular expression (`{s}`) is not supported; list the module names")))
+            }
             Some(x) => Err(cfg_err(path, k, format!("expected a list of module names, got {x}"))),
         }
     };
@@ -113,11 +100,7 @@ pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option
         }
     }
     if get("layers_to_transform").is_some() {
-        return Err(cfg_err(
-            path,
-            "layers_to_transform",
-            "adapting a subset of layers is not supported",
-        ));
+        return Err(cfg_err(path, "layers_to_transform", "adapting a subset of layers is not supported"));
     }
     let lora = LoraConfig {
         r,
@@ -141,9 +124,7 @@ pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option
             other => other,
         })?)),
     };
-    let base_model = get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let base_model = get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
     Ok((lora, base_quant, base_model))
 }
 
@@ -165,12 +146,7 @@ pub fn read(dir: &Path) -> Result<Adapter> {
             .ok_or_else(|| Error::tensor(&wpath, &key, format!("does not start with `{PREFIX}`")))?;
         tensors.insert(name.to_string(), st.load(&key)?);
     }
-    Ok(Adapter {
-        lora,
-        base_quant,
-        tensors,
-        base_model,
-    })
+    Ok(Adapter { lora, base_quant, tensors, base_model })
 }
 
 /// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading

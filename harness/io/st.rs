@@ -28,10 +28,7 @@ impl StFile {
         // SAFETY: the map is read-only; tunecheck never writes a file it has mapped (saves go
         // to a temp file and are renamed over, which leaves the mapped inode intact).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let f = StFile {
-            path: path.to_path_buf(),
-            mmap,
-        };
+        let f = StFile { path: path.to_path_buf(), mmap };
         f.parse()?;
         Ok(f)
     }
@@ -72,9 +69,7 @@ impl StFile {
 
     /// Load `key` and require a floating dtype and `shape`; returns it cast to `dtype` on `device`.
     pub fn load_float(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let (st_dtype, got) = self
-            .info(key)?
-            .ok_or_else(|| Error::tensor(&self.path, key, "missing"))?;
+        let (st_dtype, got) = self.info(key)?.ok_or_else(|| Error::tensor(&self.path, key, "missing"))?;
         if !matches!(st_dtype, StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64) {
             return Err(Error::tensor(
                 &self.path,
@@ -83,11 +78,7 @@ impl StFile {
             ));
         }
         if got != shape {
-            return Err(Error::tensor(
-                &self.path,
-                key,
-                format!("shape {got:?}, expected {shape:?}"),
-            ));
+            return Err(Error::tensor(&self.path, key, format!("shape {got:?}, expected {shape:?}")));
         }
         Ok(self.load(key)?.to_dtype(dtype)?.to_device(device)?)
     }
@@ -136,25 +127,13 @@ impl HostTensor {
             DType::U8 => t.to_vec1::<u8>()?,
             DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => t
-                .to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-            DType::BF16 => t
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
+            DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+            DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
             DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             other => return Err(Error::Msg(format!("dtype {other:?} cannot be written to safetensors"))),
         };
-        Ok(HostTensor {
-            dtype: st_dtype(t.dtype())?,
-            shape,
-            data,
-        })
+        Ok(HostTensor { dtype: st_dtype(t.dtype())?, shape, data })
     }
 
     /// Byte size of the data.
@@ -186,10 +165,8 @@ pub fn host(t: &Tensor) -> Result<HostTensor> {
 /// Serialise `tensors` (with `{"format": "pt"}` metadata, as transformers writes) to `path`
 /// atomically.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let host: Vec<(String, HostTensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), host(t)?)))
-        .collect::<Result<_>>()?;
+    let host: Vec<(String, HostTensor)> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), host(t)?))).collect::<Result<_>>()?;
     write_host(path, host)
 }
 

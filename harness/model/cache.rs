@@ -17,9 +17,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; num_layers],
-        }
+        KvCache { layers: vec![None; num_layers] }
     }
 
     /// Number of positions cached.

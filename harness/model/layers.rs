@@ -59,10 +59,7 @@ impl RmsNorm {
 
     /// The same norm in the other family's convention (a planted bug for mutants).
     pub fn with_convention_flipped(&self) -> Self {
-        RmsNorm {
-            one_plus: !self.one_plus,
-            ..self.clone()
-        }
+        RmsNorm { one_plus: !self.one_plus, ..self.clone() }
     }
 }
 
@@ -168,9 +165,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 - p;
     let threshold = (keep * (u32::MAX as f64)) as u32;
     let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if rng.next_u32() < threshold { scale } else { 0.0 })
-        .collect();
+    let mask: Vec<f32> = (0..n).map(|_| if rng.next_u32() < threshold { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }
@@ -181,7 +176,5 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n_rep, s, d))?
-        .reshape((b, kv * n_rep, s, d))
+    x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
 }

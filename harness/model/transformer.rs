@@ -110,23 +110,12 @@ pub struct Transformer {
 pub type Bases = std::collections::BTreeMap<String, Base>;
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str, bases: &Bases) -> Result<Linear> {
-    let path = if vb.prefix().is_empty() {
-        name.to_string()
-    } else {
-        format!("{}.{name}", vb.prefix())
-    };
+    let path = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
     match bases.get(&path) {
         Some(base) => {
-            let l = Linear {
-                base: base.clone(),
-                lora: None,
-                force_compute_dtype: None,
-            };
+            let l = Linear { base: base.clone(), lora: None, force_compute_dtype: None };
             if l.dims() != (out, inp) {
-                return Err(Error::Msg(format!(
-                    "{path}: base has shape {:?}, expected [{out}, {inp}]",
-                    l.dims()
-                )));
+                return Err(Error::Msg(format!("{path}: base has shape {:?}, expected [{out}, {inp}]", l.dims())));
             }
             Ok(l)
         }
@@ -135,11 +124,7 @@ fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str, bases: &Bases) ->
 }
 
 fn norm(vb: &VarBuilder, n: usize, name: &str, spec: &ArchSpec) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(
-        vb.get(n, &format!("{name}.weight"))?,
-        spec.rms_norm_eps,
-        spec.family.is_gemma(),
-    ))
+    Ok(RmsNorm::new(vb.get(n, &format!("{name}.weight"))?, spec.rms_norm_eps, spec.family.is_gemma()))
 }
 
 impl Transformer {
@@ -163,16 +148,8 @@ impl Transformer {
                 k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj", bases)?,
                 v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj", bases)?,
                 o: linear(&ab, h, spec.num_heads * hd, "o_proj", bases)?,
-                q_norm: if spec.family.has_qk_norm() {
-                    Some(norm(&ab, hd, "q_norm", spec)?)
-                } else {
-                    None
-                },
-                k_norm: if spec.family.has_qk_norm() {
-                    Some(norm(&ab, hd, "k_norm", spec)?)
-                } else {
-                    None
-                },
+                q_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "q_norm", spec)?) } else { None },
+                k_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "k_norm", spec)?) } else { None },
             };
             let mb = lb.pp("mlp");
             let mlp = Mlp {
@@ -218,11 +195,8 @@ impl Transformer {
 
     /// Build from named weights (e.g. [`crate::weights::generate`]) on their device.
     pub fn from_weights(spec: &ArchSpec, weights: &crate::weights::Weights) -> Result<Self> {
-        let device = weights
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .ok_or_else(|| Error::Msg("no weights given".into()))?;
+        let device =
+            weights.values().next().map(|t| t.device().clone()).ok_or_else(|| Error::Msg("no weights given".into()))?;
         let map = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Self::load(VarBuilder::from_tensors(map, spec.dtype, &device), spec)
     }
@@ -291,11 +265,7 @@ impl Transformer {
     /// `retie` (PEFT's `modules_to_save` copy leaves the head on the old matrix otherwise).
     pub fn set_embed(&mut self, t: Tensor, retie: bool) -> Result<()> {
         if t.dims() != self.embed.dims() {
-            return Err(Error::Msg(format!(
-                "embed_tokens: shape {:?}, expected {:?}",
-                t.dims(),
-                self.embed.dims()
-            )));
+            return Err(Error::Msg(format!("embed_tokens: shape {:?}, expected {:?}", t.dims(), self.embed.dims())));
         }
         if self.spec.tie_word_embeddings && retie {
             self.lm_head.base = Base::Dense(t.clone());
@@ -307,9 +277,7 @@ impl Transformer {
     /// Replace an untied head's dense weight (e.g. with a trainable `Var`).
     pub fn set_lm_head(&mut self, t: Tensor) -> Result<()> {
         if self.spec.tie_word_embeddings {
-            return Err(Error::Msg(
-                "lm_head is tied to embed_tokens; set the embedding instead".into(),
-            ));
+            return Err(Error::Msg("lm_head is tied to embed_tokens; set the embedding instead".into()));
         }
         self.lm_head.base = Base::Dense(t);
         Ok(())
@@ -364,47 +332,32 @@ impl Transformer {
 
     fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
         let spec = &self.spec;
-        let (b, s) = ids
-            .dims2()
-            .map_err(|_| Error::Msg(format!("input ids must be [batch, seq], got {:?}", ids.dims())))?;
+        let (b, s) =
+            ids.dims2().map_err(|_| Error::Msg(format!("input ids must be [batch, seq], got {:?}", ids.dims())))?;
         if s == 0 {
             return Err(Error::Msg("input ids have zero length".into()));
         }
         let ids = ids.to_dtype(DType::U32)?.to_device(&self.device)?;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id as usize >= spec.vocab_size {
-            return Err(Error::Msg(format!(
-                "token id {max_id} is out of range (vocab_size {})",
-                spec.vocab_size
-            )));
+            return Err(Error::Msg(format!("token id {max_id} is out of range (vocab_size {})", spec.vocab_size)));
         }
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let cached = cache.is_some();
-        let rope_offset = if cached && self.faults.cache_restarts_positions {
-            0
-        } else {
-            offset
-        };
+        let rope_offset = if cached && self.faults.cache_restarts_positions { 0 } else { offset };
         let lookahead = usize::from(self.faults.mask_leaks_next_token);
         let dtype = spec.dtype;
         let train_dropout = mode == Mode::Train;
 
         let flat_ids = ids.flatten_all()?;
-        let mut x = self
-            .embed
-            .to_dtype(dtype)?
-            .index_select(&flat_ids, 0)?
-            .reshape((b, s, spec.hidden_size))?;
+        let mut x = self.embed.to_dtype(dtype)?.index_select(&flat_ids, 0)?.reshape((b, s, spec.hidden_size))?;
         if let Some(l) = &self.embed_lora {
             // PEFT: the delta is part of embed_tokens' output, before Gemma's √hidden scaling.
             let after_a = l.a.t()?.to_dtype(dtype)?.contiguous()?.index_select(&flat_ids, 0)?; // [b·s, r]
             let d = (after_a.matmul(&l.b.t()?.to_dtype(dtype)?)? * l.scale)?;
             x = (x + d.reshape((b, s, spec.hidden_size))?)?;
         }
-        let ctx = Ctx {
-            train: train_dropout,
-            rng: &self.dropout_rng,
-        };
+        let ctx = Ctx { train: train_dropout, rng: &self.dropout_rng };
         if spec.family.is_gemma() {
             // transformers: the normaliser is a tensor in the model dtype, so √hidden is rounded first.
             let normaliser = Tensor::new((spec.hidden_size as f64).sqrt() as f32, &self.device)?.to_dtype(dtype)?;
@@ -414,11 +367,7 @@ impl Transformer {
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         let mut ropes: Vec<(crate::spec::Rope, Tensor, Tensor)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let window = if cached && self.faults.cache_ignores_window {
-                None
-            } else {
-                spec.window_for(i)
-            };
+            let window = if cached && self.faults.cache_ignores_window { None } else { spec.window_for(i) };
             let mask = match masks.iter().find(|(w, _)| *w == window) {
                 Some((_, m)) => m.clone(),
                 None => {
@@ -440,11 +389,7 @@ impl Transformer {
             let residual = x.clone();
             let hnorm = layer.input_norm.forward(&x)?;
             let attn = self.attention(i, &layer.attn, &hnorm, &mask, &cos, &sin, cache.as_deref_mut(), &ctx)?;
-            let attn = if spec.family.has_sandwich_norms() {
-                layer.post_attn_norm.forward(&attn)?
-            } else {
-                attn
-            };
+            let attn = if spec.family.has_sandwich_norms() { layer.post_attn_norm.forward(&attn)? } else { attn };
             let attn = self.residual_dropout(&attn, train_dropout)?;
             x = (residual + attn)?;
 
@@ -524,10 +469,7 @@ impl Transformer {
             let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
             probs = dropout(&probs, spec.attention_dropout, &mut rng)?;
         }
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, spec.num_heads * hd))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, spec.num_heads * hd))?;
         a.o.forward_ctx(&out, ctx)
     }
 }

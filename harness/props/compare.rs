@@ -42,8 +42,5 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         return Ok(f64::INFINITY);
     }
     let (a, b) = (host_f32(a)?, host_f32(b)?);
-    Ok(a.iter()
-        .zip(&b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max))
+    Ok(a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max))
 }

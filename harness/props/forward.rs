@@ -49,10 +49,7 @@ pub fn deterministic_and_mode_free(model: &Transformer, ids: &[Vec<u32>]) -> Che
         if !bitwise_equal(&t, &a)? {
             return Err(Violation {
                 property: "forward/train_eq_eval",
-                detail: format!(
-                    "dropout is 0 but train and eval logits differ (rel L2 {:.3e})",
-                    rel_l2(&t, &a)?
-                ),
+                detail: format!("dropout is 0 but train and eval logits differ (rel L2 {:.3e})", rel_l2(&t, &a)?),
             }
             .into());
         }
@@ -69,19 +66,10 @@ pub fn causal(model: &Transformer, ids: &[Vec<u32>], t: usize) -> Check {
     let vocab = model.spec().vocab_size as u32;
     let changed: Vec<Vec<u32>> = ids
         .iter()
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .map(|(j, &v)| if j > t { (v + 1) % vocab } else { v })
-                .collect()
-        })
+        .map(|row| row.iter().enumerate().map(|(j, &v)| if j > t { (v + 1) % vocab } else { v }).collect())
         .collect();
-    let a = model
-        .forward(&ids_tensor(model, ids)?, Mode::Eval)?
-        .narrow(1, 0, t + 1)?;
-    let b = model
-        .forward(&ids_tensor(model, &changed)?, Mode::Eval)?
-        .narrow(1, 0, t + 1)?;
+    let a = model.forward(&ids_tensor(model, ids)?, Mode::Eval)?.narrow(1, 0, t + 1)?;
+    let b = model.forward(&ids_tensor(model, &changed)?, Mode::Eval)?.narrow(1, 0, t + 1)?;
     if !bitwise_equal(&a, &b)? {
         return Err(Violation {
             property: "forward/causal",

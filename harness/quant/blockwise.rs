@@ -91,10 +91,7 @@ pub struct Quantized4 {
 /// Check a 4-bit blocksize: a power of two from 32 to 4096.
 pub fn check_blocksize(blocksize: usize) -> Result<()> {
     if !(32..=4096).contains(&blocksize) || !blocksize.is_power_of_two() {
-        return Err(Error::field(
-            "blocksize",
-            format!("{blocksize} is not a power of two in 32..=4096"),
-        ));
+        return Err(Error::field("blocksize", format!("{blocksize} is not a power of two in 32..=4096")));
     }
     Ok(())
 }
@@ -113,10 +110,7 @@ pub fn quantize(
         return Err(Error::Msg(format!("quantize: {} values for shape {shape:?}", x.len())));
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Msg(format!(
-            "quantize: value {} at flat index {i} is not finite",
-            x[i]
-        )));
+        return Err(Error::Msg(format!("quantize: value {} at flat index {i} is not finite", x[i])));
     }
     let book = CodeBook::new(quant_type.code());
     let full_blocks = n / blocksize;
@@ -146,18 +140,8 @@ pub fn quantize(
         codes[n] = book.nearest(0.0);
     }
     let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-    let absmax = if double_quant {
-        nest(&absmax)
-    } else {
-        Absmax::Plain(absmax)
-    };
-    Ok(Quantized4 {
-        packed,
-        quant_type,
-        blocksize,
-        shape: shape.to_vec(),
-        absmax,
-    })
+    let absmax = if double_quant { nest(&absmax) } else { Absmax::Plain(absmax) };
+    Ok(Quantized4 { packed, quant_type, blocksize, shape: shape.to_vec(), absmax })
 }
 
 /// Double-quantize block scales.
@@ -166,12 +150,7 @@ fn nest(absmax: &[f32]) -> Absmax {
     let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
     let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let (codes, nested_absmax) = quantize_blockwise_8bit(&centred, NESTED_BLOCKSIZE);
-    Absmax::Nested {
-        codes,
-        nested_absmax,
-        nested_blocksize: NESTED_BLOCKSIZE,
-        offset,
-    }
+    Absmax::Nested { codes, nested_absmax, nested_blocksize: NESTED_BLOCKSIZE, offset }
 }
 
 /// 8-bit blockwise quantization with the signed dynamic map: codes and per-block absmax.
@@ -191,11 +170,7 @@ pub fn quantize_blockwise_8bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32
 /// Decode 8-bit blockwise codes: `map[code] · absmax[block]`.
 pub fn dequantize_blockwise_8bit(codes: &[u8], absmax: &[f32], blocksize: usize) -> Vec<f32> {
     let map = dynamic_map_signed();
-    codes
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| map[c as usize] * absmax[i / blocksize])
-        .collect()
+    codes.iter().enumerate().map(|(i, &c)| map[c as usize] * absmax[i / blocksize]).collect()
 }
 
 impl Quantized4 {
@@ -213,15 +188,9 @@ impl Quantized4 {
     pub fn block_scales(&self) -> Vec<f32> {
         match &self.absmax {
             Absmax::Plain(v) => v.clone(),
-            Absmax::Nested {
-                codes,
-                nested_absmax,
-                nested_blocksize,
-                offset,
-            } => dequantize_blockwise_8bit(codes, nested_absmax, *nested_blocksize)
-                .iter()
-                .map(|v| v + offset)
-                .collect(),
+            Absmax::Nested { codes, nested_absmax, nested_blocksize, offset } => {
+                dequantize_blockwise_8bit(codes, nested_absmax, *nested_blocksize).iter().map(|v| v + offset).collect()
+            }
         }
     }
 
@@ -240,9 +209,7 @@ impl Quantized4 {
     pub fn dequantize(&self) -> Vec<f32> {
         let code = self.quant_type.code();
         let scales = self.block_scales();
-        (0..self.numel())
-            .map(|i| code[self.code_at(i) as usize] * scales[i / self.blocksize])
-            .collect()
+        (0..self.numel()).map(|i| code[self.code_at(i) as usize] * scales[i / self.blocksize]).collect()
     }
 
     /// Check internal consistency (lengths of packed data and scales); errors name the field.
@@ -252,38 +219,22 @@ impl Quantized4 {
         if self.packed.len() != n.div_ceil(2) {
             return Err(Error::field(
                 "weight",
-                format!(
-                    "{} packed bytes for {n} values, expected {}",
-                    self.packed.len(),
-                    n.div_ceil(2)
-                ),
+                format!("{} packed bytes for {n} values, expected {}", self.packed.len(), n.div_ceil(2)),
             ));
         }
         let blocks = self.num_blocks();
         match &self.absmax {
-            Absmax::Plain(v) if v.len() != blocks => Err(Error::field(
-                "absmax",
-                format!("{} scales for {blocks} blocks", v.len()),
-            )),
-            Absmax::Nested {
-                codes,
-                nested_absmax,
-                nested_blocksize,
-                ..
-            } => {
+            Absmax::Plain(v) if v.len() != blocks => {
+                Err(Error::field("absmax", format!("{} scales for {blocks} blocks", v.len())))
+            }
+            Absmax::Nested { codes, nested_absmax, nested_blocksize, .. } => {
                 if codes.len() != blocks {
-                    return Err(Error::field(
-                        "absmax",
-                        format!("{} codes for {blocks} blocks", codes.len()),
-                    ));
+                    return Err(Error::field("absmax", format!("{} codes for {blocks} blocks", codes.len())));
                 }
                 if *nested_blocksize == 0 || nested_absmax.len() != blocks.div_ceil(*nested_blocksize) {
                     return Err(Error::field(
                         "nested_absmax",
-                        format!(
-                            "{} scales for {blocks} codes in blocks of {nested_blocksize}",
-                            nested_absmax.len()
-                        ),
+                        format!("{} scales for {blocks} codes in blocks of {nested_blocksize}", nested_absmax.len()),
                     ));
                 }
                 Ok(())

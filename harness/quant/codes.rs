@@ -65,11 +65,7 @@ impl CodeBook {
         order.sort_by(|&a, &b| values[a as usize].total_cmp(&values[b as usize]).then(a.cmp(&b)));
         let sorted: Vec<f32> = order.iter().map(|&i| values[i as usize]).collect();
         let bounds = sorted.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-        CodeBook {
-            values: values.to_vec(),
-            bounds,
-            order,
-        }
+        CodeBook { values: values.to_vec(), bounds, order }
     }
 
     /// The code whose value is nearest to `x`: the count of midpoints strictly below `x`

@@ -20,10 +20,7 @@ pub struct LossSum {
 
 /// Count the positions of `labels` (`[batch][seq]`) that enter the loss after the shift.
 pub fn count_tokens(labels: &[Vec<i64>]) -> usize {
-    labels
-        .iter()
-        .map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE).count())
-        .sum()
+    labels.iter().map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum()
 }
 
 /// Loss of `logits` `[b, s, vocab]` against `labels` (`[b][s]`, unshifted, −100 masked).
@@ -34,10 +31,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
     }
     let device = logits.device();
     if s < 2 {
-        return Ok(LossSum {
-            sum: Tensor::zeros((), DType::F32, device)?,
-            tokens: 0,
-        });
+        return Ok(LossSum { sum: Tensor::zeros((), DType::F32, device)?, tokens: 0 });
     }
     let mut targets = Vec::with_capacity(b * (s - 1));
     let mut mask = Vec::with_capacity(b * (s - 1));
@@ -47,9 +41,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
                 targets.push(0u32);
                 mask.push(0f32);
             } else if l < 0 || l as usize >= vocab {
-                return Err(Error::Msg(format!(
-                    "label {l} is out of range (vocab {vocab}, or -100 to ignore)"
-                )));
+                return Err(Error::Msg(format!("label {l} is out of range (vocab {vocab}, or -100 to ignore)")));
             } else {
                 targets.push(l as u32);
                 mask.push(1f32);

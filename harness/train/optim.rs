@@ -25,13 +25,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -72,12 +66,7 @@ pub struct AdamW {
 impl AdamW {
     /// Fresh state.
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW {
-            cfg,
-            step: 0,
-            m: BTreeMap::new(),
-            v: BTreeMap::new(),
-        }
+        AdamW { cfg, step: 0, m: BTreeMap::new(), v: BTreeMap::new() }
     }
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.

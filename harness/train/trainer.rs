@@ -34,19 +34,10 @@ impl Batch {
     /// Right-pad `seqs` with `pad` to the longest; padded positions get label −100.
     pub fn from_sequences(seqs: &[Vec<u32>], pad: u32) -> Self {
         let s = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let ids = seqs
-            .iter()
-            .map(|q| q.iter().copied().chain(std::iter::repeat(pad)).take(s).collect())
-            .collect();
+        let ids = seqs.iter().map(|q| q.iter().copied().chain(std::iter::repeat(pad)).take(s).collect()).collect();
         let labels = seqs
             .iter()
-            .map(|q| {
-                q.iter()
-                    .map(|&t| t as i64)
-                    .chain(std::iter::repeat(IGNORE))
-                    .take(s)
-                    .collect()
-            })
+            .map(|q| q.iter().map(|&t| t as i64).chain(std::iter::repeat(IGNORE)).take(s).collect())
             .collect();
         Batch { ids, labels }
     }
@@ -60,11 +51,7 @@ impl Batch {
     pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
         let b = self.ids.len();
         let s = self.ids.first().map_or(0, Vec::len);
-        Ok(Tensor::from_vec(
-            self.ids.iter().flatten().copied().collect::<Vec<_>>(),
-            (b, s),
-            device,
-        )?)
+        Ok(Tensor::from_vec(self.ids.iter().flatten().copied().collect::<Vec<_>>(), (b, s), device)?)
     }
 }
 
@@ -117,11 +104,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             optim: AdamWConfig::default(),
-            schedule: Schedule {
-                warmup_steps: 5,
-                total_steps: 200,
-                min_ratio: 0.1,
-            },
+            schedule: Schedule { warmup_steps: 5, total_steps: 200, min_ratio: 0.1 },
             max_grad_norm: Some(1.0),
             grad_accum: 1,
             epochs: 1,
@@ -209,11 +192,8 @@ impl RefTrainer {
         } else {
             found
         };
-        let device = weights
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .ok_or_else(|| Error::Msg("no weights".into()))?;
+        let device =
+            weights.values().next().map(|t| t.device().clone()).ok_or_else(|| Error::Msg("no weights".into()))?;
         let bases = match &quant {
             Some(q) => quantize_bases(spec, &weights, q)?,
             None => Bases::new(),
@@ -306,9 +286,7 @@ impl RefTrainer {
 
     /// True when the rows of untrained tokens can learn (embedding or head trainable).
     fn token_rows_trainable(&self) -> bool {
-        self.params
-            .iter()
-            .any(|(n, _)| n.starts_with("model.embed_tokens") || n.starts_with("lm_head"))
+        self.params.iter().any(|(n, _)| n.starts_with("model.embed_tokens") || n.starts_with("lm_head"))
     }
 
     fn check_untrained(&self, batches: &[Batch]) -> Result<()> {
@@ -351,11 +329,7 @@ impl RefTrainer {
                 continue;
             }
             loss_sum += l.sum.to_scalar::<f32>()? as f64;
-            let denom = if self.faults.per_microbatch_mean {
-                (l.tokens * micro.len()) as f64
-            } else {
-                total as f64
-            };
+            let denom = if self.faults.per_microbatch_mean { (l.tokens * micro.len()) as f64 } else { total as f64 };
             let g = (l.sum / denom)?.backward()?;
             for (name, var) in &self.params {
                 if let Some(gv) = g.get(var.as_tensor()) {
@@ -382,20 +356,12 @@ impl RefTrainer {
             None => crate::train::optim::global_norm(&grads)?,
         };
         if !grad_norm.is_finite() {
-            return Err(Error::Msg(format!(
-                "non-finite gradient norm at step {}",
-                self.opt.step
-            )));
+            return Err(Error::Msg(format!("non-finite gradient norm at step {}", self.opt.step)));
         }
         let lr = self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step);
         self.opt.apply(&self.params, &grads, lr)?;
         self.schedule_step += 1;
-        Ok(StepReport {
-            loss,
-            tokens,
-            grad_norm,
-            lr,
-        })
+        Ok(StepReport { loss, tokens, grad_norm, lr })
     }
 
     /// Token-weighted mean loss over `batches` in eval mode (no gradient).

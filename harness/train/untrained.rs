@@ -22,18 +22,8 @@ pub const DEFAULT_THRESHOLD: f32 = 1e-16;
 
 /// Row ids of `[vocab, hidden]` matrix `t` whose largest |value| is ≤ `threshold`.
 pub fn zero_rows(t: &Tensor, threshold: f32) -> Result<Vec<u32>> {
-    let rows = t
-        .to_dtype(DType::F32)?
-        .abs()?
-        .max_keepdim(1)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok(rows
-        .iter()
-        .enumerate()
-        .filter(|(_, &m)| m <= threshold)
-        .map(|(i, _)| i as u32)
-        .collect())
+    let rows = t.to_dtype(DType::F32)?.abs()?.max_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(rows.iter().enumerate().filter(|(_, &m)| m <= threshold).map(|(i, _)| i as u32).collect())
 }
 
 /// Untrained token ids in `weights`: the union over `embed_tokens` and an untied `lm_head`.
@@ -52,19 +42,13 @@ pub fn fix_mean(weights: &mut Weights, ids: &[u32]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    for name in crate::weights::token_matrices(weights)
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>()
-    {
+    for name in crate::weights::token_matrices(weights).into_iter().map(str::to_string).collect::<Vec<_>>() {
         let t = &weights[&name];
         let (rows, cols) = t.dims2()?;
         let host = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let trained: Vec<usize> = (0..rows).filter(|r| !ids.contains(&(*r as u32))).collect();
         if trained.is_empty() {
-            return Err(Error::Msg(format!(
-                "tensor `{name}`: every row is untrained; nothing to take the mean of"
-            )));
+            return Err(Error::Msg(format!("tensor `{name}`: every row is untrained; nothing to take the mean of")));
         }
         let mut mean = vec![0f64; cols];
         for &r in &trained {
@@ -86,12 +70,7 @@ pub fn fix_mean(weights: &mut Weights, ids: &[u32]) -> Result<()> {
 
 /// The untrained ids that occur in `ids`.
 pub fn occurring(untrained: &[u32], ids: &[Vec<u32>]) -> Vec<u32> {
-    let mut found: Vec<u32> = ids
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|t| untrained.binary_search(t).is_ok())
-        .collect();
+    let mut found: Vec<u32> = ids.iter().flatten().copied().filter(|t| untrained.binary_search(t).is_ok()).collect();
     found.sort_unstable();
     found.dedup();
     found

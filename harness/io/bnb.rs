@@ -1,0 +1,207 @@
+//! transformers' bitsandbytes 4-bit serialisation. Per quantized weight `P.weight`:
+//!
+//! | key | content |
+//! |---|---|
+//! | `P.weight` | uint8 packed codes `[ceil(n/2), 1]` |
+//! | `P.weight.absmax` | f32 per block, or uint8 codes with double quantization |
+//! | `P.weight.quant_map` | f32 `[16]`, the 4-bit code table |
+//! | `P.weight.nested_absmax` | f32 per 256 blocks (double quantization) |
+//! | `P.weight.nested_quant_map` | f32 `[256]`, the 8-bit dynamic map (double quantization) |
+//! | `P.weight.quant_state.bitsandbytes__nf4` | uint8 bytes of a JSON object: quant_type, blocksize, dtype, shape, and nested_blocksize, nested_dtype, nested_offset |
+//!
+//! and `quantization_config` in `config.json`. Only the projections are quantized;
+//! embeddings, norms and `lm_head` stay dense, as transformers does.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::adapt::lora::PROJECTIONS;
+use crate::adapt::qlora::{Quant4Linear, QuantConfig};
+use crate::error::{Error, Result};
+use crate::io::hf::{Opened, CONFIG, SINGLE};
+use crate::io::st::StFile;
+use crate::quant::codes::dynamic_map_signed;
+use crate::quant::{Absmax, QuantType, Quantized4};
+use crate::spec::{dtype_name, parse_dtype, ArchSpec};
+use crate::weights::{tensor_shapes, Weights};
+
+/// `quantization_config` of a `config.json`, if present.
+pub fn read_quant_config(path: &Path) -> Result<Option<QuantConfig>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    match v.get("quantization_config") {
+        None | Some(Value::Null) => Ok(None),
+        Some(q) => QuantConfig::from_json(q).map(Some).map_err(|e| e.in_file(path)),
+    }
+}
+
+fn load_kind(st: &StFile, key: &str, want: DType) -> Result<Tensor> {
+    let t = st.load(key)?;
+    if t.dtype() != want {
+        return Err(Error::tensor(st.path(), key, format!("dtype {:?}, expected {want:?}", t.dtype())));
+    }
+    Ok(t)
+}
+
+fn f32_vec(st: &StFile, key: &str) -> Result<Vec<f32>> {
+    Ok(load_kind(st, key, DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn u8_vec(st: &StFile, key: &str) -> Result<Vec<u8>> {
+    Ok(load_kind(st, key, DType::U8)?.flatten_all()?.to_vec1::<u8>()?)
+}
+
+/// Read the 4-bit weight of module `path` (expected logical `shape`); returns the linear and
+/// every key it used.
+pub fn read_linear(
+    opened: &Opened,
+    listing: &Path,
+    path: &str,
+    shape: &[usize],
+    cfg: &QuantConfig,
+    device: &Device,
+) -> Result<(Quant4Linear, Vec<String>)> {
+    let w = format!("{path}.weight");
+    let qt = cfg.quant_type;
+    let state_key = format!("{w}.quant_state.bitsandbytes__{}", qt.name());
+    let mut used = vec![w.clone(), state_key.clone()];
+    let st = opened.file_of(&state_key, listing).map_err(|_| {
+        let other = QuantType::parse(if qt == QuantType::Nf4 { "fp4" } else { "nf4" }).unwrap_or(qt);
+        let other_key = format!("{w}.quant_state.bitsandbytes__{}", other.name());
+        if opened.index.contains_key(&other_key) {
+            Error::tensor(
+                listing,
+                &state_key,
+                format!(
+                    "missing, but `{other_key}` exists: the checkpoint is {} while quantization_config says {}",
+                    other.name(),
+                    qt.name()
+                ),
+            )
+        } else {
+            Error::tensor(listing, &state_key, "missing (is this a 4-bit checkpoint?)")
+        }
+    })?;
+    let bytes = u8_vec(st, &state_key)?;
+    let meta: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::tensor(st.path(), &state_key, format!("not a JSON quant state: {e}")))?;
+    let field =
+        |k: &str| meta.get(k).ok_or_else(|| Error::tensor(st.path(), &state_key, format!("quant state has no `{k}`")));
+    let qt_name = field("quant_type")?.as_str().unwrap_or("");
+    if qt_name != qt.name() {
+        return Err(Error::tensor(st.path(), &state_key, format!("quant_type `{qt_name}`, expected `{}`", qt.name())));
+    }
+    let blocksize = field("blocksize")?
+        .as_u64()
+        .ok_or_else(|| Error::tensor(st.path(), &state_key, "blocksize is not an integer"))?
+        as usize;
+    let orig_dtype = field("dtype")?
+        .as_str()
+        .and_then(parse_dtype)
+        .ok_or_else(|| Error::tensor(st.path(), &state_key, "dtype is not float32, bfloat16 or float16"))?;
+    let got_shape: Vec<usize> = field("shape")?
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+        .unwrap_or_default();
+    if got_shape != shape {
+        return Err(Error::tensor(st.path(), &state_key, format!("shape {got_shape:?}, expected {shape:?}")));
+    }
+    let packed_file = opened.file_of(&w, listing)?;
+    let packed = u8_vec(packed_file, &w)?;
+    let map_key = format!("{w}.quant_map");
+    used.push(map_key.clone());
+    let map = f32_vec(opened.file_of(&map_key, listing)?, &map_key)?;
+    if map.iter().map(|v| v.to_bits()).ne(qt.code().iter().map(|v| v.to_bits())) {
+        return Err(Error::tensor(listing, &map_key, format!("is not bitsandbytes' {} table", qt.name())));
+    }
+    let absmax_key = format!("{w}.absmax");
+    used.push(absmax_key.clone());
+    let absmax_file = opened.file_of(&absmax_key, listing)?;
+    let absmax = if meta.get("nested_offset").is_some() {
+        let nested_key = format!("{w}.nested_absmax");
+        let nmap_key = format!("{w}.nested_quant_map");
+        used.push(nested_key.clone());
+        used.push(nmap_key.clone());
+        let nmap = f32_vec(opened.file_of(&nmap_key, listing)?, &nmap_key)?;
+        if nmap.iter().map(|v| v.to_bits()).ne(dynamic_map_signed().iter().map(|v| v.to_bits())) {
+            return Err(Error::tensor(listing, &nmap_key, "is not bitsandbytes' signed dynamic map"));
+        }
+        Absmax::Nested {
+            codes: u8_vec(absmax_file, &absmax_key)?,
+            nested_absmax: f32_vec(opened.file_of(&nested_key, listing)?, &nested_key)?,
+            nested_blocksize: field("nested_blocksize")?.as_u64().unwrap_or(0) as usize,
+            offset: field("nested_offset")?.as_f64().unwrap_or(f64::NAN) as f32,
+        }
+    } else {
+        Absmax::Plain(f32_vec(absmax_file, &absmax_key)?)
+    };
+    let q = Quantized4 { packed, quant_type: qt, blocksize, shape: shape.to_vec(), absmax };
+    let lin = Quant4Linear::new(q, orig_dtype, cfg.compute_dtype, device).map_err(|e| match e {
+        Error::Config { field, msg, .. } => Error::tensor(listing, &w, format!("{field}: {msg}")),
+        other => other,
+    })?;
+    Ok((lin, used))
+}
+
+/// The tensors transformers writes for one quantized weight `P.weight`.
+pub fn linear_tensors(path: &str, lin: &Quant4Linear) -> Result<BTreeMap<String, Tensor>> {
+    let cpu = Device::Cpu;
+    let q = &lin.q;
+    let w = format!("{path}.weight");
+    let mut out = BTreeMap::new();
+    out.insert(w.clone(), Tensor::from_vec(q.packed.clone(), (q.packed.len(), 1), &cpu)?);
+    out.insert(format!("{w}.quant_map"), Tensor::new(&q.quant_type.code()[..], &cpu)?);
+    let mut meta = json!({
+        "quant_type": q.quant_type.name(),
+        "blocksize": q.blocksize,
+        "dtype": dtype_name(lin.orig_dtype),
+        "shape": q.shape,
+    });
+    match &q.absmax {
+        Absmax::Plain(a) => {
+            out.insert(format!("{w}.absmax"), Tensor::new(a.as_slice(), &cpu)?);
+        }
+        Absmax::Nested { codes, nested_absmax, nested_blocksize, offset } => {
+            out.insert(format!("{w}.absmax"), Tensor::new(codes.as_slice(), &cpu)?);
+            out.insert(format!("{w}.nested_absmax"), Tensor::new(nested_absmax.as_slice(), &cpu)?);
+            out.insert(format!("{w}.nested_quant_map"), Tensor::new(dynamic_map_signed().as_slice(), &cpu)?);
+            meta["nested_blocksize"] = json!(nested_blocksize);
+            meta["nested_dtype"] = json!("float32");
+            meta["nested_offset"] = json!(*offset as f64);
+        }
+    }
+    let bytes = serde_json::to_vec(&meta).map_err(|e| Error::Msg(e.to_string()))?;
+    let n = bytes.len();
+    out.insert(format!("{w}.quant_state.bitsandbytes__{}", q.quant_type.name()), Tensor::from_vec(bytes, n, &cpu)?);
+    Ok(out)
+}
+
+/// Quantize the projections of a dense checkpoint and save it the way transformers +
+/// bitsandbytes do (`tunecheck quantize`). Writes nothing until every tensor quantized.
+pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &QuantConfig) -> Result<()> {
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (key, _) in tensor_shapes(spec) {
+        let t = weights.get(&key).ok_or_else(|| Error::Msg(format!("cannot quantize: tensor `{key}` is missing")))?;
+        let path = key.strip_suffix(".weight").unwrap_or(&key);
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        if PROJECTIONS.contains(&leaf) {
+            let lin = Quant4Linear::quantize(t, cfg).map_err(|e| Error::Msg(format!("tensor `{key}`: {e}")))?;
+            out.extend(linear_tensors(path, &lin)?);
+        } else {
+            out.insert(key.clone(), t.to_dtype(spec.dtype)?.to_device(&Device::Cpu)?);
+        }
+    }
+    crate::io::atomic::ensure_dir(dir)?;
+    let mut config = spec.to_config_json();
+    config["quantization_config"] = cfg.to_json();
+    let cfg_bytes = serde_json::to_vec_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::io::st::write_safetensors(&dir.join(SINGLE), &out)?;
+    let index = dir.join(crate::io::hf::INDEX);
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
+    }
+    crate::io::atomic::write_atomic(&dir.join(CONFIG), &cfg_bytes)
+}
