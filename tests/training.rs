@@ -207,3 +207,187 @@ fn untrained_tokens_with_trainable_embeddings_learn_and_stay_finite() {
         assert!(last < first, "{family}: {first} → {last}");
     }
 }
+
+fn run_cfg(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        grad_accum: 2,
+        eval: tunecheck::train::EvalStrategy::Epoch,
+        schedule: tunecheck::train::optim::Schedule { warmup_steps: 3, total_steps: 24, min_ratio: 0.1 },
+        ..TrainConfig::default()
+    }
+}
+
+/// Two epochs in one go == one epoch, save, resume in a fresh trainer, one more epoch:
+/// bitwise equal adapters, and the same eval losses.
+#[test]
+fn resumed_training_continues_bitwise() {
+    let t = task();
+    let train = t.batches(30, 12, 4, 8);
+    let eval = t.batches(31, 2, 4, 8);
+    let lora = LoraConfig { modules_to_save: vec!["lm_head".into()], ..LoraConfig::default() };
+    for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
+        let mut straight = trainer(Family::Llama, &lora, quant, run_cfg(2));
+        let h = straight.fit(&train, &eval).unwrap();
+        assert_eq!(h.eval.len(), 2, "eval loss reported at every epoch end");
+
+        let mut first = trainer(Family::Llama, &lora, quant, run_cfg(1));
+        let h1 = first.fit(&train, &eval).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tunecheck::train::checkpoint::save(&first, dir.path(), "tiny").unwrap();
+        let mut second = trainer(Family::Llama, &lora, quant, run_cfg(2));
+        tunecheck::train::checkpoint::resume(&mut second, dir.path()).unwrap();
+        let h2 = second.fit(&train, &eval).unwrap();
+        assert_eq!(h1.eval[0], h.eval[0]);
+        assert_eq!(h2.eval[0], h.eval[1], "resumed run diverged");
+        for ((n, a), (_, b)) in straight.params().iter().zip(second.params()) {
+            assert!(tunecheck::props::bitwise_equal(a.as_tensor(), b.as_tensor()).unwrap(), "{n}");
+        }
+    }
+}
+
+/// An epoch boundary is invisible to the optimizer: two epochs over the data equal one epoch
+/// over the data twice, bitwise, and the loss on a batch only improves from one epoch to the
+/// next. Resetting the optimizer at the boundary (the planted bug) breaks the equality.
+#[test]
+fn epoch_boundary_keeps_optimizer_and_schedule_state() {
+    let t = task();
+    let train = t.batches(40, 8, 4, 8);
+    let twice: Vec<Batch> = train.iter().chain(&train).cloned().collect();
+    let cfg = |epochs| TrainConfig {
+        epochs,
+        schedule: tunecheck::train::optim::Schedule { warmup_steps: 4, total_steps: 16, min_ratio: 0.05 },
+        ..TrainConfig::default()
+    };
+    let lora = LoraConfig::default();
+    let run = |epochs: usize, data: &[Batch], faults: TrainFaults| {
+        let mut tr = trainer(Family::Gemma, &lora, None, cfg(epochs)).with_faults(faults);
+        let h = tr.fit(data, &[]).unwrap();
+        (tr, h)
+    };
+    let (two_epochs, h) = run(2, &train, TrainFaults::default());
+    let (one_long, _) = run(1, &twice, TrainFaults::default());
+    for ((n, a), (_, b)) in two_epochs.params().iter().zip(one_long.params()) {
+        assert!(tunecheck::props::bitwise_equal(a.as_tensor(), b.as_tensor()).unwrap(), "{n} differs");
+    }
+    for k in 0..train.len() {
+        assert!(h.train[train.len() + k].2 <= h.train[k].2 + 1e-3, "batch {k} got worse across the boundary");
+    }
+    let (reset, _) = run(2, &train, TrainFaults { reset_at_epoch: true, ..Default::default() });
+    let differs = reset
+        .params()
+        .iter()
+        .zip(one_long.params())
+        .any(|((_, a), (_, b))| !tunecheck::props::bitwise_equal(a.as_tensor(), b.as_tensor()).unwrap());
+    assert!(differs, "an optimizer reset at the epoch boundary went unnoticed");
+}
+
+#[test]
+fn asking_for_eval_without_data_is_an_error_and_eval_loss_moves() {
+    let t = task();
+    let train = t.batches(50, 4, 4, 8);
+    let mut tr = trainer(
+        Family::Gemma3,
+        &LoraConfig::default(),
+        None,
+        TrainConfig { eval: tunecheck::train::EvalStrategy::Steps(2), ..TrainConfig::default() },
+    );
+    assert!(tr.fit(&train, &[]).unwrap_err().to_string().contains("eval set is empty"));
+    let eval = t.batches(51, 2, 4, 8);
+    let h = tr.fit(&train, &eval).unwrap();
+    assert_eq!(h.eval.len(), 2);
+    assert_ne!(h.eval[0].1, h.eval[1].1, "eval loss did not change while the weights did");
+}
+
+#[test]
+fn lora_merge_and_unmerge_preserve_the_function() {
+    let s = spec(Family::Llama);
+    let w = weights::generate(&s, 4, &Device::Cpu).unwrap();
+    let mut targets: Vec<String> = tunecheck::adapt::lora::PROJECTIONS.iter().map(|x| x.to_string()).collect();
+    targets.push("lm_head".into());
+    let lora = LoraConfig {
+        target_modules: targets,
+        use_rslora: true,
+        init: tunecheck::adapt::LoraInit::NonZero(0.2),
+        ..LoraConfig::default()
+    };
+    let mut tr = RefTrainer::new(&s, &w, &lora, None, TrainConfig::default(), 1).unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7]], &Device::Cpu).unwrap();
+    let before = tr.logits(&ids, Mode::Eval).unwrap();
+    let mut parts = Vec::new();
+    for (p, l) in tr.model_mut().linears_mut() {
+        parts.push((p, l.merge().unwrap().unwrap()));
+    }
+    let merged = tr.logits(&ids, Mode::Eval).unwrap();
+    let err = tunecheck::props::rel_l2(&merged, &before).unwrap();
+    assert!(err <= 1e-5, "merged differs: {err:.3e}");
+    for ((_, l), (_, part)) in tr.model_mut().linears_mut().into_iter().zip(parts) {
+        l.unmerge(part).unwrap();
+    }
+    let back = tr.logits(&ids, Mode::Eval).unwrap();
+    assert!(tunecheck::props::rel_l2(&back, &before).unwrap() <= 1e-5);
+    // Merging into a 4-bit base is refused.
+    let q = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
+    let mut tq = RefTrainer::new(
+        &s,
+        &w,
+        &LoraConfig { init: tunecheck::adapt::LoraInit::NonZero(0.2), ..LoraConfig::default() },
+        Some(q),
+        TrainConfig::default(),
+        1,
+    )
+    .unwrap();
+    let e = tq.model_mut().linears_mut().into_iter().next().unwrap().1.merge().unwrap_err().to_string();
+    assert!(e.contains("4-bit"), "{e}");
+}
+
+#[test]
+fn fixture_tokenizer_has_llama3_style_specials() {
+    let tok = tokenizer::fixture().unwrap();
+    let sp = tokenizer::specials(&tok).unwrap();
+    assert_eq!((sp.pad, sp.bos, sp.eos), (0, 1, 2));
+    assert_eq!(sp.reserved, vec![3, 4, 5, 6]);
+    assert_eq!(sp.chat, vec![7, 8, 9]);
+    assert_eq!(sp.words.len(), 54);
+    let enc = tok.encode("<bos> w0 w1 <|eot_id|> nope", false).unwrap();
+    assert_eq!(enc.get_ids(), &[1, 10, 11, 9, 64]);
+}
+
+/// Small updates are not lost: with f32 master weights every parameter moves at lr 1e-4;
+/// with bf16 master weights (the planted bug) updates below half a bf16 ulp vanish.
+#[test]
+fn small_updates_survive_with_f32_master_weights() {
+    let t = task();
+    let data = t.batches(60, 3, 4, 8);
+    let moved = |master: DType| {
+        let cfg = TrainConfig {
+            master_dtype: master,
+            optim: tunecheck::train::optim::AdamWConfig { lr: 1e-4, ..Default::default() },
+            schedule: tunecheck::train::optim::Schedule { warmup_steps: 0, total_steps: 3, min_ratio: 1.0 },
+            ..TrainConfig::default()
+        };
+        let lora = LoraConfig { init: tunecheck::adapt::LoraInit::NonZero(0.1), ..LoraConfig::default() };
+        let mut tr = trainer(Family::Llama, &lora, None, cfg);
+        let before: Vec<Vec<f32>> = tr
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        tr.fit(&data, &[]).unwrap();
+        let after: Vec<Vec<f32>> = tr
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let (mut changed, mut total) = (0usize, 0usize);
+        for (a, b) in before.iter().zip(&after) {
+            changed += a.iter().zip(b).filter(|(x, y)| x != y).count();
+            total += a.len();
+        }
+        changed as f64 / total as f64
+    };
+    let f32_moved = moved(DType::F32);
+    let bf16_moved = moved(DType::BF16);
+    assert!(f32_moved > 0.99, "f32 master weights lost updates: {f32_moved:.3} of elements moved");
+    assert!(bf16_moved < 0.5, "bf16 master weights should swallow most 1e-4 updates: {bf16_moved:.3} moved");
+}

@@ -1,6 +1,7 @@
 //! Training: the masked causal-LM loss, AdamW with a schedule and clipping, and the
 //! reference trainer (gradient accumulation by total token count, epochs, eval).
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod trainer;

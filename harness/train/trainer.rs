@@ -71,7 +71,8 @@ pub enum EvalStrategy {
 pub struct TrainFaults {
     /// Normalise each micro-batch by its own token count, then average (the 2024 bug).
     pub per_microbatch_mean: bool,
-    /// Reset the optimizer and the schedule at every epoch boundary.
+    /// Reset the optimizer moments at every epoch boundary (the schedule goes on): the first
+    /// step after it moves every parameter by ±lr, a loss spike at the boundary.
     pub reset_at_epoch: bool,
     /// Skip evaluation even when asked.
     pub skip_eval: bool,
@@ -391,7 +392,6 @@ impl RefTrainer {
         for epoch in start_epoch..self.cfg.epochs {
             if epoch > start_epoch && self.faults.reset_at_epoch {
                 self.opt.reset();
-                self.schedule_step = 0;
             }
             for chunk in train.chunks(self.cfg.grad_accum) {
                 let r = self.train_step(chunk)?;
