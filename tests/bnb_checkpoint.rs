@@ -177,3 +177,23 @@ fn edit(d: &Path, f: impl FnOnce(&mut std::collections::BTreeMap<String, Tensor>
     f(&mut m);
     tunecheck::io::st::write_safetensors(&p, &m).unwrap();
 }
+
+/// `fixtures/models/tunecheck_nf4_dq` was written by `tunecheck synth` + `quantize
+/// --double-quant` and its reference logits computed by transformers + bitsandbytes from it:
+/// transformers reads our serialisation as we do, and we still write those exact bytes.
+#[test]
+fn our_4bit_serialisation_is_what_transformers_read() {
+    let dir = root().join("fixtures/models/tunecheck_nf4_dq");
+    let ck = hf::load(&dir, &Device::Cpu, None).unwrap();
+    let r = StFile::open(&dir.join("reference.safetensors")).unwrap();
+    let got = ck.model().unwrap().forward(&r.load("input_ids").unwrap(), Mode::Eval).unwrap();
+    let err = rel_l2(&got, &r.load("logits").unwrap()).unwrap();
+    assert!(err <= 1e-5, "rel L2 {err:.3e}");
+    let spec = tunecheck::ArchSpec::from_config_file(&dir.join("config.json")).unwrap();
+    let w = tunecheck::weights::generate(&spec, 5, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    bnb::save_quantized(out.path(), &spec, &w, &ck.quant.unwrap()).unwrap();
+    let a = std::fs::read(out.path().join(hf::SINGLE)).unwrap();
+    let b = std::fs::read(dir.join(hf::SINGLE)).unwrap();
+    assert!(a == b, "the 4-bit bytes we write changed since transformers accepted them");
+}

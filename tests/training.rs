@@ -391,3 +391,19 @@ fn small_updates_survive_with_f32_master_weights() {
     assert!(f32_moved > 0.99, "f32 master weights lost updates: {f32_moved:.3} of elements moved");
     assert!(bf16_moved < 0.5, "bf16 master weights should swallow most 1e-4 updates: {bf16_moved:.3} moved");
 }
+
+#[test]
+fn lora_dropout_acts_only_in_train_mode() {
+    let lora = LoraConfig { dropout: 0.3, init: tunecheck::adapt::LoraInit::NonZero(0.2), ..LoraConfig::default() };
+    let tr = trainer(Family::Gemma2, &lora, None, TrainConfig::default());
+    let ids = candle_core::Tensor::new(&[[1u32, 12, 13, 14, 15]], &Device::Cpu).unwrap();
+    let eq = |a: &candle_core::Tensor, b: &candle_core::Tensor| tunecheck::props::bitwise_equal(a, b).unwrap();
+    let e1 = tr.logits(&ids, Mode::Eval).unwrap();
+    tr.model().set_dropout_seed(4);
+    let t1 = tr.logits(&ids, Mode::Train).unwrap();
+    tr.model().set_dropout_seed(4);
+    let t2 = tr.logits(&ids, Mode::Train).unwrap();
+    assert!(eq(&e1, &tr.logits(&ids, Mode::Eval).unwrap()));
+    assert!(eq(&t1, &t2), "seeded dropout is reproducible");
+    assert!(!eq(&t1, &e1), "LoRA dropout had no effect in train mode");
+}
