@@ -3,6 +3,8 @@
 //! bitwise; a QLoRA adapter reapplied on a base quantized the same way gives bitwise the
 //! trainer's logits; bad 4-bit files are named.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -148,10 +150,7 @@ fn bad_4bit_checkpoints_are_named() {
         let e = hf::load(dir.path(), &Device::Cpu, None).err().unwrap_or_else(|| panic!("{name} loaded"));
         report.push_str(&format!("{name}: {}\n", e.to_string().replace(&dir.path().display().to_string(), "$DIR")));
     }
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s.bind(|| insta::assert_snapshot!("bnb_checkpoint_errors", report));
+    common::golden().bind(|| insta::assert_snapshot!("bnb_checkpoint_errors", report));
 }
 
 fn patch_cfg_root(d: &Path, key: &str, v: serde_json::Value) {

@@ -1,6 +1,8 @@
 //! Hugging Face checkpoint directories: bitwise save → load round trips (single file and
 //! sharded), and clear errors naming the file and key for every kind of bad checkpoint.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -10,13 +12,6 @@ use tunecheck::io::st::write_safetensors;
 use tunecheck::props::bitwise_equal;
 use tunecheck::spec::{ArchSpec, Family};
 use tunecheck::weights::{self, Weights};
-
-fn golden() -> insta::Settings {
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s
-}
 
 fn saved(family: Family, sharding: Sharding) -> (tempfile::TempDir, ArchSpec, Weights) {
     let dir = tempfile::tempdir().unwrap();
@@ -148,7 +143,7 @@ fn bad_checkpoints_give_errors_naming_file_and_key() {
         cfg["num_key_value_heads"] = 3.into();
         std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
     });
-    golden().bind(|| insta::assert_snapshot!("checkpoint_errors", report));
+    common::golden().bind(|| insta::assert_snapshot!("checkpoint_errors", report));
 }
 
 #[test]
@@ -183,7 +178,7 @@ fn bad_sharded_checkpoints_give_errors_naming_index_and_shard() {
     });
     case("index_not_json", &|d| std::fs::write(d.join(hf::INDEX), "{").unwrap());
     case("index_no_weight_map", &|d| std::fs::write(d.join(hf::INDEX), "{}").unwrap());
-    golden().bind(|| insta::assert_snapshot!("sharded_checkpoint_errors", report));
+    common::golden().bind(|| insta::assert_snapshot!("sharded_checkpoint_errors", report));
 }
 
 #[test]

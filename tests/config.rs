@@ -1,17 +1,12 @@
 //! `config.json` reading and writing: round trips over `arb_spec()`, transformers 4.x and 5.x
 //! field placement, explicit fields winning, and validation errors naming the field.
 
+mod common;
+
 use proptest::prelude::*;
 use serde_json::json;
 use tunecheck::spec::{ArchSpec, Family, LayerType, Rope, RopeScaling};
 use tunecheck::strategy::arb_spec;
-
-fn golden() -> insta::Settings {
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
@@ -133,7 +128,7 @@ fn invalid_configs_name_the_field() {
         let err = ArchSpec::from_config_json(&v).expect_err(name);
         report.push_str(&format!("{name}: {err}\n"));
     }
-    golden().bind(|| insta::assert_snapshot!("config_errors", report));
+    common::golden().bind(|| insta::assert_snapshot!("config_errors", report));
 }
 
 #[test]

@@ -1,17 +1,12 @@
 //! Every forward-pass property fails on its planted-bug mutant (and passes on the reference),
 //! and the shrunk counterexample is the smallest model: pinned as a golden snapshot.
 
+mod common;
+
 use candle_core::Device;
 use tunecheck::model::Faults;
 use tunecheck::mutants::forward_mutants;
 use tunecheck::suite::{run_property, Options};
-
-fn golden() -> insta::Settings {
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s
-}
 
 #[test]
 fn every_forward_mutant_is_caught_with_a_minimal_counterexample() {
@@ -40,5 +35,5 @@ fn every_forward_mutant_is_caught_with_a_minimal_counterexample() {
             cfg.get("sliding_window").map_or("-".to_string(), |w| w.to_string()),
         ));
     }
-    golden().bind(|| insta::assert_snapshot!("forward_mutants", report));
+    common::golden().bind(|| insta::assert_snapshot!("forward_mutants", report));
 }

@@ -210,3 +210,23 @@ proptest! {
         prop_assert_eq!(bits(q2.dequantize()), bits(y));
     }
 }
+
+#[test]
+fn dequantize_to_every_float_dtype() {
+    let x: Vec<f32> = (0..256).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+    let q = quantize(&x, &[4, 64], QuantType::Nf4, 64, true).unwrap();
+    let f32s = q.dequantize();
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16, candle_core::DType::F16] {
+        let t = q.dequantize_tensor(dtype, &candle_core::Device::Cpu).unwrap();
+        assert_eq!((t.dtype(), t.dims()), (dtype, &[4usize, 64][..]));
+        let back = t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let tol = match dtype {
+            candle_core::DType::F32 => 0.0,
+            candle_core::DType::BF16 => 8e-3,
+            _ => 1e-3,
+        };
+        for (a, b) in back.iter().zip(&f32s) {
+            assert!((a - b).abs() <= tol * b.abs().max(1e-3), "{dtype:?}: {a} vs {b}");
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! the reference; tunecheck's saved adapters reload bitwise; the base's
 //! quantization recorded with an adapter is checked on load; bad adapter files are named.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
@@ -161,10 +163,7 @@ fn bad_adapter_files_are_named() {
         let msg = e.expect_err(name).to_string().replace(&dir.path().display().to_string(), "$DIR");
         report.push_str(&format!("{name}: {msg}\n"));
     }
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s.bind(|| insta::assert_snapshot!("adapter_errors", report));
+    common::golden().bind(|| insta::assert_snapshot!("adapter_errors", report));
 }
 
 fn patch(dir: &std::path::Path, key: &str, value: serde_json::Value) {

@@ -1,16 +1,11 @@
 //! Seeded weights: pinned bits for a fixed seed (a change in the generator shows up here),
 //! independence from generation order, family norm conventions, zero-row planting.
 
+mod common;
+
 use candle_core::{DType, Device};
 use tunecheck::spec::{ArchSpec, Family};
 use tunecheck::weights;
-
-fn golden() -> insta::Settings {
-    let mut s = insta::Settings::clone_current();
-    s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
-    s.set_prepend_module_to_snapshot(false);
-    s
-}
 
 #[test]
 fn seed_zero_bits_are_pinned() {
@@ -25,7 +20,7 @@ fn seed_zero_bits_are_pinned() {
             report.push_str(&format!("{family} {name}: first {} sum {sum:.6}\n", bits.join(" ")));
         }
     }
-    golden().bind(|| insta::assert_snapshot!("weights_seed0", report));
+    common::golden().bind(|| insta::assert_snapshot!("weights_seed0", report));
 }
 
 #[test]

@@ -212,6 +212,16 @@ impl Quantized4 {
         (0..self.numel()).map(|i| code[self.code_at(i) as usize] * scales[i / self.blocksize]).collect()
     }
 
+    /// The reference dequantization as a tensor of the logical shape in `dtype` on `device`
+    /// (f32 values rounded once to bf16/f16, as bitsandbytes' `.to(dtype)`).
+    pub fn dequantize_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        Ok(candle_core::Tensor::from_vec(self.dequantize(), self.shape.as_slice(), device)?.to_dtype(dtype)?)
+    }
+
     /// Check internal consistency (lengths of packed data and scales); errors name the field.
     pub fn validate(&self) -> Result<()> {
         check_blocksize(self.blocksize)?;
