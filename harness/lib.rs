@@ -31,6 +31,7 @@ pub mod props;
 pub mod quant;
 pub mod spec;
 pub mod strategy;
+pub mod subject;
 pub mod suite;
 pub mod train;
 pub mod weights;

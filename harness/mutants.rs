@@ -53,3 +53,153 @@ pub fn forward_mutants() -> Vec<Mutant> {
         },
     ]
 }
+
+/// A planted bug in a trainer, reproducing a reported failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainerBug {
+    /// P1: an eval-only fast path with the wrong norm convention (Llama 3.1 `model.eval()`).
+    EvalFastPathWrongNorm,
+    /// P3: reload with transformers' default 4-bit config (fp4, no double quant) instead of
+    /// the recorded one, ignoring the record (the QLoRA Gemma save/reload drift).
+    ReloadWithDefaultQuant,
+    /// P5: gradient accumulation normalised per micro-batch (the 2024 bug).
+    PerMicroBatchMean,
+    /// P8: candle's fused RMSNorm (no backward) in the training path.
+    FusedRmsNorm,
+}
+
+impl TrainerBug {
+    /// Every trainer bug.
+    pub const ALL: [TrainerBug; 4] = [
+        TrainerBug::EvalFastPathWrongNorm,
+        TrainerBug::ReloadWithDefaultQuant,
+        TrainerBug::PerMicroBatchMean,
+        TrainerBug::FusedRmsNorm,
+    ];
+
+    /// Short id.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainerBug::EvalFastPathWrongNorm => "eval_fast_path_wrong_norm",
+            TrainerBug::ReloadWithDefaultQuant => "reload_with_default_quant",
+            TrainerBug::PerMicroBatchMean => "per_microbatch_mean",
+            TrainerBug::FusedRmsNorm => "fused_rms_norm_no_backward",
+        }
+    }
+
+    /// The property that must catch it.
+    pub fn caught_by(self) -> &'static str {
+        match self {
+            TrainerBug::EvalFastPathWrongNorm => "P1",
+            TrainerBug::ReloadWithDefaultQuant => "P3",
+            TrainerBug::PerMicroBatchMean => "P5",
+            TrainerBug::FusedRmsNorm => "P8",
+        }
+    }
+}
+
+/// The reference trainer with one planted bug.
+pub struct MutantTrainer {
+    inner: crate::train::RefTrainer,
+    bug: TrainerBug,
+}
+
+impl MutantTrainer {
+    /// Build the reference from `setup` and plant `bug`.
+    pub fn new(setup: &crate::subject::Setup, device: &candle_core::Device, bug: TrainerBug) -> crate::Result<Self> {
+        let mut inner = crate::subject::reference(setup, device)?;
+        match bug {
+            TrainerBug::EvalFastPathWrongNorm => {
+                inner.model_mut().set_faults(Faults { eval_path_wrong_norm: true, ..Faults::default() })
+            }
+            TrainerBug::FusedRmsNorm => {
+                inner.model_mut().set_faults(Faults { fused_rms_norm: true, ..Faults::default() })
+            }
+            TrainerBug::PerMicroBatchMean => {
+                inner = inner
+                    .with_faults(crate::train::trainer::TrainFaults { per_microbatch_mean: true, ..Default::default() })
+            }
+            TrainerBug::ReloadWithDefaultQuant => {}
+        }
+        Ok(MutantTrainer { inner, bug })
+    }
+}
+
+/// A factory for mutant `bug`, usable wherever a subject factory is.
+pub fn factory(
+    bug: TrainerBug,
+) -> impl Fn(&crate::subject::Setup, &candle_core::Device) -> crate::Result<MutantTrainer> {
+    move |setup, device| MutantTrainer::new(setup, device, bug)
+}
+
+impl crate::subject::Trainer for MutantTrainer {
+    fn capabilities(&self) -> crate::subject::Capabilities {
+        self.inner.capabilities()
+    }
+    fn logits(&self, ids: &candle_core::Tensor, mode: crate::Mode) -> crate::Result<candle_core::Tensor> {
+        crate::subject::Trainer::logits(&self.inner, ids, mode)
+    }
+    fn decode(&self, prompt: &candle_core::Tensor, n: usize) -> crate::Result<Vec<Vec<u32>>> {
+        self.inner.decode(prompt, n)
+    }
+    fn cached_logits(&self, ids: &candle_core::Tensor, prefill: usize) -> crate::Result<Option<candle_core::Tensor>> {
+        self.inner.cached_logits(ids, prefill)
+    }
+    fn gradients(
+        &self,
+        micro: &[crate::train::Batch],
+    ) -> crate::Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+        crate::subject::Trainer::gradients(&self.inner, micro)
+    }
+    fn train_step(&mut self, micro: &[crate::train::Batch]) -> crate::Result<crate::train::StepReport> {
+        crate::subject::Trainer::train_step(&mut self.inner, micro)
+    }
+    fn eval_loss(&self, batches: &[crate::train::Batch]) -> crate::Result<f64> {
+        crate::subject::Trainer::eval_loss(&self.inner, batches)
+    }
+    fn trainable(&self) -> Vec<(String, candle_core::Tensor)> {
+        self.inner.trainable()
+    }
+    fn frozen(&self) -> Vec<(String, candle_core::Tensor)> {
+        self.inner.frozen()
+    }
+    fn save(&self, dir: &std::path::Path) -> crate::Result<()> {
+        self.inner.save(dir)?;
+        record_bug(dir, self.bug)
+    }
+    fn load(setup: &crate::subject::Setup, device: &candle_core::Device, dir: &std::path::Path) -> crate::Result<Self> {
+        // Only this mutant's load differs; the others reload like the reference (their bug
+        // is elsewhere), which this signature cannot know: the bug rides in a side file.
+        let bug = read_bug(dir).unwrap_or(TrainerBug::EvalFastPathWrongNorm);
+        if bug != TrainerBug::ReloadWithDefaultQuant {
+            let mut m = MutantTrainer::new(setup, device, bug)?;
+            crate::train::checkpoint::resume(&mut m.inner, dir)?;
+            return Ok(m);
+        }
+        let mut wrong = setup.clone();
+        wrong.quant = Some(crate::adapt::QuantConfig::transformers_defaults());
+        let inner = crate::subject::reference(&wrong, device)?;
+        let a = crate::io::peft::read(dir)?;
+        crate::adapt::attach::load_values(inner.params(), &a.tensors, "adapter")?;
+        Ok(MutantTrainer { inner, bug })
+    }
+}
+
+const BUG_FILE: &str = "tunecheck_mutant.txt";
+
+fn read_bug(dir: &std::path::Path) -> Option<TrainerBug> {
+    let s = std::fs::read_to_string(dir.join(BUG_FILE)).ok()?;
+    TrainerBug::ALL.into_iter().find(|b| b.name() == s.trim())
+}
+
+impl MutantTrainer {
+    /// The planted bug.
+    pub fn bug(&self) -> TrainerBug {
+        self.bug
+    }
+}
+
+/// Save hook: mutants record which bug they carry so `load` can rebuild the same mutant.
+pub fn record_bug(dir: &std::path::Path, bug: TrainerBug) -> crate::Result<()> {
+    crate::io::atomic::write_atomic(&dir.join(BUG_FILE), bug.name().as_bytes())
+}

@@ -129,3 +129,90 @@ pub fn arb_case() -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
         (Just(spec), arb_batch(v, 3, 12), any::<u64>())
     })
 }
+
+/// Which adapter a trainer property exercises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterKind {
+    /// LoRA on a subset of the projections over an f32 base.
+    Lora,
+    /// LoRA over an NF4 base (f32 compute).
+    QLora,
+    /// LoRA plus `embed_tokens` (and an untied `lm_head`) trained in full.
+    FullEmbeddings,
+}
+
+impl AdapterKind {
+    /// All kinds.
+    pub const ALL: [AdapterKind; 3] = [AdapterKind::Lora, AdapterKind::QLora, AdapterKind::FullEmbeddings];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "lora",
+            AdapterKind::QLora => "qlora_nf4",
+            AdapterKind::FullEmbeddings => "full_embeddings",
+        }
+    }
+}
+
+/// A trainer setup: a spec, seeded weights, an adapter of `kind` with non-zero B (so that
+/// comparisons see it), and a training config with `grad_accum` micro-batches per step.
+pub fn arb_setup(kind: AdapterKind, grad_accum: usize) -> impl Strategy<Value = crate::subject::Setup> {
+    use crate::adapt::lora::{LoraInit, PROJECTIONS};
+    use crate::adapt::{LoraConfig, QuantConfig};
+    (
+        arb_spec(),
+        0u64..1000,
+        1usize..=4,
+        prop_oneof![Just(1.0), Just(2.0), Just(8.0)],
+        any::<bool>(),
+        proptest::sample::subsequence(PROJECTIONS.to_vec(), 1..=PROJECTIONS.len()),
+        prop_oneof![Just(32usize), Just(64)],
+        any::<bool>(),
+    )
+        .prop_map(move |(spec, seed, r, alpha, rslora, targets, blocksize, dq)| {
+            let weights = crate::weights::generate(&spec, seed, &candle_core::Device::Cpu).expect("valid spec");
+            let mut modules_to_save = Vec::new();
+            if kind == AdapterKind::FullEmbeddings {
+                modules_to_save.push("embed_tokens".to_string());
+                if !spec.tie_word_embeddings {
+                    modules_to_save.push("lm_head".to_string());
+                }
+            }
+            let lora = LoraConfig {
+                r,
+                alpha,
+                use_rslora: rslora,
+                target_modules: targets.iter().map(|s| s.to_string()).collect(),
+                modules_to_save,
+                init: LoraInit::NonZero(0.05),
+                ..LoraConfig::default()
+            };
+            let quant = (kind == AdapterKind::QLora).then(|| QuantConfig {
+                blocksize,
+                double_quant: dq,
+                compute_dtype: candle_core::DType::F32,
+                ..QuantConfig::default()
+            });
+            let train = crate::train::TrainConfig { grad_accum, ..crate::train::TrainConfig::default() };
+            crate::subject::Setup { spec, weights, lora, quant, train, adapter_seed: seed + 1 }
+        })
+}
+
+/// `n` micro-batches of `b` random sequences (1..=`max_len` tokens, so token counts are
+/// uneven) over `vocab`, right-padded with label −100, from `seed`.
+pub fn random_batches(vocab: usize, seed: u64, n: usize, b: usize, max_len: usize) -> Vec<crate::train::Batch> {
+    use rand_core::RngCore;
+    let mut rng = crate::weights::stream(seed, "random_batches");
+    (0..n)
+        .map(|_| {
+            let seqs: Vec<Vec<u32>> = (0..b)
+                .map(|_| {
+                    let len = 2 + (rng.next_u32() as usize) % max_len.max(1);
+                    (0..len).map(|_| rng.next_u32() % vocab as u32).collect()
+                })
+                .collect();
+            crate::train::Batch::from_sequences(&seqs, 0)
+        })
+        .collect()
+}

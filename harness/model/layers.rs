@@ -12,36 +12,6 @@ use rand_core::RngCore;
 use crate::error::Result;
 use crate::spec::Rope;
 
-/// A bias-free linear layer `y = x·Wᵀ` over inputs of any rank.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-}
-
-impl Linear {
-    /// Wrap a `[out, in]` weight.
-    pub fn new(weight: Tensor) -> Self {
-        Linear { weight }
-    }
-
-    /// The `[out, in]` weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let last = *dims.last().expect("linear input has rank >= 1");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, last))?.matmul(&self.weight.t()?)?;
-        let mut out = dims;
-        *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        y.reshape(out)
-    }
-}
-
 /// RMSNorm in either convention, computed in f32 and cast back to the input dtype.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -49,12 +19,15 @@ pub struct RmsNorm {
     eps: f64,
     /// Gemma: scale by `1 + w` (in f32). Llama: `w · x̂` with x̂ cast back first.
     one_plus: bool,
+    /// Planted bug (mutants only): use candle's fused `rms_norm`, which has no backward and
+    /// silently detaches everything before it from the gradient.
+    pub(crate) fused: bool,
 }
 
 impl RmsNorm {
     /// A norm with `weight`, `eps` and the Gemma `(1 + w)` convention when `one_plus`.
     pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
-        RmsNorm { weight, eps, one_plus }
+        RmsNorm { weight, eps, one_plus, fused: false }
     }
 
     /// The same norm in the other family's convention (a planted bug for mutants).
@@ -65,6 +38,10 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused {
+            let alpha = if self.one_plus { (self.weight.to_dtype(DType::F32)? + 1.0)? } else { self.weight.clone() };
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &alpha.to_dtype(x.dtype())?, self.eps as f32);
+        }
         let in_dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -89,6 +89,9 @@ pub struct Faults {
     pub cache_ignores_window: bool,
     /// The causal mask lets each position see the next token.
     pub mask_leaks_next_token: bool,
+    /// Every RMSNorm uses candle's fused kernel, which has no backward: gradients stop at the
+    /// norms, yet the loss can still fall through the layers after them.
+    pub fused_rms_norm: bool,
 }
 
 /// The synthetic (or loaded) model.
@@ -203,8 +206,26 @@ impl Transformer {
 
     /// The same model with planted bugs (mutation testing only).
     pub fn with_faults(mut self, faults: Faults) -> Self {
-        self.faults = faults;
+        self.set_faults(faults);
         self
+    }
+
+    /// Plant bugs in place (mutation testing only).
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
+        let fused = faults.fused_rms_norm;
+        self.norm.fused = fused;
+        for l in &mut self.layers {
+            l.input_norm.fused = fused;
+            l.post_attn_norm.fused = fused;
+            if let Some((a, b)) = &mut l.ff_norms {
+                a.fused = fused;
+                b.fused = fused;
+            }
+            for n in [&mut l.attn.q_norm, &mut l.attn.k_norm].into_iter().flatten() {
+                n.fused = fused;
+            }
+        }
     }
 
     /// The planted bugs of this model (none for a reference model).

@@ -3,6 +3,11 @@
 
 pub mod compare;
 pub mod forward;
+pub mod p1_modes;
+pub mod p3_reload;
+pub mod p5_accumulation;
+pub mod p8_gradients;
+pub mod runner;
 
 pub use compare::{bitwise_equal, max_abs_diff, rel_l2};
 

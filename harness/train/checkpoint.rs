@@ -36,7 +36,9 @@ pub fn save(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
 /// which must have been built with the same base, adapter config and quantization.
 pub fn resume(tr: &mut RefTrainer, dir: &Path) -> Result<()> {
     let adapter = peft::read(dir)?;
-    if adapter.lora != *tr.lora() {
+    // The initialisation is not saved (it no longer matters once values are loaded).
+    let saved = crate::adapt::LoraConfig { init: tr.lora().init, ..adapter.lora.clone() };
+    if saved != *tr.lora() {
         return Err(Error::Config {
             file: Some(dir.join(peft::CONFIG)),
             field: "(adapter)".into(),
