@@ -63,3 +63,13 @@ pub fn name(d: &Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
+
+/// The device named `name` for a stamped test: `cpu`, or CUDA via [`cuda_or_skip`] (`None`
+/// with a printed skip when absent, a panic under `TUNECHECK_REQUIRE_CUDA=1`).
+pub fn for_test(name: &str) -> Option<Device> {
+    match name {
+        "cpu" => Some(Device::Cpu),
+        "cuda" => cuda_or_skip("conformance"),
+        other => panic!("conformance!: unknown device `{other}` (cpu, cuda)"),
+    }
+}

@@ -21,6 +21,7 @@
 //! - [`device`]: devices and the CUDA skip/require policy.
 
 pub mod adapt;
+pub mod conformance;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod suite;
 pub mod train;
 pub mod weights;
 
+pub use candle_core;
 pub use error::{Error, Result};
 pub use model::{KvCache, Mode, Transformer};
 pub use spec::{ArchSpec, Family, LayerType, Rope, RopeScaling};

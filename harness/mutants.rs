@@ -87,6 +87,20 @@ impl TrainerBug {
         }
     }
 
+    /// The real-world bug it reproduces.
+    pub fn description(self) -> &'static str {
+        match self {
+            TrainerBug::EvalFastPathWrongNorm => {
+                "eval-only fast path with the wrong norm (Llama 3.1 model.eval() collapse)"
+            }
+            TrainerBug::ReloadWithDefaultQuant => {
+                "reload with transformers' default 4-bit config (fp4, no double quant)"
+            }
+            TrainerBug::PerMicroBatchMean => "gradient accumulation normalised per micro-batch (the 2024 bug)",
+            TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
+        }
+    }
+
     /// The property that must catch it.
     pub fn caught_by(self) -> &'static str {
         match self {

@@ -232,7 +232,12 @@ pub fn table(rows: &[Outcome]) -> String {
     let mut s = format!("{:<8} {:<42} {:>6}  {}\n", "family", "property", "cases", "result");
     s.push_str(&format!("{}\n", "-".repeat(68)));
     for r in rows {
-        let name = ModelProperty::ALL.iter().find(|p| p.id() == r.property).map_or(r.property, |p| p.name());
+        let name = ModelProperty::ALL
+            .iter()
+            .find(|p| p.id() == r.property)
+            .map(|p| p.name())
+            .or_else(|| TRAINER_PROPERTIES.iter().find(|(id, _)| *id == r.property).map(|(_, n)| *n))
+            .unwrap_or(r.property);
         s.push_str(&format!(
             "{:<8} {:<42} {:>6}  {}\n",
             r.family,
@@ -260,4 +265,97 @@ impl From<Failure> for TestCaseError {
     fn from(f: Failure) -> Self {
         TestCaseError::fail(f.to_string())
     }
+}
+
+/// The trainer properties over the [`crate::subject::Trainer`] trait, by id.
+pub const TRAINER_PROPERTIES: [(&str, &str); 4] = [
+    ("P1", "train == eval, kv-cache, no collapse"),
+    ("P3", "save -> load bitwise, 4-bit config travels"),
+    ("P5", "accumulation == one big batch"),
+    ("P8", "gradients reach every trainable tensor"),
+];
+
+/// Run trainer property `id` (P1, P3, P5, P8) against subjects from `factory`.
+pub fn run_trainer_property<T: crate::subject::Trainer>(
+    id: &str,
+    factory: &impl Fn(&crate::subject::Setup, &Device) -> crate::Result<T>,
+    device: &Device,
+    cfg: &crate::props::runner::PropConfig,
+) -> crate::props::runner::PropOutcome {
+    use crate::props::{p1_modes, p3_reload, p5_accumulation, p8_gradients};
+    match id {
+        "P1" => p1_modes::eval_train_equivalence(factory, device, cfg),
+        "P3" => p3_reload::save_reload(factory, device, cfg),
+        "P5" => p5_accumulation::accumulation(factory, device, cfg),
+        "P8" => p8_gradients::gradient_reach(factory, device, cfg),
+        other => crate::props::runner::PropOutcome::Skipped(format!("unknown property {other}")),
+    }
+}
+
+fn trainer_row(id: &str, device: &Device, cases: u32, seed: u64, o: crate::props::runner::PropOutcome) -> Outcome {
+    use crate::props::runner::PropOutcome;
+    let name = TRAINER_PROPERTIES.iter().find(|(p, _)| *p == id).map_or(id, |(p, _)| p);
+    let mut row = Outcome {
+        family: "all".into(),
+        property: name_static(name),
+        device: crate::device::name(device),
+        cases,
+        passed: true,
+        detail: None,
+        minimal_config: None,
+        minimal_case: None,
+        replay: format!("tunecheck check --device {} --cases {cases} --seed {seed}", crate::device::name(device)),
+    };
+    match o {
+        PropOutcome::Passed { .. } => {}
+        PropOutcome::Skipped(why) => row.detail = Some(format!("skipped: {why}")),
+        PropOutcome::Failed { detail, minimal } => {
+            row.passed = false;
+            row.detail = Some(detail);
+            row.minimal_config = Some(minimal);
+        }
+    }
+    row
+}
+
+fn name_static(id: &str) -> &'static str {
+    TRAINER_PROPERTIES.iter().find(|(p, _)| *p == id).map_or("?", |(p, _)| p)
+}
+
+/// Run every trainer property against the reference trainer (`cases` per adapter kind).
+pub fn run_trainer(device: &Device, cases: u32, seed: u64, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
+    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
+    TRAINER_PROPERTIES
+        .iter()
+        .map(|(id, _)| {
+            let o = run_trainer_property(id, &crate::subject::reference, device, &cfg);
+            let row = trainer_row(id, device, cases, seed, o);
+            progress(&row);
+            row
+        })
+        .collect()
+}
+
+/// Run each trainer mutant against its property (it must fail).
+pub fn run_trainer_mutants(
+    device: &Device,
+    cases: u32,
+    seed: u64,
+    mut progress: impl FnMut(&MutantOutcome),
+) -> Vec<MutantOutcome> {
+    use crate::mutants::{factory, TrainerBug};
+    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
+    TrainerBug::ALL
+        .iter()
+        .map(|bug| {
+            let o = run_trainer_property(bug.caught_by(), &factory(*bug), device, &cfg);
+            let row = MutantOutcome {
+                mutant: bug.name(),
+                bug: bug.description(),
+                outcome: trainer_row(bug.caught_by(), device, cases, seed, o),
+            };
+            progress(&row);
+            row
+        })
+        .collect()
 }

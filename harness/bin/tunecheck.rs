@@ -203,11 +203,13 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
     };
     let opts = Options { cases, seed, families };
     if mutants {
-        let rows = suite::run_mutants(&device, &opts, |r| {
+        let say = |r: &suite::MutantOutcome| {
             if !json {
                 eprintln!("  {:<28} {}", r.mutant, if r.caught() { "caught" } else { "MISSED" });
             }
-        });
+        };
+        let mut rows = suite::run_mutants(&device, &opts, say);
+        rows.extend(suite::run_trainer_mutants(&device, cases.div_ceil(4).max(2), seed, say));
         if json {
             println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
         } else {
@@ -215,11 +217,13 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         }
         return if rows.iter().all(|r| r.caught()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
-    let rows = suite::run(&device, &opts, |r| {
+    let say = |r: &suite::Outcome| {
         if !json {
             eprintln!("  {:<7} {:<14} {}", r.family, r.property, if r.passed { "pass" } else { "FAIL" });
         }
-    });
+    };
+    let mut rows = suite::run(&device, &opts, say);
+    rows.extend(suite::run_trainer(&device, cases.div_ceil(4).max(2), seed, say));
     if json {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
     } else {

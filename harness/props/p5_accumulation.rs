@@ -1,7 +1,9 @@
 //! P5 — gradient accumulation: k micro-batches with uneven numbers of unmasked tokens give
-//! the same gradients as one batch holding all their sequences (f32: 1e-5 relative L2, the
-//! different-path tolerance: the sums run in another order). Normalising per micro-batch
-//! (the 2024 bug) weights tokens of short micro-batches more and fails by far more.
+//! the same gradients as one batch holding all their sequences. Tolerance (f32): 1e-5
+//! relative L2 over all gradients together (the different-path anchor: the sums run in
+//! another order), and 1e-4 per tensor (a tiny tensor's own rel. error can exceed 1e-5 from
+//! rounding alone: measured 1.04e-5 on a 6-wide Gemma 3). Normalising per micro-batch (the
+//! 2024 bug) weights tokens of short micro-batches more and is off by ~1e-1.
 
 use candle_core::Device;
 
@@ -36,6 +38,8 @@ pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device
     let ga = t.gradients(&micro)?;
     let gb = t.gradients(std::slice::from_ref(&merged))?;
     let tol = crate::props::forward::path_tolerance(setup.spec.dtype);
+    let counts: Vec<usize> = micro.iter().map(Batch::tokens).collect();
+    let (mut num, mut den) = (0f64, 0f64);
     for (name, a) in &ga {
         let Some(b) = gb.get(name) else {
             return Err(
@@ -43,14 +47,29 @@ pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device
             );
         };
         let err = rel_l2(a, b)?;
-        if err.is_nan() || err > tol {
-            let counts: Vec<usize> = micro.iter().map(Batch::tokens).collect();
+        if err.is_nan() || err > 10.0 * tol {
             return Err(Violation {
                 property: ID,
-                detail: format!("`{name}`: accumulated over micro-batches with {counts:?} tokens vs one batch: rel L2 {err:.3e} > {tol:.0e}"),
+                detail: format!(
+                    "`{name}`: accumulated over micro-batches with {counts:?} tokens vs one batch: rel L2 {err:.3e} > {:.0e}",
+                    10.0 * tol
+                ),
             }
             .into());
         }
+        let bn = b.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        num += (err * bn.sqrt()).powi(2);
+        den += bn;
+    }
+    let global = num.sqrt() / den.sqrt().max(1e-30);
+    if global > tol {
+        return Err(Violation {
+            property: ID,
+            detail: format!(
+                "all gradients, micro-batches with {counts:?} tokens vs one batch: rel L2 {global:.3e} > {tol:.0e}"
+            ),
+        }
+        .into());
     }
     Ok(())
 }

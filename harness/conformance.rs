@@ -1,0 +1,66 @@
+//! `conformance!`: stamps one `#[test]` per property × device in the *calling* crate, so a
+//! framework that implements [`crate::subject::Trainer`] gets every property as a test, and
+//! proptest regression files land next to its own test file (`file!()` expands there).
+//!
+//! ```ignore
+//! // tests/tunecheck.rs in your crate
+//! fn my_factory(setup: &tunecheck::subject::Setup, device: &candle_core::Device) -> tunecheck::Result<MyTrainer> { ... }
+//! tunecheck::conformance!(my_factory, devices = [cpu, cuda]);
+//! ```
+//!
+//! Each device becomes a module (`cpu::p1_eval_train_equivalence`, `cuda::...`). A missing
+//! CUDA device prints `SKIPPED` (a failure with `TUNECHECK_REQUIRE_CUDA=1`). Case counts:
+//! 4 per adapter kind by default, `PROPTEST_CASES` overrides.
+
+/// Stamp the property tests for a subject factory on the given devices (default `[cpu]`).
+#[macro_export]
+macro_rules! conformance {
+    ($factory:expr) => {
+        $crate::conformance!($factory, devices = [cpu]);
+    };
+    ($factory:expr, devices = [$($dev:ident),+ $(,)?]) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $dev {
+                #[allow(unused_imports)]
+                use super::*;
+
+                fn __device() -> ::std::option::Option<$crate::candle_core::Device> {
+                    $crate::device::for_test(stringify!($dev))
+                }
+
+                fn __cfg() -> $crate::props::runner::PropConfig {
+                    $crate::props::runner::PropConfig { cases: 4, seed: 0, source_file: ::std::option::Option::Some(file!()) }
+                }
+
+                #[test]
+                fn p1_eval_train_equivalence() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p1_modes::eval_train_equivalence(&$factory, &d, &__cfg()).assert("p1_eval_train_equivalence");
+                    }
+                }
+
+                #[test]
+                fn p3_save_reload_bitwise() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p3_reload::save_reload(&$factory, &d, &__cfg()).assert("p3_save_reload_bitwise");
+                    }
+                }
+
+                #[test]
+                fn p5_accumulation_equivalence() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p5_accumulation::accumulation(&$factory, &d, &__cfg()).assert("p5_accumulation_equivalence");
+                    }
+                }
+
+                #[test]
+                fn p8_gradient_reach() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p8_gradients::gradient_reach(&$factory, &d, &__cfg()).assert("p8_gradient_reach");
+                    }
+                }
+            }
+        )+
+    };
+}
