@@ -41,6 +41,20 @@ macro_rules! conformance {
                 }
 
                 #[test]
+                fn p2_untrained_tokens() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p2_untrained::untrained_tokens(&$factory, &d, &__cfg()).assert("p2_untrained_tokens");
+                    }
+                }
+
+                #[test]
+                fn p4_descent_and_epochs() {
+                    if let ::std::option::Option::Some(d) = __device() {
+                        $crate::props::p4_descent::descent(&$factory, &d, &__cfg()).assert("p4_descent_and_epochs");
+                    }
+                }
+
+                #[test]
                 fn p3_save_reload_bitwise() {
                     if let ::std::option::Option::Some(d) = __device() {
                         $crate::props::p3_reload::save_reload(&$factory, &d, &__cfg()).assert("p3_save_reload_bitwise");

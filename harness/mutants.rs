@@ -66,13 +66,19 @@ pub enum TrainerBug {
     PerMicroBatchMean,
     /// P8: candle's fused RMSNorm (no backward) in the training path.
     FusedRmsNorm,
+    /// P2: frozen embeddings trained on data with untrained (zero-row) tokens, silently.
+    IgnoreUntrained,
+    /// P4: optimizer state reset at every epoch boundary.
+    ResetAtEpoch,
 }
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 4] = [
+    pub const ALL: [TrainerBug; 6] = [
         TrainerBug::EvalFastPathWrongNorm,
+        TrainerBug::IgnoreUntrained,
         TrainerBug::ReloadWithDefaultQuant,
+        TrainerBug::ResetAtEpoch,
         TrainerBug::PerMicroBatchMean,
         TrainerBug::FusedRmsNorm,
     ];
@@ -84,6 +90,8 @@ impl TrainerBug {
             TrainerBug::ReloadWithDefaultQuant => "reload_with_default_quant",
             TrainerBug::PerMicroBatchMean => "per_microbatch_mean",
             TrainerBug::FusedRmsNorm => "fused_rms_norm_no_backward",
+            TrainerBug::IgnoreUntrained => "frozen_embeddings_untrained_tokens",
+            TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
         }
     }
 
@@ -98,6 +106,10 @@ impl TrainerBug {
             }
             TrainerBug::PerMicroBatchMean => "gradient accumulation normalised per micro-batch (the 2024 bug)",
             TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
+            TrainerBug::IgnoreUntrained => {
+                "frozen embeddings trained on untrained (zero-row) tokens without refusing or fixing"
+            }
+            TrainerBug::ResetAtEpoch => "optimizer state reset at the epoch boundary (the 0.07 -> 4.83 spike)",
         }
     }
 
@@ -108,6 +120,8 @@ impl TrainerBug {
             TrainerBug::ReloadWithDefaultQuant => "P3",
             TrainerBug::PerMicroBatchMean => "P5",
             TrainerBug::FusedRmsNorm => "P8",
+            TrainerBug::IgnoreUntrained => "P2",
+            TrainerBug::ResetAtEpoch => "P4",
         }
     }
 }
@@ -132,6 +146,14 @@ impl MutantTrainer {
             TrainerBug::PerMicroBatchMean => {
                 inner = inner
                     .with_faults(crate::train::trainer::TrainFaults { per_microbatch_mean: true, ..Default::default() })
+            }
+            TrainerBug::IgnoreUntrained => {
+                inner = inner
+                    .with_faults(crate::train::trainer::TrainFaults { ignore_untrained: true, ..Default::default() })
+            }
+            TrainerBug::ResetAtEpoch => {
+                inner =
+                    inner.with_faults(crate::train::trainer::TrainFaults { reset_at_epoch: true, ..Default::default() })
             }
             TrainerBug::ReloadWithDefaultQuant => {}
         }
@@ -173,6 +195,14 @@ impl crate::subject::Trainer for MutantTrainer {
     }
     fn trainable(&self) -> Vec<(String, candle_core::Tensor)> {
         self.inner.trainable()
+    }
+    fn fit(
+        &mut self,
+        train: &[crate::train::Batch],
+        eval: &[crate::train::Batch],
+        epochs: usize,
+    ) -> crate::Result<crate::train::History> {
+        crate::subject::Trainer::fit(&mut self.inner, train, eval, epochs)
     }
     fn frozen(&self) -> Vec<(String, candle_core::Tensor)> {
         self.inner.frozen()

@@ -17,7 +17,7 @@ use crate::adapt::{LoraConfig, QuantConfig};
 use crate::error::Result;
 use crate::model::Mode;
 use crate::spec::ArchSpec;
-use crate::train::trainer::{Batch, RefTrainer, StepReport, TrainConfig};
+use crate::train::trainer::{Batch, EvalStrategy, RefTrainer, StepReport, TrainConfig};
 use crate::weights::Weights;
 
 /// Optional abilities of a subject. Construct with [`Capabilities::all`] or
@@ -117,6 +117,25 @@ pub trait Trainer: Sized {
     /// Build a fresh subject from `setup` and load what [`Trainer::save`] wrote in `dir`.
     fn load(setup: &Setup, device: &Device, dir: &Path) -> Result<Self>;
 
+    /// Train `epochs` passes over `train` (one optimizer step per batch), returning the loss
+    /// of every step and the eval loss at the end of every epoch (on `eval`, when not empty).
+    /// Override when the subject has its own epoch logic (schedulers, shuffling, eval hooks):
+    /// that logic is what the epoch-boundary property checks.
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History> {
+        let mut h = crate::train::History::default();
+        let mut step = 0;
+        for epoch in 0..epochs {
+            for b in train {
+                step += 1;
+                h.train.push((step, epoch, self.train_step(std::slice::from_ref(b))?.loss));
+            }
+            if !eval.is_empty() {
+                h.eval.push((step, self.eval_loss(eval)?));
+            }
+        }
+        Ok(h)
+    }
+
     /// Seeded sampling of `new_tokens` tokens (temperature 1) after each row of `prompt`.
     fn sample(&self, prompt: &Tensor, new_tokens: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
         crate::model::generate::sample_with(|ids| self.logits(ids, Mode::Eval), prompt, new_tokens, seed)
@@ -192,6 +211,11 @@ impl Trainer for RefTrainer {
 
     fn save(&self, dir: &Path) -> Result<()> {
         crate::train::checkpoint::save(self, dir, "tunecheck-synthetic")
+    }
+
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History> {
+        self.set_epochs(epochs, if eval.is_empty() { EvalStrategy::No } else { EvalStrategy::Epoch });
+        RefTrainer::fit(self, train, eval)
     }
 
     fn load(setup: &Setup, device: &Device, dir: &Path) -> Result<Self> {

@@ -268,9 +268,11 @@ impl From<Failure> for TestCaseError {
 }
 
 /// The trainer properties over the [`crate::subject::Trainer`] trait, by id.
-pub const TRAINER_PROPERTIES: [(&str, &str); 4] = [
+pub const TRAINER_PROPERTIES: [(&str, &str); 6] = [
     ("P1", "train == eval, kv-cache, no collapse"),
+    ("P2", "untrained tokens: refuse, fix or train finite"),
     ("P3", "save -> load bitwise, 4-bit config travels"),
+    ("P4", "loss descends, eval runs, epochs seamless"),
     ("P5", "accumulation == one big batch"),
     ("P8", "gradients reach every trainable tensor"),
 ];
@@ -282,10 +284,12 @@ pub fn run_trainer_property<T: crate::subject::Trainer>(
     device: &Device,
     cfg: &crate::props::runner::PropConfig,
 ) -> crate::props::runner::PropOutcome {
-    use crate::props::{p1_modes, p3_reload, p5_accumulation, p8_gradients};
+    use crate::props::{p1_modes, p2_untrained, p3_reload, p4_descent, p5_accumulation, p8_gradients};
     match id {
         "P1" => p1_modes::eval_train_equivalence(factory, device, cfg),
+        "P2" => p2_untrained::untrained_tokens(factory, device, cfg),
         "P3" => p3_reload::save_reload(factory, device, cfg),
+        "P4" => p4_descent::descent(factory, device, cfg),
         "P5" => p5_accumulation::accumulation(factory, device, cfg),
         "P8" => p8_gradients::gradient_reach(factory, device, cfg),
         other => crate::props::runner::PropOutcome::Skipped(format!("unknown property {other}")),

@@ -4,7 +4,9 @@
 pub mod compare;
 pub mod forward;
 pub mod p1_modes;
+pub mod p2_untrained;
 pub mod p3_reload;
+pub mod p4_descent;
 pub mod p5_accumulation;
 pub mod p8_gradients;
 pub mod runner;

@@ -76,6 +76,8 @@ pub struct TrainFaults {
     pub reset_at_epoch: bool,
     /// Skip evaluation even when asked.
     pub skip_eval: bool,
+    /// Train on untrained tokens with frozen embeddings without refusing or fixing them.
+    pub ignore_untrained: bool,
 }
 
 /// Trainer configuration.
@@ -269,6 +271,12 @@ impl RefTrainer {
         &mut self.opt
     }
 
+    /// Set the number of epochs and the eval strategy for the next [`RefTrainer::fit`].
+    pub fn set_epochs(&mut self, epochs: usize, eval: EvalStrategy) {
+        self.cfg.epochs = epochs;
+        self.cfg.eval = eval;
+    }
+
     /// (schedule step, epoch), for saving and resuming.
     pub fn progress(&self) -> (usize, usize) {
         (self.schedule_step, self.epoch)
@@ -291,7 +299,7 @@ impl RefTrainer {
     }
 
     fn check_untrained(&self, batches: &[Batch]) -> Result<()> {
-        if self.untrained.is_empty() || self.token_rows_trainable() {
+        if self.untrained.is_empty() || self.token_rows_trainable() || self.faults.ignore_untrained {
             return Ok(());
         }
         for b in batches {
