@@ -19,6 +19,16 @@ macro_rules! conformance {
         $crate::conformance!($factory, devices = [cpu]);
     };
     ($factory:expr, devices = [$($dev:ident),+ $(,)?]) => {
+        /// P6: CPU vs CUDA (skipped with a message without a GPU).
+        #[test]
+        fn p6_cpu_vs_cuda() {
+            $crate::props::p6_devices::cpu_vs_cuda(
+                &$factory,
+                &$crate::props::runner::PropConfig { cases: 4, seed: 0, source_file: ::std::option::Option::Some(file!()) },
+            )
+            .assert("p6_cpu_vs_cuda");
+        }
+
         $(
             #[allow(non_snake_case)]
             mod $dev {

@@ -230,3 +230,20 @@ fn dequantize_to_every_float_dtype() {
         }
     }
 }
+
+/// P7 as a property over a quantizer: the reference passes; a nibble-swapped packing (the
+/// classic bug) is caught by the bitsandbytes bytes, and would decode wrongly.
+#[test]
+fn p7_passes_on_the_reference_and_catches_swapped_nibbles() {
+    use tunecheck::props::p7_nf4::{nf4_round_trip, swapped_nibbles};
+    use tunecheck::props::runner::PropConfig;
+    let cfg = PropConfig::default();
+    assert!(nf4_round_trip(tunecheck::quant::quantize, &cfg).ok());
+    let bad = nf4_round_trip(swapped_nibbles, &cfg);
+    match bad {
+        tunecheck::props::runner::PropOutcome::Failed { detail, .. } => {
+            assert!(detail.contains("packed byte"), "{detail}")
+        }
+        other => panic!("swapped nibbles not caught: {other:?}"),
+    }
+}

@@ -8,6 +8,8 @@ pub mod p2_untrained;
 pub mod p3_reload;
 pub mod p4_descent;
 pub mod p5_accumulation;
+pub mod p6_devices;
+pub mod p7_nf4;
 pub mod p8_gradients;
 pub mod runner;
 
