@@ -46,7 +46,10 @@ pub const FP4_B32_ODD: (&[u32], [usize; 2], &[u8], &[u32]) = (
     &[0x4085ed5a, 0x3eba8d81],
 );
 
-fn reference_cases() -> Vec<(QuantType, Vec<f32>, Vec<usize>, Vec<u8>, Vec<f32>)> {
+/// One reference case: code, input, shape, packed bytes, absmax.
+type RefCase = (QuantType, Vec<f32>, Vec<usize>, Vec<u8>, Vec<f32>);
+
+fn reference_cases() -> Vec<RefCase> {
     [(QuantType::Nf4, NF4_B32_ODD), (QuantType::Fp4, FP4_B32_ODD)]
         .into_iter()
         .map(|(qt, (x, shape, packed, absmax))| {
