@@ -2,10 +2,12 @@
 //! framework that implements [`crate::subject::Trainer`] gets every property as a test, and
 //! proptest regression files land next to its own test file (`file!()` expands there).
 //!
-//! ```ignore
-//! // tests/tunecheck.rs in your crate
-//! fn my_factory(setup: &tunecheck::subject::Setup, device: &candle_core::Device) -> tunecheck::Result<MyTrainer> { ... }
-//! tunecheck::conformance!(my_factory, devices = [cpu, cuda]);
+//! ```no_run
+//! // tests/tunecheck.rs in your crate; `reference` stands in for your own factory
+//! // `fn(&Setup, &Device) -> tunecheck::Result<YourTrainer>` where `YourTrainer: Trainer`.
+//! use tunecheck::subject::reference;
+//! tunecheck::conformance!(reference, devices = [cpu, cuda]);
+//! # fn main() {}
 //! ```
 //!
 //! Each device becomes a module (`cpu::p1_eval_train_equivalence`, `cuda::...`). A missing

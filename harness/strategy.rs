@@ -199,8 +199,9 @@ pub fn arb_setup(kind: AdapterKind, grad_accum: usize) -> impl Strategy<Value = 
         })
 }
 
-/// `n` micro-batches of `b` random sequences (1..=`max_len` tokens, so token counts are
-/// uneven) over `vocab`, right-padded with label −100, from `seed`.
+/// `n` micro-batches of `b` random sequences (3..`max_len`+3 tokens, so token counts are
+/// uneven, and every row has a position that attends two keys) over `vocab`, right-padded
+/// with label −100, from `seed`.
 pub fn random_batches(vocab: usize, seed: u64, n: usize, b: usize, max_len: usize) -> Vec<crate::train::Batch> {
     use rand_core::RngCore;
     let mut rng = crate::weights::stream(seed, "random_batches");
@@ -208,7 +209,7 @@ pub fn random_batches(vocab: usize, seed: u64, n: usize, b: usize, max_len: usiz
         .map(|_| {
             let seqs: Vec<Vec<u32>> = (0..b)
                 .map(|_| {
-                    let len = 2 + (rng.next_u32() as usize) % max_len.max(1);
+                    let len = 3 + (rng.next_u32() as usize) % max_len.max(1);
                     (0..len).map(|_| rng.next_u32() % vocab as u32).collect()
                 })
                 .collect();

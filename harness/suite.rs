@@ -177,8 +177,36 @@ pub fn mutant_table(rows: &[MutantOutcome]) -> String {
         if let Some((seed, ids)) = &r.outcome.minimal_case {
             s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
         }
+        if let Some(summary) = r.outcome.minimal_config.as_ref().and_then(summarize) {
+            s.push_str(&format!("  minimal setup: {summary}\n"));
+        }
     }
     s
+}
+
+/// One line for a minimal counterexample: model sizes, and adapter when present.
+pub fn summarize(v: &serde_json::Value) -> Option<String> {
+    let cfg = v.get("config").unwrap_or(v);
+    let model = format!(
+        "{} layers={} hidden={} heads={}/{} head_dim={} vocab={}",
+        cfg.get("model_type")?.as_str()?,
+        cfg.get("num_hidden_layers")?,
+        cfg.get("hidden_size")?,
+        cfg.get("num_attention_heads")?,
+        cfg.get("num_key_value_heads")?,
+        cfg.get("head_dim")?,
+        cfg.get("vocab_size")?
+    );
+    Some(match v.get("lora") {
+        Some(l) => format!(
+            "{model}; lora r={} targets={} save={}; 4-bit={}",
+            l["r"],
+            l["target_modules"],
+            l["modules_to_save"],
+            v.get("quantization_config").is_some_and(|q| !q.is_null())
+        ),
+        None => model,
+    })
 }
 
 /// Run one property over `cases` seeded cases of `family`, shrinking any failure.
@@ -266,6 +294,9 @@ impl From<Failure> for TestCaseError {
         TestCaseError::fail(f.to_string())
     }
 }
+
+/// Number of mutants `check --mutants` runs (forward and trainer).
+pub const MUTANT_COUNT: usize = 4 + crate::mutants::TrainerBug::ALL.len();
 
 /// The trainer properties over the [`crate::subject::Trainer`] trait, by id.
 pub const TRAINER_PROPERTIES: [(&str, &str); 6] = [

@@ -40,12 +40,20 @@ fn reference_passes_every_trainer_property() {
 #[test]
 fn each_mutant_fails_its_property_matrix_pinned() {
     let mut matrix = String::from("mutant                              P1   P2   P3   P4   P5   P8\n");
+    let mut minimal_cases = String::from("\nshrunk counterexamples (the property built for each mutant):\n");
     for bug in TrainerBug::ALL {
         // Mutant failures are expected: keep them out of the regression file.
         let cfg = PropConfig { cases: 4, seed: 1, source_file: None };
         let results = run_all(&factory(bug), &cfg);
         let own = results.iter().find(|(p, _)| *p == bug.caught_by()).expect("property exists");
         assert!(!own.1.ok(), "{} was not caught by {}", bug.name(), bug.caught_by());
+        if let PropOutcome::Failed { minimal, .. } = &own.1 {
+            minimal_cases.push_str(&format!(
+                "{}: {}\n",
+                bug.name(),
+                tunecheck::suite::summarize(minimal).unwrap_or_else(|| "(no setup)".into())
+            ));
+        }
         matrix.push_str(&format!("{:<34}", bug.name()));
         for (p, o) in &results {
             let cell = match (o.ok(), *p == bug.caught_by()) {
@@ -58,5 +66,6 @@ fn each_mutant_fails_its_property_matrix_pinned() {
         matrix.push('\n');
     }
     matrix.push_str("(FAIL* = the property built for that mutant)\n");
+    matrix.push_str(&minimal_cases);
     common::golden().bind(|| insta::assert_snapshot!("trainer_mutant_matrix", matrix));
 }

@@ -202,14 +202,24 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         v
     };
     let opts = Options { cases, seed, families };
+    let start = std::time::Instant::now();
     if mutants {
+        let total = suite::MUTANT_COUNT;
+        let mut done = 0;
         let say = |r: &suite::MutantOutcome| {
+            done += 1;
             if !json {
-                eprintln!("  {:<28} {}", r.mutant, if r.caught() { "caught" } else { "MISSED" });
+                let t = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "[{done:>2}/{total}] {t:6.1}s  {:<34} {}",
+                    r.mutant,
+                    if r.caught() { "caught" } else { "MISSED" }
+                );
             }
         };
-        let mut rows = suite::run_mutants(&device, &opts, say);
-        rows.extend(suite::run_trainer_mutants(&device, cases.div_ceil(4).max(2), seed, say));
+        let mut say = say;
+        let mut rows = suite::run_mutants(&device, &opts, &mut say);
+        rows.extend(suite::run_trainer_mutants(&device, cases.div_ceil(4).max(2), seed, &mut say));
         if json {
             println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
         } else {
@@ -217,13 +227,22 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         }
         return if rows.iter().all(|r| r.caught()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
-    let say = |r: &suite::Outcome| {
+    let total = opts.families.len() * suite::ModelProperty::ALL.len() + suite::TRAINER_PROPERTIES.len();
+    let mut done = 0;
+    let mut say = |r: &suite::Outcome| {
+        done += 1;
         if !json {
-            eprintln!("  {:<7} {:<14} {}", r.family, r.property, if r.passed { "pass" } else { "FAIL" });
+            let t = start.elapsed().as_secs_f64();
+            eprintln!(
+                "[{done:>2}/{total}] {t:6.1}s  {:<7} {:<14} {}",
+                r.family,
+                r.property,
+                if r.passed { "pass" } else { "FAIL" }
+            );
         }
     };
-    let mut rows = suite::run(&device, &opts, say);
-    rows.extend(suite::run_trainer(&device, cases.div_ceil(4).max(2), seed, say));
+    let mut rows = suite::run(&device, &opts, &mut say);
+    rows.extend(suite::run_trainer(&device, cases.div_ceil(4).max(2), seed, &mut say));
     if json {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
     } else {

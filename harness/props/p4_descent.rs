@@ -58,7 +58,13 @@ pub fn successor_batches(vocab: usize, seed: u64, n: usize) -> Vec<Batch> {
 
 /// Check P4 on one setup.
 pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device: &Device, setup: &Setup) -> Check {
-    let data = successor_batches(setup.spec.vocab_size, setup.adapter_seed, 6);
+    // Full learning rate from the first step: a warmup longer than an epoch would measure
+    // the schedule, not the descent.
+    let mut setup = setup.clone();
+    setup.train.schedule.warmup_steps = 0;
+    setup.train.schedule.total_steps = 16;
+    let setup = &setup;
+    let data = successor_batches(setup.spec.vocab_size, setup.adapter_seed, 8);
     let eval = &data[..2];
     let mut t = factory(setup, device)?;
     let h = t.fit(&data, eval, 2)?;

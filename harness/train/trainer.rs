@@ -189,7 +189,13 @@ impl RefTrainer {
         }
         let mut weights = weights.clone();
         let found = untrained::detect(&weights, untrained::DEFAULT_THRESHOLD)?;
-        let untrained = if cfg.untrained == UntrainedPolicy::FixMean {
+        // Trainable token rows that start at exactly zero are not safe either: a zero
+        // embedding stays zero through every residual branch, and each RMSNorm it meets
+        // multiplies the gradient by 1/√eps (1e3 at eps 1e-6), so a deep model's gradient
+        // overflows f32 to inf/NaN at the first step (found by P2). Fix them first, as when
+        // asked to.
+        let rows_trainable = lora.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "lm_head");
+        let untrained = if cfg.untrained == UntrainedPolicy::FixMean || (rows_trainable && !found.is_empty()) {
             untrained::fix_mean(&mut weights, &found)?;
             Vec::new()
         } else {

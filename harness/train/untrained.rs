@@ -11,7 +11,9 @@ use crate::weights::Weights;
 /// What to do when the training data contains untrained tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UntrainedPolicy {
-    /// Error unless `embed_tokens` (or `lm_head`) is trainable.
+    /// Error when such tokens occur in a batch while `embed_tokens`/`lm_head` are frozen;
+    /// when they are trainable, fix the rows to the mean first (zero rows amplify gradients
+    /// by 1/√eps per RMSNorm and overflow f32 in deep models).
     Refuse,
     /// Set untrained rows to the mean of the trained rows before training.
     FixMean,
