@@ -326,13 +326,13 @@ impl ArchSpec {
                 return Err(Error::field(field, "must be at least 1, got 0"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::field(
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads = {}", self.num_kv_heads, self.num_heads),
             ));
         }
-        if self.family == Family::Llama && self.hidden_size % self.num_heads != 0 {
+        if self.family == Family::Llama && !self.hidden_size.is_multiple_of(self.num_heads) {
             // transformers' LlamaConfig rejects this even when head_dim is explicit.
             return Err(Error::field(
                 "num_attention_heads",
@@ -342,7 +342,7 @@ impl ArchSpec {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::field("head_dim", format!("rope needs an even head_dim, got {}", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {

@@ -118,7 +118,7 @@ fn quantization_matches_bitsandbytes() {
         assert_eq!(got.len(), bnb.len());
         let max_abs = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let tol = if dq { 2e-2 * max_abs } else { 0.0 };
-        let bnb_trustworthy = shape.last().unwrap() % bs == 0;
+        let bnb_trustworthy = shape.last().unwrap().is_multiple_of(bs);
         let packed = u8s(&f, &format!("{name}.packed"));
         // bitsandbytes' own block scales, decoded from its nested state when double-quantized.
         let bnb_scales: Vec<f32> = if dq {

@@ -84,6 +84,10 @@ impl Linear {
                 // bitsandbytes' Linear4bit: cast the input to the compute dtype, multiply by the
                 // dequantized weight, cast the output back to the input dtype.
                 let compute = self.force_compute_dtype.unwrap_or(q.compute_dtype);
+                if let (Some(f), DType::F32) = (&q.fused, compute) {
+                    // The fused kernel: never materialises the weight; backward to x only.
+                    return Ok(f.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+                }
                 let w = if compute == q.dequantized.dtype() {
                     q.dequantized.clone()
                 } else {

@@ -1,9 +1,10 @@
 //! QLoRA's frozen base: a 4-bit quantized weight with its bitsandbytes configuration, and its
-//! dequantization in the compute dtype.
+//! dequantization in the compute dtype; in f32 it runs on the fused 4-bit kernels.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::quant::kernels::Packed4;
 use crate::quant::{quantize, QuantType, Quantized4};
 use crate::spec::{dtype_name, parse_dtype};
 
@@ -116,6 +117,9 @@ pub struct Quant4Linear {
     pub compute_dtype: DType,
     /// `dequantize(q)` → orig dtype → compute dtype, on the device (no gradient: frozen).
     pub dequantized: Tensor,
+    /// The fused kernels' form of the weight, when they compute exactly this function: f32
+    /// weight and f32 compute (other dtypes round the weight, and run on the dense path).
+    pub fused: Option<Packed4>,
 }
 
 impl Quant4Linear {
@@ -125,11 +129,16 @@ impl Quant4Linear {
         if q.shape.len() != 2 {
             return Err(Error::Msg(format!("a 4-bit linear weight must be 2-D, got shape {:?}", q.shape)));
         }
+        if orig_dtype == DType::F32 && compute_dtype == DType::F32 {
+            let fused = Packed4::new(&q, device)?;
+            let w = fused.dequantize()?.detach();
+            return Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w, fused: Some(fused) });
+        }
         let w = Tensor::from_vec(q.dequantize(), q.shape.as_slice(), device)?
             .to_dtype(orig_dtype)?
             .to_dtype(compute_dtype)?
             .detach();
-        Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w })
+        Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w, fused: None })
     }
 
     /// Quantize a dense `[out, in]` weight with `cfg`.

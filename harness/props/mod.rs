@@ -11,6 +11,7 @@ pub mod p5_accumulation;
 pub mod p6_devices;
 pub mod p7_nf4;
 pub mod p8_gradients;
+pub mod p9_kernels;
 pub mod runner;
 
 pub use compare::{bitwise_equal, max_abs_diff, rel_l2};

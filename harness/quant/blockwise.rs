@@ -198,7 +198,7 @@ impl Quantized4 {
     #[inline]
     pub fn code_at(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0f

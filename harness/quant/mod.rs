@@ -3,5 +3,6 @@
 
 pub mod blockwise;
 pub mod codes;
+pub mod kernels;
 
 pub use blockwise::{quantize, Absmax, QuantType, Quantized4};

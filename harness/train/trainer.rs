@@ -411,7 +411,7 @@ impl RefTrainer {
                 let r = self.train_step(chunk)?;
                 h.train.push((self.opt.step, epoch, r.loss));
                 if let EvalStrategy::Steps(n) = self.cfg.eval {
-                    if n > 0 && self.opt.step % n == 0 && !self.faults.skip_eval {
+                    if n > 0 && self.opt.step.is_multiple_of(n) && !self.faults.skip_eval {
                         h.eval.push((self.opt.step, self.eval_loss(eval)?));
                     }
                 }

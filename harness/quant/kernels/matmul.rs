@@ -1,0 +1,142 @@
+//! The fused 4-bit products, never materialising the dequantized weight `W [rows, cols]`:
+//! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
+//!   when `x` has one row). Weights are decoded once per 16 and reused across up to 8 input
+//!   rows; threads split the output features.
+//! - [`matmul_nn`]: `dx = g · W` (the backward with respect to the input). Threads split
+//!   the input features; each weight row piece is decoded once into a small scratch buffer.
+//!
+//! Every output element is computed by one thread in a fixed order, so results do not
+//! depend on the thread count, the batch size or the instruction set.
+
+use rayon::prelude::*;
+
+use super::isa::Isa;
+use super::simd;
+use super::view::Q4View;
+use crate::error::{Error, Result};
+
+/// Below this many multiply-adds one thread does it all.
+const PAR_MIN: usize = 1 << 16;
+
+fn check(v: &Q4View, isa: Isa, what: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if !isa.supported() {
+        return Err(Error::Msg(format!("this CPU cannot run the {} kernels", isa.name())));
+    }
+    if a.0 != a.1 || b.0 != b.1 {
+        return Err(Error::Msg(format!(
+            "{what}: buffers of {} and {} values do not fit a {}x{} weight (expected {} and {})",
+            a.0, b.0, v.rows, v.cols, a.1, b.1
+        )));
+    }
+    Ok(())
+}
+
+/// Rows of x per decoded weight chunk.
+fn group(isa: Isa) -> usize {
+    if isa == Isa::Avx512 {
+        8
+    } else {
+        4
+    }
+}
+
+/// The dot products of weight row `o` with input rows `x[m0..m0+n]`, into `out[..n]`.
+fn row_dots(v: &Q4View, isa: Isa, o: usize, x: &[f32], m0: usize, n: usize, out: &mut [f32]) {
+    let (s, e) = (o * v.cols, (o + 1) * v.cols);
+    let c = v.cols;
+    let xr = |r: usize| &x[(m0 + r) * c..(m0 + r + 1) * c];
+    macro_rules! go {
+        ($($k:literal),*) => {
+            match n {
+                $($k => {
+                    let d = simd::dot::<$k>(isa, v, s, e, std::array::from_fn(xr));
+                    out[..$k].copy_from_slice(&d);
+                })*
+                _ => unreachable!("group sizes are 1..=8"),
+            }
+        };
+    }
+    go!(1, 2, 3, 4, 5, 6, 7, 8);
+}
+
+/// `y[m, o] = Σ_i x[m, i] · W[o, i]`; `x` is `[m, cols]`, `y` is `[m, rows]`, row-major.
+pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Result<()> {
+    check(v, isa, "matmul_nt", (x.len(), m * v.cols), (y.len(), m * v.rows))?;
+    if m == 0 || v.rows == 0 {
+        return Ok(());
+    }
+    let g = group(isa);
+    // Work on yᵀ [rows, m] so that each task owns a contiguous piece.
+    let fill = |o0: usize, yt: &mut [f32]| {
+        for (k, yo) in yt.chunks_mut(m).enumerate() {
+            let mut m0 = 0;
+            while m0 < m {
+                let n = g.min(m - m0);
+                row_dots(v, isa, o0 + k, x, m0, n, &mut yo[m0..m0 + n]);
+                m0 += n;
+            }
+        }
+    };
+    if m == 1 {
+        run_rows(v, m, y, fill);
+        return Ok(());
+    }
+    let mut yt = vec![0f32; m * v.rows];
+    run_rows(v, m, &mut yt, fill);
+    for (o, col) in yt.chunks(m).enumerate() {
+        for (mi, val) in col.iter().enumerate() {
+            y[mi * v.rows + o] = *val;
+        }
+    }
+    Ok(())
+}
+
+/// Split `[rows, m]` output over threads by weight rows.
+fn run_rows(v: &Q4View, m: usize, yt: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
+    if v.numel() * m < PAR_MIN {
+        fill(0, yt);
+        return;
+    }
+    let rows_per = v.rows.div_ceil(8 * rayon::current_num_threads()).max(1);
+    yt.par_chunks_mut(rows_per * m).enumerate().for_each(|(t, c)| fill(t * rows_per, c));
+}
+
+/// `dx[m, i] = Σ_o g[m, o] · W[o, i]`; `g` is `[m, rows]`, `dx` is `[m, cols]`, row-major.
+pub fn matmul_nn(v: &Q4View, g: &[f32], m: usize, dx: &mut [f32], isa: Isa) -> Result<()> {
+    check(v, isa, "matmul_nn", (g.len(), m * v.rows), (dx.len(), m * v.cols))?;
+    if m == 0 || v.cols == 0 {
+        return Ok(());
+    }
+    let (rows, cols) = (v.rows, v.cols);
+    // One task: columns [i0, i1) for every input row, accumulated over o in order.
+    let task = |i0: usize, i1: usize| -> Vec<f32> {
+        let w = i1 - i0;
+        let mut acc = vec![0f32; m * w];
+        let mut scratch = vec![0f32; w];
+        for o in 0..rows {
+            simd::decode(isa, v, o * cols + i0, o * cols + i1, &mut scratch);
+            for (mi, a) in acc.chunks_mut(w).enumerate() {
+                simd::axpy(isa, g[mi * rows + o], &scratch, a);
+            }
+        }
+        acc
+    };
+    let width = if v.numel() * m < PAR_MIN {
+        cols
+    } else {
+        (cols.div_ceil(4 * rayon::current_num_threads()).div_ceil(16) * 16).max(16)
+    };
+    let starts: Vec<usize> = (0..cols).step_by(width).collect();
+    let parts: Vec<Vec<f32>> = if starts.len() == 1 {
+        vec![task(0, cols)]
+    } else {
+        starts.par_iter().map(|&i0| task(i0, (i0 + width).min(cols))).collect()
+    };
+    for (&i0, part) in starts.iter().zip(&parts) {
+        let w = (i0 + width).min(cols) - i0;
+        for (mi, p) in part.chunks(w).enumerate() {
+            dx[mi * cols + i0..mi * cols + i0 + w].copy_from_slice(p);
+        }
+    }
+    Ok(())
+}

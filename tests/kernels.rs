@@ -1,0 +1,159 @@
+//! The fast 4-bit kernels against the reference: P9 on every instruction set this CPU has,
+//! its mutants caught, the same bits on every instruction set and thread count, bf16
+//! rounding as `half`, the candle op's forward and backward, and CUDA vs CPU when a GPU
+//! exists.
+
+use candle_core::{Device, Tensor, Var};
+use half::bf16;
+use tunecheck::mutants::KernelBug;
+use tunecheck::props::p9_kernels::kernels_match_oracle;
+use tunecheck::props::runner::PropConfig;
+use tunecheck::quant::kernels::{
+    dequantize_bf16_into, dequantize_f32_into, matmul_nn, matmul_nt, Isa, Packed4, Q4View,
+};
+use tunecheck::quant::{quantize, QuantType, Quantized4};
+
+fn cfg() -> PropConfig {
+    PropConfig { cases: 8, seed: 7, source_file: None }
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    use rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0).collect()
+}
+
+fn big(rows: usize, cols: usize, bs: usize, qt: QuantType, dq: bool) -> Quantized4 {
+    quantize(&values(rows * cols, 1), &[rows, cols], qt, bs, dq).unwrap()
+}
+
+#[test]
+fn p9_holds_on_every_isa() {
+    for isa in Isa::available() {
+        let out = kernels_match_oracle(&isa, &cfg());
+        assert!(out.ok(), "{}: {out:?}", isa.name());
+    }
+}
+
+#[test]
+fn p9_catches_every_kernel_mutant() {
+    for bug in KernelBug::ALL {
+        let out = kernels_match_oracle(&bug, &cfg());
+        assert!(!out.ok(), "P9 passed on the {} mutant", bug.name());
+    }
+}
+
+/// Run `f` on a one-thread rayon pool.
+fn single_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(f)
+}
+
+#[test]
+fn same_bits_on_every_isa_and_thread_count() {
+    // Large enough for the threaded paths; odd cols so rows start mid-byte and mid-block.
+    for (rows, cols, bs, dq) in [(96, 771, 64, true), (64, 1024, 256, false)] {
+        let q = big(rows, cols, bs, QuantType::Nf4, dq);
+        let scales = q.block_scales();
+        let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), bs, rows, cols).unwrap();
+        let m = 5;
+        let x = values(m * cols, 2);
+        let g = values(m * rows, 3);
+        let run = |isa: Isa| {
+            let mut y = vec![0f32; m * rows];
+            let mut dx = vec![0f32; m * cols];
+            let mut w = vec![0f32; rows * cols];
+            matmul_nt(&v, &x, m, &mut y, isa).unwrap();
+            matmul_nn(&v, &g, m, &mut dx, isa).unwrap();
+            dequantize_f32_into(&v, isa, &mut w).unwrap();
+            let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            (bits(&y), bits(&dx), bits(&w))
+        };
+        let base = run(Isa::Scalar);
+        assert_eq!(base.2, q.dequantize().iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        for isa in Isa::available() {
+            assert_eq!(run(isa), base, "{} differs from scalar", isa.name());
+            assert_eq!(single_thread(|| run(isa)), base, "{} on one thread differs", isa.name());
+        }
+    }
+}
+
+#[test]
+fn bf16_output_rounds_like_half() {
+    let q = big(33, 517, 128, QuantType::Fp4, true);
+    let mut scales = q.block_scales();
+    // A NaN scale and a value that rounds up to infinity must convert like `half` too.
+    scales[3] = f32::NAN;
+    scales[5] = f32::MAX;
+    let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), 128, 33, 517).unwrap();
+    let mut want = vec![0f32; v.numel()];
+    dequantize_f32_into(&v, Isa::Scalar, &mut want).unwrap();
+    let want: Vec<u16> = want.iter().map(|f| bf16::from_f32(*f).to_bits()).collect();
+    for isa in Isa::available() {
+        let mut got = vec![bf16::ZERO; v.numel()];
+        dequantize_bf16_into(&v, isa, &mut got).unwrap();
+        let got: Vec<u16> = got.iter().map(|b| b.to_bits()).collect();
+        assert_eq!(got, want, "{}", isa.name());
+    }
+}
+
+#[test]
+fn kernels_refuse_wrong_sizes_with_a_message() {
+    let q = big(4, 64, 64, QuantType::Nf4, false);
+    let scales = q.block_scales();
+    let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), 64, 4, 64).unwrap();
+    let err = matmul_nt(&v, &[0.0; 10], 1, &mut [0.0; 4], Isa::Scalar).unwrap_err().to_string();
+    assert!(err.contains("matmul_nt") && err.contains("4x64"), "{err}");
+    let err = Q4View::new(&q.packed[1..], &scales, q.quant_type.code(), 64, 4, 64).unwrap_err().to_string();
+    assert!(err.contains("weight"), "{err}");
+    let err = Q4View::new(&q.packed, &scales[1..], q.quant_type.code(), 64, 4, 64).unwrap_err().to_string();
+    assert!(err.contains("absmax"), "{err}");
+}
+
+#[test]
+fn candle_op_forward_and_backward_match_dense() {
+    let dev = Device::Cpu;
+    let (rows, cols) = (24, 97);
+    let q = big(rows, cols, 32, QuantType::Nf4, true);
+    let p = Packed4::new(&q, &dev).unwrap();
+    let w = Tensor::from_vec(q.dequantize(), (rows, cols), &dev).unwrap();
+    assert_eq!(
+        p.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let x = Var::from_tensor(&Tensor::from_vec(values(2 * 3 * cols, 9), (2, 3, cols), &dev).unwrap()).unwrap();
+    let t = Tensor::from_vec(values(2 * 3 * rows, 10), (2, 3, rows), &dev).unwrap();
+    let fused = p.forward(x.as_tensor()).unwrap();
+    let dense = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+    assert_eq!(fused.dims(), &[2, 3, rows]);
+    let rel = tunecheck::props::rel_l2(&fused, &dense).unwrap();
+    assert!(rel < 1e-6, "forward rel L2 {rel}");
+    // Gradient with respect to the input through a loss that weights every output.
+    let gf = (fused * &t).unwrap().sum_all().unwrap().backward().unwrap();
+    let gd = (dense * &t).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, b) = (gf.get(x.as_tensor()).unwrap(), gd.get(x.as_tensor()).unwrap());
+    let rel = tunecheck::props::rel_l2(a, b).unwrap();
+    assert!(rel < 1e-6, "input gradient rel L2 {rel}");
+}
+
+#[test]
+fn cuda_kernels_match_cpu() {
+    let Some(gpu) = tunecheck::device::cuda_or_skip("cuda_kernels_match_cpu") else { return };
+    let (rows, cols) = (300, 515);
+    let q = big(rows, cols, 64, QuantType::Nf4, true);
+    let cpu = Packed4::new(&q, &Device::Cpu).unwrap();
+    let cuda = Packed4::new(&q, &gpu).unwrap();
+    let wc = cpu.dequantize().unwrap();
+    let wg = cuda.dequantize().unwrap().to_device(&Device::Cpu).unwrap();
+    assert!(tunecheck::props::bitwise_equal(&wc, &wg).unwrap(), "CUDA dequantize differs");
+    let x = Tensor::from_vec(values(7 * cols, 4), (7, cols), &Device::Cpu).unwrap();
+    let yc = cpu.forward(&x).unwrap();
+    let xg = Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap();
+    let yg = cuda.forward(xg.as_tensor()).unwrap();
+    let rel = tunecheck::props::rel_l2(&yc, &yg.to_device(&Device::Cpu).unwrap()).unwrap();
+    assert!(rel < 1e-5, "CUDA forward rel L2 {rel}");
+    let grad = yg.sum_all().unwrap().backward().unwrap();
+    let gx = grad.get(xg.as_tensor()).unwrap().to_device(&Device::Cpu).unwrap();
+    let want = Tensor::ones((7, rows), candle_core::DType::F32, &Device::Cpu).unwrap().matmul(&wc).unwrap();
+    let rel = tunecheck::props::rel_l2(&gx, &want).unwrap();
+    assert!(rel < 1e-5, "CUDA input gradient rel L2 {rel}");
+}
