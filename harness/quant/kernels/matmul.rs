@@ -1,6 +1,6 @@
 //! The fused 4-bit products, never materialising the dequantized weight `W [rows, cols]`:
 //! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
-//!   when `x` has one row). Weights are decoded once per 16 and reused across up to 8 input
+//!   when `x` has one row). Weights are decoded once per 16 and reused across up to 4 input
 //!   rows; threads split the output features.
 //! - [`matmul_nn`]: `dx = g · W` (the backward with respect to the input). Threads split
 //!   the input features; each weight row piece is decoded once into a small scratch buffer.
@@ -33,10 +33,12 @@ fn check(v: &Q4View, isa: Isa, what: &str, a: (usize, usize), b: (usize, usize))
 
 /// Rows of x per decoded weight chunk.
 fn group(isa: Isa) -> usize {
+    // Four accumulators per row must stay in registers: 16 of the 32 zmm, 16 of the 16 ymm
+    // (AVX2 then spills a little; the bits are the same either way).
     if isa == Isa::Avx512 {
-        8
-    } else {
         4
+    } else {
+        2
     }
 }
 

@@ -1,9 +1,11 @@
 //! The inner loops, one per instruction set, all computing the same bits:
 //! - `decode`: `out[k] = code[q(f)] · scale(f)` over a flat range (one rounding);
 //! - `dot`: for R input rows at once, `Σ_k w(f_k) · x[k]` with `w = code · scale` rounded as
-//!   in `decode`, accumulated in 16 lanes (`lane = k mod 16` from the first even flat index),
-//!   reduced by the fixed tree `(l + l⁺⁸) → (+⁴) → (+²) → (+¹)`, plus a sequential tail
-//!   (an odd leading element and the last `< 16`), every step a fused multiply-add;
+//!   in `decode`. From the first even flat index the row is cut into 16-element chunks;
+//!   chunk `c` accumulates with fused multiply-adds into accumulator `c mod 4` (four
+//!   independent chains hide the FMA latency), 16 lanes each. The result is
+//!   `tree((a0 + a1) + (a2 + a3)) + tail`, with the fixed tree `(l + l⁺⁸) → (+⁴) → (+²) → (+¹)`
+//!   and a sequential fused tail (an odd leading element and the last `< 16`);
 //! - `axpy`: `y[k] = fma(a, w[k], y[k])`.
 //!
 //! The caller has checked that the chosen [`Isa`] is supported by this CPU.
@@ -14,13 +16,7 @@ use super::view::Q4View;
 /// `code · scale` of flat element `f` (the reference's rounding).
 #[inline]
 fn weight(v: &Q4View, f: usize) -> f32 {
-    v.code[v.nibble(f)] * v.scales[f / v.blocksize]
-}
-
-/// The per-lane scales of the 16 elements from flat index `c`.
-#[inline]
-fn lane_scales(v: &Q4View, c: usize) -> [f32; 16] {
-    std::array::from_fn(|j| v.scales[(c + j) / v.blocksize])
+    v.code[v.nibble(f)] * v.scales[v.block(f)]
 }
 
 /// Decode flat `[s, e)` into `out` (`e − s` values).
@@ -125,18 +121,24 @@ fn rest<const R: usize>(v: &Q4View, s: usize, mut f: usize, e: usize, xs: &[&[f3
 fn dot_scalar<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
     let mut tail = [0f32; R];
     let mut f = head(v, s, e, &xs, &mut tail);
-    let mut acc = [[0f32; 16]; R];
+    let mut acc = [[[0f32; 16]; 4]; R];
+    let mut c = 0;
     while f + 16 <= e {
         for j in 0..16 {
             let w = weight(v, f + j);
             for r in 0..R {
-                acc[r][j] = w.mul_add(xs[r][f - s + j], acc[r][j]);
+                acc[r][c % 4][j] = w.mul_add(xs[r][f - s + j], acc[r][c % 4][j]);
             }
         }
         f += 16;
+        c += 1;
     }
     rest(v, s, f, e, &xs, &mut tail);
-    std::array::from_fn(|r| tree(&acc[r]) + tail[r])
+    std::array::from_fn(|r| {
+        let a = &acc[r];
+        let l: [f32; 16] = std::array::from_fn(|j| (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]));
+        tree(&l) + tail[r]
+    })
 }
 
 /// `y[k] = fma(a, w[k], y[k])`.
@@ -162,7 +164,7 @@ mod x86 {
     //! AVX2+FMA and AVX-512F versions. Unaligned loads throughout; every pointer offset is
     //! bounded by the slice lengths checked in the safe callers.
 
-    use super::{head, lane_scales, rest, weight, Q4View};
+    use super::{head, rest, weight, Q4View};
     use std::arch::x86_64::*;
 
     // ---- AVX-512 ----------------------------------------------------------------------
@@ -188,21 +190,6 @@ mod x86 {
         let lo = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), sh);
         let hi = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, b)), sh);
         (_mm512_permutexvar_ps(lo, table), _mm512_permutexvar_ps(hi, table))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scales16(v: &Q4View, c: usize, cur: &mut (usize, __m512)) -> __m512 {
-        let b0 = c / v.blocksize;
-        if b0 == (c + 15) / v.blocksize {
-            if cur.0 != b0 {
-                *cur = (b0, _mm512_set1_ps(v.scales[b0]));
-            }
-            cur.1
-        } else {
-            let l = lane_scales(v, c);
-            _mm512_loadu_ps(l.as_ptr())
-        }
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -291,24 +278,81 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(unused_assignments)] // the scale cache's last update in the unrolled tail
     pub(super) unsafe fn dot_avx512<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
         let table = _mm512_loadu_ps(v.code.as_ptr());
         let mut tail = [0f32; R];
         let mut f = head(v, s, e, &xs, &mut tail);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut cur = (usize::MAX, _mm512_setzero_ps());
+        let z = _mm512_setzero_ps();
+        let (mut a0, mut a1, mut a2, mut a3) = ([z; R], [z; R], [z; R], [z; R]);
+        let (mut cur_b, mut cur_s) = (usize::MAX, z);
         let p = v.packed.as_ptr();
-        while f + 16 <= e {
-            let w = _mm512_mul_ps(codes16(p.add(f / 2), table), scales16(v, f, &mut cur));
-            for r in 0..R {
-                acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[r].as_ptr().add(f - s)), acc[r]);
+        let xp: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr().wrapping_sub(s));
+        // One 16-element chunk into accumulator `$a`.
+        macro_rules! chunk {
+            ($a:ident) => {{
+                let b0 = v.block(f);
+                let sc = if b0 == v.block(f + 15) {
+                    if cur_b != b0 {
+                        cur_b = b0;
+                        cur_s = _mm512_set1_ps(*v.scales.get_unchecked(b0));
+                    }
+                    cur_s
+                } else {
+                    // Blocks hold at least 32 elements: a chunk straddles one boundary at most.
+                    // No function call here: it would spill every accumulator.
+                    let first = ((b0 + 1) << v.shift) - f;
+                    let s0 = _mm512_set1_ps(*v.scales.get_unchecked(b0));
+                    let s1 = _mm512_set1_ps(*v.scales.get_unchecked(b0 + 1));
+                    _mm512_mask_blend_ps(((1u32 << first) - 1) as __mmask16, s1, s0)
+                };
+                let w = _mm512_mul_ps(codes16(p.add(f / 2), table), sc);
+                for r in 0..R {
+                    $a[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[r].wrapping_add(f)), $a[r]);
+                }
+                f += 16;
+            }};
+        }
+        // Four chunks inside one block: one scale, no per-chunk checks.
+        macro_rules! chunk_s {
+            ($a:ident, $codes:expr, $sc:expr, $off:expr) => {{
+                let w = _mm512_mul_ps($codes, $sc);
+                for r in 0..R {
+                    $a[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[r].wrapping_add(f + $off)), $a[r]);
+                }
+            }};
+        }
+        while f + 64 <= e {
+            if v.block(f) == v.block(f + 63) {
+                let sc = _mm512_set1_ps(*v.scales.get_unchecked(v.block(f)));
+                let (c0, c1) = codes32(p.add(f / 2), table);
+                let (c2, c3) = codes32(p.add(f / 2 + 16), table);
+                chunk_s!(a0, c0, sc, 0);
+                chunk_s!(a1, c1, sc, 16);
+                chunk_s!(a2, c2, sc, 32);
+                chunk_s!(a3, c3, sc, 48);
+                f += 64;
+            } else {
+                chunk!(a0);
+                chunk!(a1);
+                chunk!(a2);
+                chunk!(a3);
             }
-            f += 16;
+        }
+        if f + 16 <= e {
+            chunk!(a0);
+        }
+        if f + 16 <= e {
+            chunk!(a1);
+        }
+        if f + 16 <= e {
+            chunk!(a2);
         }
         rest(v, s, f, e, &xs, &mut tail);
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = tree512(acc[r]) + tail[r];
+            let l = _mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_add_ps(a2[r], a3[r]));
+            out[r] = tree512(l) + tail[r];
         }
         out
     }
@@ -370,39 +414,71 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    #[allow(unused_assignments)] // the scale cache's last update in the unrolled tail
     pub(super) unsafe fn dot_avx2<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
         let tl = _mm256_loadu_ps(v.code.as_ptr());
         let th = _mm256_loadu_ps(v.code.as_ptr().add(8));
         let mut tail = [0f32; R];
         let mut f = head(v, s, e, &xs, &mut tail);
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
-        let mut cur = (usize::MAX, _mm256_setzero_ps());
+        let z = _mm256_setzero_ps();
+        // Accumulator q as (lanes 0..8, lanes 8..16).
+        let (mut a0l, mut a0h, mut a1l, mut a1h) = ([z; R], [z; R], [z; R], [z; R]);
+        let (mut a2l, mut a2h, mut a3l, mut a3h) = ([z; R], [z; R], [z; R], [z; R]);
+        let (mut cur_b, mut cur_s) = (usize::MAX, z);
         let p = v.packed.as_ptr();
-        while f + 16 <= e {
-            let b0 = f / v.blocksize;
-            let (s0, s1) = if b0 == (f + 15) / v.blocksize {
-                if cur.0 != b0 {
-                    cur = (b0, _mm256_set1_ps(v.scales[b0]));
+        let xp: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr().wrapping_sub(s));
+        macro_rules! chunk {
+            ($lo:ident, $hi:ident) => {{
+                let b0 = v.block(f);
+                let (s0, s1) = if b0 == v.block(f + 15) {
+                    if cur_b != b0 {
+                        cur_b = b0;
+                        cur_s = _mm256_set1_ps(*v.scales.get_unchecked(b0));
+                    }
+                    (cur_s, cur_s)
+                } else {
+                    // At most one boundary in a chunk; lanes before it take the first scale.
+                    let first = _mm256_set1_epi32((((b0 + 1) << v.shift) - f) as i32);
+                    let sa = _mm256_set1_ps(*v.scales.get_unchecked(b0));
+                    let sb = _mm256_set1_ps(*v.scales.get_unchecked(b0 + 1));
+                    let m0 = _mm256_cmpgt_epi32(first, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                    let m1 = _mm256_cmpgt_epi32(first, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
+                    (
+                        _mm256_blendv_ps(sb, sa, _mm256_castsi256_ps(m0)),
+                        _mm256_blendv_ps(sb, sa, _mm256_castsi256_ps(m1)),
+                    )
+                };
+                let w0 = _mm256_mul_ps(codes8(p.add(f / 2), tl, th), s0);
+                let w1 = _mm256_mul_ps(codes8(p.add(f / 2 + 4), tl, th), s1);
+                for r in 0..R {
+                    let x = xp[r].wrapping_add(f);
+                    $lo[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), $lo[r]);
+                    $hi[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), $hi[r]);
                 }
-                (cur.1, cur.1)
-            } else {
-                let l = lane_scales(v, f);
-                (_mm256_loadu_ps(l.as_ptr()), _mm256_loadu_ps(l.as_ptr().add(8)))
-            };
-            let w0 = _mm256_mul_ps(codes8(p.add(f / 2), tl, th), s0);
-            let w1 = _mm256_mul_ps(codes8(p.add(f / 2 + 4), tl, th), s1);
-            for r in 0..R {
-                let x = xs[r].as_ptr().add(f - s);
-                lo[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), lo[r]);
-                hi[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), hi[r]);
-            }
-            f += 16;
+                f += 16;
+            }};
+        }
+        while f + 64 <= e {
+            chunk!(a0l, a0h);
+            chunk!(a1l, a1h);
+            chunk!(a2l, a2h);
+            chunk!(a3l, a3h);
+        }
+        if f + 16 <= e {
+            chunk!(a0l, a0h);
+        }
+        if f + 16 <= e {
+            chunk!(a1l, a1h);
+        }
+        if f + 16 <= e {
+            chunk!(a2l, a2h);
         }
         rest(v, s, f, e, &xs, &mut tail);
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = tree256(_mm256_add_ps(lo[r], hi[r])) + tail[r];
+            let lo = _mm256_add_ps(_mm256_add_ps(a0l[r], a1l[r]), _mm256_add_ps(a2l[r], a3l[r]));
+            let hi = _mm256_add_ps(_mm256_add_ps(a0h[r], a1h[r]), _mm256_add_ps(a2h[r], a3h[r]));
+            out[r] = tree256(_mm256_add_ps(lo, hi)) + tail[r];
         }
         out
     }

@@ -18,6 +18,8 @@ pub struct Q4View<'a> {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
+    /// `log2(blocksize)`: block of flat index `f` is `f >> shift` (no division in hot loops).
+    pub(crate) shift: u32,
 }
 
 impl<'a> Q4View<'a> {
@@ -41,12 +43,18 @@ impl<'a> Q4View<'a> {
                 format!("{} scales for {rows}x{cols} in blocks of {blocksize}", scales.len()),
             ));
         }
-        Ok(Q4View { packed, scales, code, blocksize, rows, cols })
+        Ok(Q4View { packed, scales, code, blocksize, rows, cols, shift: blocksize.trailing_zeros() })
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.rows * self.cols
+    }
+
+    /// The block of flat element `f`.
+    #[inline]
+    pub(crate) fn block(&self, f: usize) -> usize {
+        f >> self.shift
     }
 
     /// The code index of flat element `f`.
@@ -64,7 +72,7 @@ impl<'a> Q4View<'a> {
             if s >= end {
                 return None;
             }
-            let block = s / bs;
+            let block = self.block(s);
             let e = ((block + 1) * bs).min(end);
             let seg = (s, e, self.scales[block]);
             s = e;
