@@ -25,6 +25,7 @@ pub mod conformance;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod inspect;
 pub mod io;
 pub mod model;
 pub mod mutants;

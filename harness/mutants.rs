@@ -270,6 +270,14 @@ impl KernelBug {
         }
     }
 
+    /// The real-world bug it reproduces.
+    pub fn description(self) -> &'static str {
+        match self {
+            KernelBug::DroppedTail => "SIMD loop forgets the last <16 columns of each row",
+            KernelBug::StaleRowScale => "a row's first block scale reused for all its blocks",
+        }
+    }
+
     /// The weight this mutant computes with (row-major), from the reference decode.
     fn weights(self, v: &crate::quant::kernels::Q4View) -> Vec<f32> {
         let mut w = vec![0f32; v.numel()];

@@ -264,7 +264,9 @@ pub fn table(rows: &[Outcome]) -> String {
             .iter()
             .find(|p| p.id() == r.property)
             .map(|p| p.name())
-            .or_else(|| TRAINER_PROPERTIES.iter().find(|(id, _)| *id == r.property).map(|(_, n)| *n))
+            .or_else(|| {
+                TRAINER_PROPERTIES.iter().chain(&KERNEL_PROPERTIES).find(|(id, _)| *id == r.property).map(|(_, n)| *n)
+            })
             .unwrap_or(r.property);
         s.push_str(&format!(
             "{:<8} {:<42} {:>6}  {}\n",
@@ -295,8 +297,12 @@ impl From<Failure> for TestCaseError {
     }
 }
 
-/// Number of mutants `check --mutants` runs (forward and trainer).
-pub const MUTANT_COUNT: usize = 4 + crate::mutants::TrainerBug::ALL.len();
+/// Number of mutants `check --mutants` runs (forward, trainer and kernel).
+pub const MUTANT_COUNT: usize = 4 + crate::mutants::TrainerBug::ALL.len() + 1 + crate::mutants::KernelBug::ALL.len();
+
+/// The 4-bit properties (CPU kernels, whatever the device), by id.
+pub const KERNEL_PROPERTIES: [(&str, &str); 2] =
+    [("P7", "nf4/fp4 round trip, bitsandbytes bytes"), ("P9", "fast 4-bit kernels == reference")];
 
 /// The trainer properties over the [`crate::subject::Trainer`] trait, by id.
 pub const TRAINER_PROPERTIES: [(&str, &str); 6] = [
@@ -354,7 +360,56 @@ fn trainer_row(id: &str, device: &Device, cases: u32, seed: u64, o: crate::props
 }
 
 fn name_static(id: &str) -> &'static str {
-    TRAINER_PROPERTIES.iter().find(|(p, _)| *p == id).map_or("?", |(p, _)| p)
+    TRAINER_PROPERTIES.iter().chain(&KERNEL_PROPERTIES).find(|(p, _)| *p == id).map_or("?", |(p, _)| p)
+}
+
+/// Run the 4-bit properties: P7 on the reference quantizer, P9 on the fastest kernels.
+pub fn run_kernels(cases: u32, seed: u64, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
+    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
+    let p7 = crate::props::p7_nf4::nf4_round_trip(crate::quant::quantize, &cfg);
+    let p9 = crate::props::p9_kernels::kernels_match_oracle(&crate::quant::kernels::Isa::best(), &cfg);
+    [("P7", p7), ("P9", p9)]
+        .into_iter()
+        .map(|(id, o)| {
+            let row = trainer_row(id, &Device::Cpu, cases, seed, o);
+            progress(&row);
+            row
+        })
+        .collect()
+}
+
+/// Run the 4-bit mutants (swapped nibbles under P7, kernel bugs under P9); each must fail.
+pub fn run_kernel_mutants(cases: u32, seed: u64, mut progress: impl FnMut(&MutantOutcome)) -> Vec<MutantOutcome> {
+    use crate::mutants::KernelBug;
+    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
+    let mut rows = vec![MutantOutcome {
+        mutant: "swapped_nibbles",
+        bug: "element 2i packed in the low nibble (bitsandbytes puts it high)",
+        outcome: trainer_row(
+            "P7",
+            &Device::Cpu,
+            cases,
+            seed,
+            crate::props::p7_nf4::nf4_round_trip(crate::props::p7_nf4::swapped_nibbles, &cfg),
+        ),
+    }];
+    progress(&rows[0]);
+    for bug in KernelBug::ALL {
+        let row = MutantOutcome {
+            mutant: bug.name(),
+            bug: bug.description(),
+            outcome: trainer_row(
+                "P9",
+                &Device::Cpu,
+                cases,
+                seed,
+                crate::props::p9_kernels::kernels_match_oracle(&bug, &cfg),
+            ),
+        };
+        progress(&row);
+        rows.push(row);
+    }
+    rows
 }
 
 /// Run every trainer property against the reference trainer (`cases` per adapter kind).

@@ -94,11 +94,11 @@ fn check_passes_on_the_default_and_prints_a_table() {
     let o = bin().args(["check", "--cases", "4"]).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("18 passed, 0 failed"), "{text}");
+    assert!(text.contains("20 passed, 0 failed"), "{text}");
     let j = bin().args(["check", "--cases", "2", "--family", "gemma3", "--json"]).output().unwrap();
     assert!(j.status.success());
     let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 3 + 6);
+    assert_eq!(v.as_array().unwrap().len(), 3 + 6 + 2);
     let bad = bin().args(["check", "--family", "mistral"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
@@ -108,5 +108,5 @@ fn check_mutants_catches_every_planted_bug() {
     let o = bin().args(["check", "--mutants", "--cases", "8"]).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("10/10 mutants caught"), "{text}");
+    assert!(text.contains("13/13 mutants caught"), "{text}");
 }

@@ -132,6 +132,22 @@ enum Cmd {
         #[arg(long)]
         adapter: Option<PathBuf>,
     },
+    /// Inspect a checkpoint: untrained token rows (with token strings), NaN/Inf tensors, dtype
+    /// support, 4-bit config vs an adapter's, parameter counts and a probe forward.
+    /// Exit code 0 clean, 1 findings, 2 unusable input.
+    Inspect {
+        /// Hugging Face model directory (config.json + safetensors; tokenizer files optional).
+        dir: PathBuf,
+        /// PEFT adapter directory whose recorded base quantization is checked and applied in the probe.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Device for the dtype check and the probe: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -155,6 +171,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Inspect { dir, adapter, device, json } => inspect(&dir, adapter.as_deref(), &device, json),
         Cmd::Logits { model, input, ids, out, device, adapter } => {
             match logits(&model, input, &ids, out, &device, adapter.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +180,39 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+fn inspect(dir: &std::path::Path, adapter: Option<&std::path::Path>, device: &str, json: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let device = match tunecheck::device::parse(device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tunecheck inspect: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = |file: &std::path::Path, done: usize, total: usize| {
+        if tty && total > 1 && done < total {
+            eprint!("\rscanning [{}/{total}] {}\x1b[K", done + 1, file.display());
+        } else if tty && total > 1 {
+            eprintln!();
+        }
+    };
+    match tunecheck::inspect::inspect(dir, adapter, &device, progress) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", tunecheck::inspect::render(&r));
+            }
+            ExitCode::from(r.exit_code())
+        }
+        Err(e) => {
+            eprintln!("tunecheck inspect: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -220,6 +270,7 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         let mut say = say;
         let mut rows = suite::run_mutants(&device, &opts, &mut say);
         rows.extend(suite::run_trainer_mutants(&device, cases.div_ceil(4).max(2), seed, &mut say));
+        rows.extend(suite::run_kernel_mutants(cases, seed, &mut say));
         if json {
             println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
         } else {
@@ -227,7 +278,9 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
         }
         return if rows.iter().all(|r| r.caught()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
-    let total = opts.families.len() * suite::ModelProperty::ALL.len() + suite::TRAINER_PROPERTIES.len();
+    let total = opts.families.len() * suite::ModelProperty::ALL.len()
+        + suite::TRAINER_PROPERTIES.len()
+        + suite::KERNEL_PROPERTIES.len();
     let mut done = 0;
     let mut say = |r: &suite::Outcome| {
         done += 1;
@@ -243,6 +296,7 @@ fn check(device: &str, cases: u32, seed: u64, families: &[String], json: bool, m
     };
     let mut rows = suite::run(&device, &opts, &mut say);
     rows.extend(suite::run_trainer(&device, cases.div_ceil(4).max(2), seed, &mut say));
+    rows.extend(suite::run_kernels(cases, seed, &mut say));
     if json {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
     } else {

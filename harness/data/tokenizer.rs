@@ -30,9 +30,20 @@ pub fn fixture() -> Result<Tokenizer> {
     Tokenizer::from_bytes(FIXTURE_JSON.as_bytes()).map_err(|e| Error::Msg(format!("fixtures/tokenizer.json: {e}")))
 }
 
-/// Load a `tokenizer.json` from disk; errors name the file.
+/// Load a `tokenizer.json` from disk; errors name the file. The text is checked as JSON
+/// first, and the tokenizers crate's own parse runs behind `catch_unwind`: tokenizers 0.23
+/// panics (instead of erroring) on some malformed `decoder` sections, found by
+/// `tests/fuzz_bytes.rs`.
 pub fn load(path: &std::path::Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))
+    let bad = |m: String| Error::file(path, format!("not a valid tokenizer.json: {m}"));
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
+    serde_json::from_str::<serde_json::Value>(text).map_err(|e| bad(format!("not JSON ({e})")))?;
+    match std::panic::catch_unwind(|| text.parse::<Tokenizer>()) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(bad(e.to_string())),
+        Err(_) => Err(bad("the tokenizers crate panicked while parsing it".into())),
+    }
 }
 
 fn id(t: &Tokenizer, s: &str) -> Result<u32> {

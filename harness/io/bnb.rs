@@ -182,6 +182,10 @@ pub fn linear_tensors(path: &str, lin: &Quant4Linear) -> Result<BTreeMap<String,
 /// Quantize the projections of a dense checkpoint and save it the way transformers +
 /// bitsandbytes do (`tunecheck quantize`). Writes nothing until every tensor quantized.
 pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &QuantConfig) -> Result<()> {
+    crate::io::atomic::transaction(|| save_quantized_inner(dir, spec, weights, cfg))
+}
+
+fn save_quantized_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &QuantConfig) -> Result<()> {
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     for (key, _) in tensor_shapes(spec) {
         let t = weights.get(&key).ok_or_else(|| Error::Msg(format!("cannot quantize: tensor `{key}` is missing")))?;
@@ -199,9 +203,6 @@ pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &Quan
     config["quantization_config"] = cfg.to_json();
     let cfg_bytes = serde_json::to_vec_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::st::write_safetensors(&dir.join(SINGLE), &out)?;
-    let index = dir.join(crate::io::hf::INDEX);
-    if index.exists() {
-        std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
-    }
+    crate::io::atomic::remove_later(&dir.join(crate::io::hf::INDEX))?;
     crate::io::atomic::write_atomic(&dir.join(CONFIG), &cfg_bytes)
 }

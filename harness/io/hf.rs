@@ -54,14 +54,14 @@ impl Checkpoint {
 }
 
 /// Where each tensor of a checkpoint directory lives.
-struct Layout {
+pub(crate) struct Layout {
     /// file → tensors in it.
-    files: BTreeMap<PathBuf, Vec<String>>,
+    pub(crate) files: BTreeMap<PathBuf, Vec<String>>,
     /// The file that lists the tensors (the index when sharded, else the single file).
-    listing: PathBuf,
+    pub(crate) listing: PathBuf,
 }
 
-fn layout(dir: &Path) -> Result<Layout> {
+pub(crate) fn layout(dir: &Path) -> Result<Layout> {
     let single = dir.join(SINGLE);
     let index = dir.join(INDEX);
     if single.is_file() {
@@ -113,7 +113,7 @@ impl Opened {
     }
 }
 
-fn open_all(layout: &Layout) -> Result<Opened> {
+pub(crate) fn open_all(layout: &Layout) -> Result<Opened> {
     let mut index = BTreeMap::new();
     let mut files = BTreeMap::new();
     for (file, listed) in &layout.files {
@@ -206,6 +206,10 @@ pub enum Sharding {
 /// Save `spec` + `weights` as a transformers-loadable directory. Every file is written
 /// atomically; weights are checked against the spec first so a bad call writes nothing.
 pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
+    crate::io::atomic::transaction(|| save_inner(dir, spec, weights, sharding))
+}
+
+fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
     spec.validate()?;
     let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(spec).into_iter().collect();
     for (k, shape) in &expected {
@@ -260,9 +264,5 @@ pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) 
 }
 
 fn remove_if_exists(p: &Path) -> Result<()> {
-    match std::fs::remove_file(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(p, e)),
-    }
+    crate::io::atomic::remove_later(p)
 }

@@ -201,6 +201,16 @@ pub fn save(
     base_quant: Option<&QuantConfig>,
     base_model: &str,
 ) -> Result<()> {
+    crate::io::atomic::transaction(|| save_inner(dir, lora, params, base_quant, base_model))
+}
+
+fn save_inner(
+    dir: &Path,
+    lora: &LoraConfig,
+    params: &Params,
+    base_quant: Option<&QuantConfig>,
+    base_model: &str,
+) -> Result<()> {
     ensure_dir(dir)?;
     let mut tensors = BTreeMap::new();
     for (name, v) in params {

@@ -10,7 +10,7 @@
 //! checked the same way.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use crate::props::runner::{PropConfig, PropOutcome};
 use crate::quant::kernels::{dequantize_f32_into, matmul_nn, matmul_nt, Isa, Q4View};
@@ -150,8 +150,22 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> PropOu
     let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     match runner.run(&arb_kernel_case(), |c| check_case(kernels, &c)) {
         Ok(()) => PropOutcome::Passed { cases },
+        Err(TestError::Fail(why, c)) => {
+            let minimal = serde_json::json!({
+                "rows": c.q.shape[0],
+                "cols": c.q.shape[1],
+                "blocksize": c.q.blocksize,
+                "quant_type": c.q.quant_type.name(),
+                "double_quant": matches!(c.q.absmax, crate::quant::Absmax::Nested { .. }),
+                "input_rows": c.m,
+            });
+            PropOutcome::Failed {
+                detail: format!("P9/{} violated: {why}; minimal case {minimal}", kernels.name()),
+                minimal,
+            }
+        }
         Err(e) => PropOutcome::Failed {
-            detail: format!("P9/{} violated: {e}", kernels.name()),
+            detail: format!("P9/{} could not run: {e}", kernels.name()),
             minimal: serde_json::Value::Null,
         },
     }

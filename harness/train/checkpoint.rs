@@ -20,6 +20,10 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 
 /// Save the adapter, optimizer moments and progress of `tr` into `dir`.
 pub fn save(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
+    crate::io::atomic::transaction(|| save_inner(tr, dir, base_model))
+}
+
+fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
     peft::save(dir, tr.lora(), tr.params(), tr.quant(), base_model)?;
     write_safetensors(&dir.join(OPTIMIZER), &tr.optimizer().state_tensors())?;
     let (schedule_step, epoch) = tr.progress();

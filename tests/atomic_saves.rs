@@ -1,0 +1,131 @@
+//! Nothing lost: a save that fails at any of its file writes (an injected fault that leaves a
+//! half-written temp file) leaves the previous checkpoint byte-for-byte intact, loadable with
+//! the same bits, and no temp files behind; the next clean save lands completely.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Device;
+use tunecheck::io::atomic::inject_write_failure;
+use tunecheck::io::hf::{self, Sharding};
+use tunecheck::spec::{ArchSpec, Family};
+
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+/// Fail the `k`-th write of `save` for k = 0, 1, ... until it succeeds; after each failure
+/// the directory must equal `before` and `check` must pass. Returns how many writes failed.
+fn every_failure_point(dir: &Path, save: impl Fn() -> tunecheck::Result<()>, check: impl Fn()) -> usize {
+    let before = snapshot(dir);
+    for k in 0.. {
+        inject_write_failure(Some(k));
+        let r = save();
+        inject_write_failure(None);
+        match r {
+            Ok(()) => return k,
+            Err(e) => {
+                assert!(e.to_string().contains("injected"), "{e}");
+                assert_eq!(snapshot(dir), before, "write {k} failed and the directory changed");
+                check();
+            }
+        }
+    }
+    unreachable!()
+}
+
+fn weights_bits(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    let ck = hf::load(dir, &Device::Cpu, None).unwrap();
+    ck.weights
+        .iter()
+        .map(|(k, t)| {
+            (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn failed_model_saves_keep_the_previous_checkpoint() {
+    for sharding in [Sharding::Single, Sharding::MaxBytes(40_000)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ArchSpec::tiny(Family::Gemma2);
+        let v1 = tunecheck::weights::generate(&spec, 1, &Device::Cpu).unwrap();
+        let v2 = tunecheck::weights::generate(&spec, 2, &Device::Cpu).unwrap();
+        hf::save(tmp.path(), &spec, &v1, sharding).unwrap();
+        let bits1 = weights_bits(tmp.path());
+        // The second save switches layout too, so stale files must also survive a failure.
+        let other = if matches!(sharding, Sharding::Single) { Sharding::MaxBytes(40_000) } else { Sharding::Single };
+        let failed = every_failure_point(
+            tmp.path(),
+            || hf::save(tmp.path(), &spec, &v2, other),
+            || assert_eq!(weights_bits(tmp.path()), bits1),
+        );
+        assert!(failed >= 2, "{sharding:?}: only {failed} writes");
+        let bits2 = weights_bits(tmp.path());
+        assert_ne!(bits2, bits1);
+        let want: BTreeMap<String, Vec<u32>> = v2
+            .iter()
+            .map(|(k, t)| {
+                (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect())
+            })
+            .collect();
+        assert_eq!(bits2, want);
+        assert!(snapshot(tmp.path()).keys().all(|k| !k.contains(".tmp-")));
+    }
+}
+
+#[test]
+fn failed_quantized_and_trainer_saves_keep_the_previous_checkpoint() {
+    use tunecheck::adapt::QuantConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = ArchSpec::tiny(Family::Llama);
+    let v1 = tunecheck::weights::generate(&spec, 1, &Device::Cpu).unwrap();
+    let v2 = tunecheck::weights::generate(&spec, 2, &Device::Cpu).unwrap();
+    let cfg = QuantConfig { compute_dtype: candle_core::DType::F32, ..QuantConfig::default() };
+    tunecheck::io::bnb::save_quantized(tmp.path(), &spec, &v1, &cfg).unwrap();
+    let before = snapshot(tmp.path());
+    let failed = every_failure_point(
+        tmp.path(),
+        || tunecheck::io::bnb::save_quantized(tmp.path(), &spec, &v2, &cfg),
+        || assert!(hf::load(tmp.path(), &Device::Cpu, None).is_ok()),
+    );
+    assert!(failed >= 2);
+    assert_ne!(snapshot(tmp.path()), before);
+
+    // A trainer checkpoint (adapter + optimizer + progress), through the Trainer trait.
+    use tunecheck::subject::{reference, Trainer};
+    let spec = ArchSpec::tiny(Family::Llama);
+    let setup = tunecheck::subject::Setup {
+        weights: tunecheck::weights::generate(&spec, 5, &Device::Cpu).unwrap(),
+        lora: tunecheck::adapt::LoraConfig {
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..tunecheck::adapt::LoraConfig::default()
+        },
+        quant: Some(cfg),
+        train: tunecheck::train::TrainConfig::default(),
+        adapter_seed: 6,
+        spec,
+    };
+    let mut tr = reference(&setup, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tr.save(dir.path()).unwrap();
+    let saved = snapshot(dir.path());
+    let batches = tunecheck::strategy::random_batches(setup.spec.vocab_size, 7, 1, 2, 6);
+    tr.train_step(&batches).unwrap();
+    let failed = every_failure_point(
+        dir.path(),
+        || tr.save(dir.path()),
+        || {
+            let back = <tunecheck::train::RefTrainer as Trainer>::load(&setup, &Device::Cpu, dir.path()).unwrap();
+            assert_eq!(snapshot(dir.path()), saved);
+            drop(back);
+        },
+    );
+    assert!(failed >= 2, "trainer save wrote {failed} files");
+    assert_ne!(snapshot(dir.path()), saved);
+}
