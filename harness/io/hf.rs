@@ -64,6 +64,9 @@ pub(crate) struct Layout {
 pub(crate) fn layout(dir: &Path) -> Result<Layout> {
     let single = dir.join(SINGLE);
     let index = dir.join(INDEX);
+    if single.exists() && !single.is_file() {
+        return Err(Error::file(&single, "is not a regular file"));
+    }
     if single.is_file() {
         let names = StFile::open(&single)?.names()?;
         return Ok(Layout { files: [(single.clone(), names)].into(), listing: single });
