@@ -110,3 +110,24 @@ fn check_mutants_catches_every_planted_bug() {
     assert!(o.status.success(), "{text}");
     assert!(text.contains("13/13 mutants caught"), "{text}");
 }
+
+#[test]
+fn every_subcommand_speaks_json_for_ci() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    let parse = |o: std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
+    };
+    let v = parse(bin().args(["synth", "--family", "gemma3", "--json", "--out"]).arg(&m).output().unwrap());
+    assert_eq!(v["model_type"], "gemma3_text");
+    let v = parse(
+        bin().args(["quantize", "--json", "--model"]).arg(&m).arg("--out").arg(tmp.path().join("q")).output().unwrap(),
+    );
+    assert_eq!(v["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    let v = parse(bin().args(["logits", "--ids", "1,2,3", "--json", "--model"]).arg(&m).output().unwrap());
+    assert_eq!(v["logits"]["finite"], true);
+    assert_eq!(v["logits"]["shape"], serde_json::json!([1, 3, 64]));
+    let v = parse(bin().args(["inspect", "--json"]).arg(&m).output().unwrap());
+    assert!(v["findings"].as_array().unwrap().is_empty());
+}

@@ -65,6 +65,9 @@ enum Cmd {
         /// Split weights into shards of at most this many bytes (writes an index).
         #[arg(long)]
         shard_bytes: Option<usize>,
+        /// Print the result as JSON on stdout (for CI).
+        #[arg(long)]
+        json: bool,
     },
     /// Fine-tune a LoRA adapter on the synthetic successor task and save it as a PEFT directory.
     Train {
@@ -89,6 +92,9 @@ enum Cmd {
         /// Seed of the adapter init and the data.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Print the result as JSON on stdout (for CI).
+        #[arg(long)]
+        json: bool,
     },
     /// Quantize a checkpoint's projections to 4 bits and save it as transformers + bitsandbytes do.
     Quantize {
@@ -110,6 +116,9 @@ enum Cmd {
         /// bnb_4bit_compute_dtype: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         compute_dtype: String,
+        /// Print the result as JSON on stdout (for CI).
+        #[arg(long)]
+        json: bool,
     },
     /// Compute eval-mode logits of a checkpoint for token ids.
     Logits {
@@ -131,10 +140,17 @@ enum Cmd {
         /// PEFT LoRA adapter directory to apply on top of the model.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Print the result as JSON on stdout (for CI).
+        #[arg(long)]
+        json: bool,
     },
-    /// Inspect a checkpoint: untrained token rows (with token strings), NaN/Inf tensors, dtype
-    /// support, 4-bit config vs an adapter's, parameter counts and a probe forward.
-    /// Exit code 0 clean, 1 findings, 2 unusable input.
+    /// Inspect a checkpoint: untrained tokens, NaN/Inf, dtype, 4-bit config, probe forward
+    ///
+    /// Lists untrained token rows of embed_tokens/lm_head with their token strings (flagged
+    /// when special or used by the chat template), tensors with NaN/Inf, whether the device
+    /// computes in the checkpoint's dtype, the 4-bit config and whether an adapter's recorded
+    /// base config matches it, parameter counts, and a probe forward (finite logits? argmax
+    /// collapsed?). Exit code 0 clean, 1 findings, 2 unusable input.
     Inspect {
         /// Hugging Face model directory (config.json + safetensors; tokenizer files optional).
         dir: PathBuf,
@@ -156,13 +172,16 @@ fn main() -> ExitCode {
         Cmd::Check { device, cases, seed, family, json, mutants } => {
             check(&device, cases, seed, &family, json, mutants)
         }
-        Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype } => {
+        Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype, json } => {
+            set_json(json);
             report("quantize", quantize(&model, &out, &quant, blocksize, double_quant, &compute_dtype))
         }
-        Cmd::Train { model, out, steps, rank, targets, quant, seed } => {
+        Cmd::Train { model, out, steps, rank, targets, quant, seed, json } => {
+            set_json(json);
             report("train", train(&model, &out, steps, rank, &targets, quant.as_deref(), seed))
         }
-        Cmd::Synth { family, config, seed, out, shard_bytes } => {
+        Cmd::Synth { family, config, seed, out, shard_bytes, json } => {
+            set_json(json);
             match synth(&family, config, seed, &out, shard_bytes) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -172,7 +191,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Inspect { dir, adapter, device, json } => inspect(&dir, adapter.as_deref(), &device, json),
-        Cmd::Logits { model, input, ids, out, device, adapter } => {
+        Cmd::Logits { model, input, ids, out, device, adapter, json } => {
+            set_json(json);
             match logits(&model, input, &ids, out, &device, adapter.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -214,6 +234,21 @@ fn inspect(dir: &std::path::Path, adapter: Option<&std::path::Path>, device: &st
             eprintln!("tunecheck inspect: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn set_json(on: bool) {
+    let _ = JSON.set(on);
+}
+
+/// Report a result: the human line on stderr, or the JSON object on stdout with `--json`.
+fn done(human: String, json: serde_json::Value) {
+    if JSON.get().copied().unwrap_or(false) {
+        println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+    } else {
+        eprintln!("{human}");
     }
 }
 
@@ -329,7 +364,10 @@ fn quantize(
     }
     let cfg = tunecheck::adapt::QuantConfig { quant_type, blocksize, double_quant, compute_dtype };
     tunecheck::io::bnb::save_quantized(out, &ck.spec, &ck.weights, &cfg)?;
-    eprintln!("wrote {} 4-bit checkpoint ({} layers) to {}", quant_type.name(), ck.spec.num_layers, out.display());
+    done(
+        format!("wrote {} 4-bit checkpoint ({} layers) to {}", quant_type.name(), ck.spec.num_layers, out.display()),
+        serde_json::json!({"out": out, "quantization_config": cfg.to_json(), "layers": ck.spec.num_layers}),
+    );
     Ok(())
 }
 
@@ -376,7 +414,10 @@ fn train(
     tr.fit(&data, &[])?;
     let after = tr.eval_loss(&data[..data.len().min(4)])?;
     tunecheck::io::peft::save(out, tr.lora(), tr.params(), tr.quant(), &model.display().to_string())?;
-    eprintln!("trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}", out.display());
+    done(
+        format!("trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}", out.display()),
+        serde_json::json!({"out": out, "steps": steps, "loss_before": before, "loss_after": after}),
+    );
     Ok(())
 }
 
@@ -398,12 +439,20 @@ fn synth(
     let w = tunecheck::weights::generate(&spec, seed, &Device::Cpu)?;
     let sharding = shard_bytes.map_or(hf::Sharding::Single, hf::Sharding::MaxBytes);
     hf::save(out, &spec, &w, sharding)?;
-    eprintln!(
-        "wrote {} ({}, {} parameters, seed {seed}) to {}",
-        spec.family,
-        spec.family.architecture(),
-        spec.num_parameters(),
-        out.display()
+    done(
+        format!(
+            "wrote {} ({}, {} parameters, seed {seed}) to {}",
+            spec.family,
+            spec.family.architecture(),
+            spec.num_parameters(),
+            out.display()
+        ),
+        serde_json::json!({
+            "out": out,
+            "model_type": spec.family.model_type(),
+            "parameters": spec.num_parameters(),
+            "seed": seed,
+        }),
     );
     Ok(())
 }
@@ -477,11 +526,15 @@ fn logits(
     match out {
         Some(path) => {
             st::write_safetensors(&path, &outputs)?;
-            eprintln!("wrote {} tensor(s) to {}", outputs.len(), path.display());
+            done(
+                format!("wrote {} tensor(s) to {}", outputs.len(), path.display()),
+                serde_json::json!({"out": path, "tensors": outputs.keys().collect::<Vec<_>>()}),
+            );
         }
         None => {
-            println!(
-                "model: {} ({} layers, vocab {}, {} parameters)",
+            let mut summary = serde_json::Map::new();
+            let mut text = format!(
+                "model: {} ({} layers, vocab {}, {} parameters)\n",
                 ckpt.spec.family,
                 ckpt.spec.num_layers,
                 ckpt.spec.vocab_size,
@@ -490,10 +543,16 @@ fn logits(
             for (name, l) in &outputs {
                 let am = l.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
                 let finite = l.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
-                println!("{name}: shape {:?}, finite: {finite}", l.dims());
+                text.push_str(&format!("{name}: shape {:?}, finite: {finite}\n", l.dims()));
                 for (r, row) in am.iter().enumerate() {
-                    println!("  row {r} argmax per position: {row:?}");
+                    text.push_str(&format!("  row {r} argmax per position: {row:?}\n"));
                 }
+                summary.insert(name.clone(), serde_json::json!({"shape": l.dims(), "finite": finite, "argmax": am}));
+            }
+            if JSON.get().copied().unwrap_or(false) {
+                println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            } else {
+                print!("{text}");
             }
         }
     }
