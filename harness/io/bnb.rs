@@ -86,29 +86,8 @@ pub fn read_linear(
         }
     })?;
     let bytes = u8_vec(st, &state_key)?;
-    let meta: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::tensor(st.path(), &state_key, format!("not a JSON quant state: {e}")))?;
-    let field =
-        |k: &str| meta.get(k).ok_or_else(|| Error::tensor(st.path(), &state_key, format!("quant state has no `{k}`")));
-    let qt_name = field("quant_type")?.as_str().unwrap_or("");
-    if qt_name != qt.name() {
-        return Err(Error::tensor(st.path(), &state_key, format!("quant_type `{qt_name}`, expected `{}`", qt.name())));
-    }
-    let blocksize = field("blocksize")?
-        .as_u64()
-        .ok_or_else(|| Error::tensor(st.path(), &state_key, "blocksize is not an integer"))?
-        as usize;
-    let orig_dtype = field("dtype")?
-        .as_str()
-        .and_then(parse_dtype)
-        .ok_or_else(|| Error::tensor(st.path(), &state_key, "dtype is not float32, bfloat16 or float16"))?;
-    let got_shape: Vec<usize> = field("shape")?
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
-        .unwrap_or_default();
-    if got_shape != shape {
-        return Err(Error::tensor(st.path(), &state_key, format!("shape {got_shape:?}, expected {shape:?}")));
-    }
+    let state = parse_quant_state(&bytes, st.path(), &state_key, qt, shape)?;
+    let (blocksize, orig_dtype) = (state.blocksize, state.orig_dtype);
     let packed_file = opened.file_of(&w, listing)?;
     let packed = u8_vec(packed_file, &w)?;
     let map_key = format!("{w}.quant_map");
@@ -120,7 +99,7 @@ pub fn read_linear(
     let absmax_key = format!("{w}.absmax");
     used.push(absmax_key.clone());
     let absmax_file = opened.file_of(&absmax_key, listing)?;
-    let absmax = if meta.get("nested_offset").is_some() {
+    let absmax = if let Some((nested_blocksize, offset)) = state.nested {
         let nested_key = format!("{w}.nested_absmax");
         let nmap_key = format!("{w}.nested_quant_map");
         used.push(nested_key.clone());
@@ -132,8 +111,8 @@ pub fn read_linear(
         Absmax::Nested {
             codes: u8_vec(absmax_file, &absmax_key)?,
             nested_absmax: f32_vec(opened.file_of(&nested_key, listing)?, &nested_key)?,
-            nested_blocksize: field("nested_blocksize")?.as_u64().unwrap_or(0) as usize,
-            offset: field("nested_offset")?.as_f64().unwrap_or(f64::NAN) as f32,
+            nested_blocksize,
+            offset,
         }
     } else {
         Absmax::Plain(f32_vec(absmax_file, &absmax_key)?)
@@ -144,6 +123,50 @@ pub fn read_linear(
         other => other,
     })?;
     Ok((lin, used))
+}
+
+/// The fields of a bitsandbytes `quant_state` JSON blob that change the function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantState {
+    /// Elements per block.
+    pub blocksize: usize,
+    /// The weight's dtype before quantization.
+    pub orig_dtype: DType,
+    /// `(nested_blocksize, nested_offset)` when the scales are double-quantized.
+    pub nested: Option<(usize, f32)>,
+}
+
+/// Parse the `quant_state.bitsandbytes__{nf4,fp4}` blob stored as `key` in `file`, checking it
+/// against the expected code and logical shape; errors name the file and key.
+pub fn parse_quant_state(bytes: &[u8], file: &Path, key: &str, qt: QuantType, shape: &[usize]) -> Result<QuantState> {
+    let err = |m: String| Error::tensor(file, key, m);
+    let meta: Value = serde_json::from_slice(bytes).map_err(|e| err(format!("not a JSON quant state: {e}")))?;
+    let field = |k: &str| meta.get(k).ok_or_else(|| err(format!("quant state has no `{k}`")));
+    let qt_name = field("quant_type")?.as_str().unwrap_or("");
+    if qt_name != qt.name() {
+        return Err(err(format!("quant_type `{qt_name}`, expected `{}`", qt.name())));
+    }
+    let blocksize = field("blocksize")?.as_u64().ok_or_else(|| err("blocksize is not an integer".into()))?;
+    let blocksize = usize::try_from(blocksize).map_err(|_| err(format!("blocksize {blocksize} is too large")))?;
+    let orig_dtype = field("dtype")?
+        .as_str()
+        .and_then(parse_dtype)
+        .ok_or_else(|| err("dtype is not float32, bfloat16 or float16".into()))?;
+    let got_shape: Vec<usize> = field("shape")?
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+        .unwrap_or_default();
+    if got_shape != shape {
+        return Err(err(format!("shape {got_shape:?}, expected {shape:?}")));
+    }
+    let nested = if meta.get("nested_offset").is_some() {
+        let nb = field("nested_blocksize")?.as_u64().ok_or_else(|| err("nested_blocksize is not an integer".into()))?;
+        let off = field("nested_offset")?.as_f64().ok_or_else(|| err("nested_offset is not a number".into()))?;
+        Some((usize::try_from(nb).map_err(|_| err(format!("nested_blocksize {nb} is too large")))?, off as f32))
+    } else {
+        None
+    };
+    Ok(QuantState { blocksize, orig_dtype, nested })
 }
 
 /// The tensors transformers writes for one quantized weight `P.weight`.
