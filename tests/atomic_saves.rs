@@ -129,3 +129,21 @@ fn failed_quantized_and_trainer_saves_keep_the_previous_checkpoint() {
     assert!(failed >= 2, "trainer save wrote {failed} files");
     assert_ne!(snapshot(dir.path()), saved);
 }
+
+#[test]
+fn a_panic_inside_a_save_leaves_no_transaction_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.json");
+    let r = std::panic::catch_unwind(|| {
+        let _ = tunecheck::io::atomic::transaction(|| -> tunecheck::Result<()> {
+            tunecheck::io::atomic::write_atomic(&p, b"staged")?;
+            panic!("a saver bug");
+        });
+    });
+    assert!(r.is_err());
+    assert!(!p.exists(), "a panicked save must not land");
+    // The next plain write on this thread lands at once.
+    tunecheck::io::atomic::write_atomic(&p, b"now").unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"now");
+    assert!(snapshot(tmp.path()).keys().all(|k| !k.contains(".tmp-")));
+}

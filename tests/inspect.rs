@@ -92,7 +92,16 @@ fn nan_tensors_are_findings() {
 
 #[test]
 fn clean_fixtures_exit_zero_and_adapter_quant_mismatch_is_a_finding() {
-    for m in ["llama_gqa", "llama_tied_odd", "gemma", "gemma2_window", "gemma3", "llama_bnb_nf4_dq", "gemma2_bnb_fp4"] {
+    for m in [
+        "llama_gqa",
+        "llama_tied_odd",
+        "gemma",
+        "gemma2_window",
+        "gemma3",
+        "llama_bnb_nf4_dq",
+        "gemma2_bnb_fp4",
+        "tunecheck_nf4_dq",
+    ] {
         let o = bin().arg("inspect").arg(fixture(&format!("models/{m}"))).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{m}: {}", String::from_utf8_lossy(&o.stdout));
     }
@@ -113,7 +122,13 @@ fn clean_fixtures_exit_zero_and_adapter_quant_mismatch_is_a_finding() {
 #[test]
 fn corrupted_fixtures_exit_two_with_one_line() {
     let mut cases = 0;
-    for m in ["llama_gqa", "gemma3", "llama_bnb_nf4_dq"] {
+    let models: Vec<String> = std::fs::read_dir(fixture("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for m in &models {
         let src = fixture(&format!("models/{m}"));
         for file in ["config.json", "model.safetensors"] {
             let bytes = std::fs::read(src.join(file)).unwrap();
@@ -158,5 +173,31 @@ fn corrupted_fixtures_exit_two_with_one_line() {
         assert_eq!(o.status.code(), Some(2));
         assert_eq!(String::from_utf8(o.stderr).unwrap().trim_end().lines().count(), 1);
     }
-    assert_eq!(cases, 24);
+    assert_eq!(cases, models.len() * 8);
+
+    // Every adapter fixture, damaged, given to --adapter: exit 2, one line naming the file.
+    for a in std::fs::read_dir(fixture("adapters")).unwrap() {
+        let src = a.unwrap().path();
+        let base = if src.to_string_lossy().contains("gemma2") {
+            "models/gemma2_window"
+        } else if src.to_string_lossy().contains("gemma3") {
+            "models/gemma3"
+        } else {
+            "models/llama_gqa"
+        };
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            let bytes = std::fs::read(src.join(file)).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            for f in std::fs::read_dir(&src).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+            }
+            std::fs::write(tmp.path().join(file), &bytes[..bytes.len() / 2]).unwrap();
+            let o = bin().arg("inspect").arg(fixture(base)).arg("--adapter").arg(tmp.path()).output().unwrap();
+            let err = String::from_utf8(o.stderr).unwrap();
+            assert_eq!(o.status.code(), Some(2), "{}/{file}: {err}", src.display());
+            assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+            assert!(err.contains(file), "{err}");
+        }
+    }
 }

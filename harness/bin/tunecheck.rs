@@ -213,12 +213,25 @@ fn inspect(dir: &std::path::Path, adapter: Option<&std::path::Path>, device: &st
             return ExitCode::from(2);
         }
     };
+    // A progress line on a terminal only, for checkpoints worth waiting for (≥ 64 MiB).
     let tty = std::io::stderr().is_terminal();
+    let mut shown = 0usize;
     let progress = |file: &std::path::Path, done: usize, total: usize| {
-        if tty && total > 1 && done < total {
-            eprint!("\rscanning [{}/{total}] {}\x1b[K", done + 1, file.display());
-        } else if tty && total > 1 {
-            eprintln!();
+        if !tty || total < (64 << 20) {
+            return;
+        }
+        let pct = done * 100 / total.max(1);
+        if pct != shown || done == total {
+            shown = pct;
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            eprint!(
+                "\rscanning {pct:>3}% ({:.2} / {:.2} GiB) {name}\x1b[K",
+                done as f64 / 1073741824.0,
+                total as f64 / 1073741824.0
+            );
+            if done == total {
+                eprintln!();
+            }
         }
     };
     match tunecheck::inspect::inspect(dir, adapter, &device, progress) {

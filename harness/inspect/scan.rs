@@ -56,7 +56,8 @@ fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
 }
 
-/// Scan the checkpoint in `dir`; `progress(file, done, total)` is called per file.
+/// Scan the checkpoint in `dir`; `progress(file, bytes_done, bytes_total)` is called after
+/// every tensor (tensor data bytes over all files).
 pub fn scan(dir: &Path, threshold: f32, mut progress: impl FnMut(&Path, usize, usize)) -> Result<Scan> {
     if !dir.is_dir() {
         return Err(Error::file(dir, "is not a directory"));
@@ -64,9 +65,12 @@ pub fn scan(dir: &Path, threshold: f32, mut progress: impl FnMut(&Path, usize, u
     let lay = layout(dir)?;
     let opened = open_all(&lay)?;
     let mut out = Scan::default();
-    let total = opened.files.len();
-    for (k, (path, file)) in opened.files.iter().enumerate() {
-        progress(path, k, total);
+    let mut total = 0usize;
+    for file in opened.files.values() {
+        total += file.parse()?.tensors().iter().map(|(_, v)| v.data().len()).sum::<usize>();
+    }
+    let mut done = 0usize;
+    for (path, file) in &opened.files {
         let st = file.parse()?;
         for (name, view) in st.tensors() {
             let dtype = view.dtype();
@@ -89,12 +93,13 @@ pub fn scan(dir: &Path, threshold: f32, mut progress: impl FnMut(&Path, usize, u
                     out.zero_rows.insert(name.clone(), rows);
                 }
             }
+            done += data.len();
+            progress(path, done, total);
             out.tensors.insert(
                 name.clone(),
                 TensorScan { name, file: path.clone(), dtype: format!("{dtype:?}"), shape, nan, inf },
             );
         }
     }
-    progress(&lay.listing, total, total);
     Ok(out)
 }

@@ -54,8 +54,32 @@ fn injected() -> bool {
 /// only if `f` succeeds; removals requested with [`remove_later`] happen after the renames.
 /// Nested transactions join the outermost one.
 pub fn transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Leaves the transaction even if `f` panics: the outermost level then drops its staged
+    /// temp files, so a later save on this thread is not silently staged forever.
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let staged = TX.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.depth -= 1;
+                    if t.depth == 0 {
+                        t.remove.clear();
+                        std::mem::take(&mut t.staged)
+                    } else {
+                        Vec::new()
+                    }
+                });
+                for (tmp, _) in staged {
+                    let _ = fs::remove_file(tmp);
+                }
+            }
+        }
+    }
     TX.with(|t| t.borrow_mut().depth += 1);
+    let level = Level;
     let out = f();
+    std::mem::forget(level);
     let (outer, staged, remove) = TX.with(|t| {
         let mut t = t.borrow_mut();
         t.depth -= 1;
