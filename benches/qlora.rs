@@ -133,5 +133,45 @@ fn qlora_linear(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dequantize, matvec, matmul, qlora_linear);
+/// CUDA (when built with `--features cuda` and a GPU is present): dequantize and the fused
+/// matvec against a device-to-device copy of the same output bytes (the bandwidth roofline).
+fn cuda(c: &mut Criterion) {
+    let dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("SKIPPED cuda benchmarks: {e}");
+            return;
+        }
+    };
+    let (rows, cols) = (4096, 4096);
+    let w = Weight::new(rows, cols);
+    let packed = Packed4::new(&w.q, &dev).unwrap();
+    let out_like = Tensor::zeros((rows, cols), candle_core::DType::F32, &dev).unwrap();
+    let x = Tensor::from_vec(values(cols, 2), (1, cols), &dev).unwrap();
+    let sync = || dev.synchronize().unwrap();
+    let mut g = c.benchmark_group("cuda_nf4");
+    g.throughput(Throughput::Bytes((rows * cols * 4) as u64));
+    g.bench_function(BenchmarkId::new("tunecheck_dequantize", "4096x4096/f32"), |b| {
+        b.iter(|| {
+            black_box(packed.dequantize().unwrap());
+            sync()
+        })
+    });
+    g.bench_function(BenchmarkId::new("memcpy_dtod", "4096x4096/f32"), |b| {
+        b.iter(|| {
+            black_box(out_like.copy().unwrap());
+            sync()
+        })
+    });
+    g.throughput(Throughput::Elements((rows * cols) as u64));
+    g.bench_function(BenchmarkId::new("tunecheck_fused_matvec", "1x4096x4096"), |b| {
+        b.iter(|| {
+            black_box(packed.forward(&x).unwrap());
+            sync()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, dequantize, matvec, matmul, qlora_linear, cuda);
 criterion_main!(benches);
