@@ -76,7 +76,31 @@ fn failed_model_saves_keep_the_previous_checkpoint() {
             .collect();
         assert_eq!(bits2, want);
         assert!(snapshot(tmp.path()).keys().all(|k| !k.contains(".tmp-")));
+        // No file of the previous layout is left behind.
+        let names: Vec<String> = snapshot(tmp.path()).into_keys().collect();
+        match other {
+            Sharding::Single => assert_eq!(names, ["config.json", "model.safetensors"]),
+            Sharding::MaxBytes(_) => {
+                assert!(!names.contains(&"model.safetensors".to_string()), "{names:?}");
+                assert!(names.iter().all(|n| n == "config.json" || n.starts_with("model")), "{names:?}");
+            }
+        }
     }
+    // A smaller sharded save over a larger one removes the extra shards.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = ArchSpec::tiny(Family::Llama);
+    let w = tunecheck::weights::generate(&spec, 1, &Device::Cpu).unwrap();
+    hf::save(tmp.path(), &spec, &w, Sharding::MaxBytes(10_000)).unwrap();
+    let many = snapshot(tmp.path()).len();
+    hf::save(tmp.path(), &spec, &w, Sharding::MaxBytes(60_000)).unwrap();
+    let few = snapshot(tmp.path());
+    assert!(few.len() < many, "{} files after {many}", few.len());
+    let index: serde_json::Value = serde_json::from_slice(&few["model.safetensors.index.json"]).unwrap();
+    let listed: std::collections::BTreeSet<&str> =
+        index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    let shards: std::collections::BTreeSet<&str> =
+        few.keys().map(String::as_str).filter(|k| k.starts_with("model-")).collect();
+    assert_eq!(listed, shards);
 }
 
 #[test]

@@ -230,6 +230,7 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
     for (k, t) in weights {
         hosted.push((k.clone(), host(&t.to_dtype(spec.dtype)?)?));
     }
+    let mut written: Vec<String> = Vec::new();
     match sharding {
         Sharding::Single => {
             write_host(&dir.join(SINGLE), hosted)?;
@@ -256,6 +257,7 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
                     weight_map.insert(k.clone(), json!(name));
                 }
                 write_host(&dir.join(&name), shard)?;
+                written.push(name);
             }
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Msg(e.to_string()))?;
@@ -263,7 +265,25 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
             remove_if_exists(&dir.join(SINGLE))?;
         }
     }
+    // Shards of an earlier save that this one does not rewrite (other count, other layout).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_shard_name(&name) && !written.contains(&name) {
+                remove_if_exists(&e.path())?;
+            }
+        }
+    }
     write_atomic(&dir.join(CONFIG), &cfg)
+}
+
+/// `model-NNNNN-of-NNNNN.safetensors`, the names transformers gives shards.
+fn is_shard_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model-").and_then(|r| r.strip_suffix(".safetensors")) else {
+        return false;
+    };
+    let b = rest.as_bytes();
+    b.len() == 14 && &rest[5..9] == "-of-" && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
 }
 
 fn remove_if_exists(p: &Path) -> Result<()> {
