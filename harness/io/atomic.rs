@@ -70,9 +70,7 @@ pub fn transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                         Vec::new()
                     }
                 });
-                for (tmp, _) in staged {
-                    let _ = fs::remove_file(tmp);
-                }
+                discard(&staged);
             }
         }
     }
@@ -93,31 +91,30 @@ pub fn transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         return out;
     }
     if out.is_err() {
-        for (tmp, _) in &staged {
-            let _ = fs::remove_file(tmp);
-        }
+        discard(&staged);
         return out;
     }
     for (i, (tmp, path)) in staged.iter().enumerate() {
         if let Err(e) = fs::rename(tmp, path) {
-            for (tmp, _) in &staged[i..] {
-                let _ = fs::remove_file(tmp);
-            }
+            discard(&staged[i..]);
             return Err(Error::io(path, e));
         }
     }
     for p in &remove {
-        match fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(p, e)),
-        }
+        remove_existing(p)?;
     }
     let dirs: std::collections::BTreeSet<&Path> = staged.iter().filter_map(|(_, p)| p.parent()).collect();
     for d in dirs {
         sync_dir(d);
     }
     out
+}
+
+/// Delete staged temp files that will not be renamed into place.
+fn discard(staged: &[(PathBuf, PathBuf)]) {
+    for (tmp, _) in staged {
+        let _ = fs::remove_file(tmp);
+    }
 }
 
 /// Remove `path` (if it exists) once the surrounding transaction commits; at once outside one.
@@ -134,6 +131,11 @@ pub fn remove_later(path: &Path) -> Result<()> {
     if queued {
         return Ok(());
     }
+    remove_existing(path)
+}
+
+/// Remove `path`; a file that is already gone is fine.
+fn remove_existing(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -234,7 +234,7 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
     match sharding {
         Sharding::Single => {
             write_host(&dir.join(SINGLE), hosted)?;
-            remove_if_exists(&dir.join(INDEX))?;
+            crate::io::atomic::remove_later(&dir.join(INDEX))?;
         }
         Sharding::MaxBytes(max) => {
             let mut shards: Vec<Vec<(String, crate::io::st::HostTensor)>> = vec![Vec::new()];
@@ -262,7 +262,7 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Msg(e.to_string()))?;
             write_atomic(&dir.join(INDEX), &bytes)?;
-            remove_if_exists(&dir.join(SINGLE))?;
+            crate::io::atomic::remove_later(&dir.join(SINGLE))?;
         }
     }
     // Shards of an earlier save that this one does not rewrite (other count, other layout).
@@ -270,7 +270,7 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if is_shard_name(&name) && !written.contains(&name) {
-                remove_if_exists(&e.path())?;
+                crate::io::atomic::remove_later(&e.path())?;
             }
         }
     }
@@ -284,8 +284,4 @@ fn is_shard_name(name: &str) -> bool {
     };
     let b = rest.as_bytes();
     b.len() == 14 && &rest[5..9] == "-of-" && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
-}
-
-fn remove_if_exists(p: &Path) -> Result<()> {
-    crate::io::atomic::remove_later(p)
 }

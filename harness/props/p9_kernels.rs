@@ -90,6 +90,23 @@ fn check_close(what: &str, got: &[f32], want: &[f64], mag: &[f64]) -> Result<(),
     Ok(())
 }
 
+/// `a [m, n_in] · B` in f64 with `B[j, out] = b(out, j)`: the products' sums and the sums of
+/// their magnitudes (which scale the tolerance), each `[m, n_out]`.
+fn reference(a: &[f32], m: usize, n_out: usize, n_in: usize, b: impl Fn(usize, usize) -> f32) -> (Vec<f64>, Vec<f64>) {
+    let mut want = vec![0f64; m * n_out];
+    let mut mag = vec![0f64; m * n_out];
+    for mi in 0..m {
+        for out in 0..n_out {
+            for j in 0..n_in {
+                let p = a[mi * n_in + j] as f64 * b(out, j) as f64;
+                want[mi * n_out + out] += p;
+                mag[mi * n_out + out] += p.abs();
+            }
+        }
+    }
+    (want, mag)
+}
+
 /// Check one case; `Err` describes the first violation.
 pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError> {
     let q = &c.q;
@@ -105,17 +122,7 @@ pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError
     }
     // y = x·Wᵀ
     let m = c.m;
-    let mut want = vec![0f64; m * rows];
-    let mut mag = vec![0f64; m * rows];
-    for mi in 0..m {
-        for o in 0..rows {
-            for i in 0..cols {
-                let p = c.x[mi * cols + i] as f64 * w[o * cols + i] as f64;
-                want[mi * rows + o] += p;
-                mag[mi * rows + o] += p.abs();
-            }
-        }
-    }
+    let (want, mag) = reference(&c.x, m, rows, cols, |o, i| w[o * cols + i]);
     let mut y = vec![0f32; m * rows];
     k.matmul_nt(&v, &c.x, m, &mut y);
     check_close("x·Wᵀ", &y, &want, &mag)?;
@@ -127,17 +134,7 @@ pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError
         }
     }
     // dx = g·W
-    let mut want = vec![0f64; m * cols];
-    let mut mag = vec![0f64; m * cols];
-    for mi in 0..m {
-        for o in 0..rows {
-            for i in 0..cols {
-                let p = c.g[mi * rows + o] as f64 * w[o * cols + i] as f64;
-                want[mi * cols + i] += p;
-                mag[mi * cols + i] += p.abs();
-            }
-        }
-    }
+    let (want, mag) = reference(&c.g, m, cols, rows, |i, o| w[o * cols + i]);
     let mut dx = vec![0f32; m * cols];
     k.matmul_nn(&v, &c.g, m, &mut dx);
     check_close("g·W", &dx, &want, &mag)

@@ -29,34 +29,31 @@ fn chunk_len(v: &Q4View) -> usize {
     per.div_ceil(v.blocksize) * v.blocksize
 }
 
-/// `out = dequantize(v)` in f32.
-pub fn dequantize_f32_into(v: &Q4View, isa: Isa, out: &mut [f32]) -> Result<()> {
-    check(v, isa, out.len())?;
+/// Fill `out` (the whole tensor) with `decode(start, end, piece)`, split over threads by
+/// whole blocks when large.
+fn fill<T: Send>(v: &Q4View, out: &mut [T], decode: impl Fn(usize, usize, &mut [T]) + Sync) {
     if out.len() < PAR_MIN {
-        simd::decode(isa, v, 0, out.len(), out);
-        return Ok(());
+        let n = out.len();
+        decode(0, n, out);
+        return;
     }
     let ch = chunk_len(v);
     out.par_chunks_mut(ch).enumerate().for_each(|(i, o)| {
         let s = i * ch;
-        simd::decode(isa, v, s, s + o.len(), o);
+        decode(s, s + o.len(), o);
     });
+}
+
+/// `out = dequantize(v)` in f32.
+pub fn dequantize_f32_into(v: &Q4View, isa: Isa, out: &mut [f32]) -> Result<()> {
+    check(v, isa, out.len())?;
+    fill(v, out, |s, e, o| simd::decode(isa, v, s, e, o));
     Ok(())
 }
 
 /// `out = dequantize(v)` rounded once to bf16 (nearest even).
 pub fn dequantize_bf16_into(v: &Q4View, isa: Isa, out: &mut [bf16]) -> Result<()> {
     check(v, isa, out.len())?;
-    let bits: &mut [u16] = out.reinterpret_cast_mut();
-    if bits.len() < PAR_MIN {
-        let n = bits.len();
-        simd::decode_bf16(isa, v, 0, n, bits);
-        return Ok(());
-    }
-    let ch = chunk_len(v);
-    bits.par_chunks_mut(ch).enumerate().for_each(|(i, o)| {
-        let s = i * ch;
-        simd::decode_bf16(isa, v, s, s + o.len(), o);
-    });
+    fill(v, out.reinterpret_cast_mut(), |s, e, o| simd::decode_bf16(isa, v, s, e, o));
     Ok(())
 }

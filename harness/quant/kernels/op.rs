@@ -83,6 +83,12 @@ impl QLinearOp {
         }
     }
 
+    /// The codes and scales of a CPU call as a checked view.
+    fn view<'a>(&'a self, p: &'a [u8], lp: &Layout, sc: &'a [f32], ls: &Layout) -> candle_core::Result<Q4View<'a>> {
+        let (p, sc) = (contiguous(p, lp, "codes")?, contiguous(sc, ls, "scales")?);
+        Q4View::new(p, sc, &self.code, self.blocksize, self.rows, self.cols).map_err(candle_core::Error::wrap)
+    }
+
     fn check_input(&self, l: &Layout) -> candle_core::Result<usize> {
         let (fin, _) = self.io();
         match l.dims() {
@@ -127,9 +133,8 @@ impl CustomOp3 for QLinearOp {
                 s3.dtype()
             );
         };
-        let (x, p, s) = (contiguous(x, l1, "input")?, contiguous(p, l2, "codes")?, contiguous(s, l3, "scales")?);
-        let v =
-            Q4View::new(p, s, &self.code, self.blocksize, self.rows, self.cols).map_err(candle_core::Error::wrap)?;
+        let x = contiguous(x, l1, "input")?;
+        let v = self.view(p, l2, s, l3)?;
         let (_, fout) = self.io();
         let mut y = vec![0f32; m * fout];
         let isa = Isa::best();
@@ -170,19 +175,13 @@ impl Packed4 {
     /// The dequantized weight `[rows, cols]` in f32 on this device (the fast kernels; bitwise
     /// equal to the reference on the CPU).
     pub fn dequantize(&self) -> Result<Tensor> {
-        let op = DequantOp { code: self.op.code, blocksize: self.op.blocksize, rows: self.op.rows, cols: self.op.cols };
-        Ok(self.packed.apply_op2_no_bwd(&self.scales, &op)?)
+        Ok(self.packed.apply_op2_no_bwd(&self.scales, &DequantOp(self.op))?)
     }
 }
 
 /// `(codes, scales) → W [rows, cols]` in f32 (no backward: the weight is frozen).
 #[derive(Debug, Clone, Copy)]
-struct DequantOp {
-    code: [f32; 16],
-    blocksize: usize,
-    rows: usize,
-    cols: usize,
-}
+struct DequantOp(QLinearOp);
 
 impl candle_core::CustomOp2 for DequantOp {
     fn name(&self) -> &'static str {
@@ -199,12 +198,10 @@ impl candle_core::CustomOp2 for DequantOp {
         let (CpuStorage::U8(p), CpuStorage::F32(s)) = (s1, s2) else {
             candle_core::bail!("{}: expected u8 codes and f32 scales", self.name());
         };
-        let (p, s) = (contiguous(p, l1, "codes")?, contiguous(s, l2, "scales")?);
-        let v =
-            Q4View::new(p, s, &self.code, self.blocksize, self.rows, self.cols).map_err(candle_core::Error::wrap)?;
+        let v = self.0.view(p, l1, s, l2)?;
         let mut out = vec![0f32; v.numel()];
         super::dequant::dequantize_f32_into(&v, Isa::best(), &mut out).map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(out), Shape::from((self.rows, self.cols))))
+        Ok((CpuStorage::F32(out), Shape::from((v.rows, v.cols))))
     }
 
     #[cfg(feature = "cuda")]
@@ -215,8 +212,8 @@ impl candle_core::CustomOp2 for DequantOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let n = self.rows * self.cols;
-        let out = super::cuda::dequant(&self.code, self.blocksize, n, s1, l1, s2, l2)?;
-        Ok((out, Shape::from((self.rows, self.cols))))
+        let op = &self.0;
+        let out = super::cuda::dequant(&op.code, op.blocksize, op.rows * op.cols, s1, l1, s2, l2)?;
+        Ok((out, Shape::from((op.rows, op.cols))))
     }
 }
