@@ -256,17 +256,21 @@ pub enum KernelBug {
     /// Each weight row uses its first block's scale for every block (a per-row scale cache
     /// that is never refreshed).
     StaleRowScale,
+    /// The bf16/f16 compute path multiplies the f32 weights, skipping the casts to the
+    /// original and compute dtypes (a fast path that is not the function being trained).
+    UnroundedWeights,
 }
 
 impl KernelBug {
     /// Every kernel mutant.
-    pub const ALL: [KernelBug; 2] = [KernelBug::DroppedTail, KernelBug::StaleRowScale];
+    pub const ALL: [KernelBug; 3] = [KernelBug::DroppedTail, KernelBug::StaleRowScale, KernelBug::UnroundedWeights];
 
     /// Short name.
     pub fn name(self) -> &'static str {
         match self {
             KernelBug::DroppedTail => "dropped-tail",
             KernelBug::StaleRowScale => "stale-row-scale",
+            KernelBug::UnroundedWeights => "unrounded-weights",
         }
     }
 
@@ -275,13 +279,14 @@ impl KernelBug {
         match self {
             KernelBug::DroppedTail => "SIMD loop forgets the last <16 columns of each row",
             KernelBug::StaleRowScale => "a row's first block scale reused for all its blocks",
+            KernelBug::UnroundedWeights => "bf16/f16 compute multiplies unrounded f32 weights",
         }
     }
 
     /// The weight this mutant computes with (row-major), from the reference decode.
     fn weights(self, v: &crate::quant::kernels::Q4View) -> Vec<f32> {
         let mut w = vec![0f32; v.numel()];
-        crate::quant::kernels::dequantize_f32_into(v, crate::quant::kernels::Isa::Scalar, &mut w).expect("sizes match");
+        self.dequantize_into(v, &mut w);
         for o in 0..v.rows {
             let row = &mut w[o * v.cols..(o + 1) * v.cols];
             match self {
@@ -289,6 +294,7 @@ impl KernelBug {
                     let keep = row.len() / 16 * 16;
                     row[keep..].iter_mut().for_each(|x| *x = 0.0);
                 }
+                KernelBug::UnroundedWeights => {}
                 KernelBug::StaleRowScale => {
                     let first = v.scales[(o * v.cols) / v.blocksize];
                     for (i, x) in row.iter_mut().enumerate() {
@@ -302,6 +308,15 @@ impl KernelBug {
         }
         w
     }
+
+    /// The decode this mutant sees: correct, but for the skipped casts.
+    fn dequantize_into(self, v: &crate::quant::kernels::Q4View, out: &mut [f32]) {
+        let v = match self {
+            KernelBug::UnroundedWeights => v.with_rounding(crate::quant::kernels::Rounding::NONE),
+            _ => *v,
+        };
+        crate::quant::kernels::dequantize_f32_into(&v, crate::quant::kernels::Isa::Scalar, out).expect("sizes match");
+    }
 }
 
 impl crate::props::p9_kernels::Q4Kernels for KernelBug {
@@ -309,8 +324,7 @@ impl crate::props::p9_kernels::Q4Kernels for KernelBug {
         format!("mutant/{}", KernelBug::name(*self))
     }
     fn dequantize(&self, v: &crate::quant::kernels::Q4View, out: &mut [f32]) {
-        // The bug lives in the fused products; dequantize is the correct one.
-        crate::quant::kernels::dequantize_f32_into(v, crate::quant::kernels::Isa::Scalar, out).expect("sizes match");
+        self.dequantize_into(v, out);
     }
     fn matmul_nt(&self, v: &crate::quant::kernels::Q4View, x: &[f32], m: usize, y: &mut [f32]) {
         let w = self.weights(v);

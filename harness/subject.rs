@@ -108,7 +108,8 @@ pub trait Trainer: Sized {
     /// Trainable tensors by name (current values).
     fn trainable(&self) -> Vec<(String, Tensor)>;
 
-    /// Frozen tensors by name (current values; at least the base weights).
+    /// Frozen tensors by name (current values; at least the base weights, as stored: a 4-bit
+    /// base may list its packed codes and scales rather than a dequantized copy).
     fn frozen(&self) -> Vec<(String, Tensor)>;
 
     /// Save everything needed to continue or serve into `dir`.
@@ -203,7 +204,11 @@ impl Trainer for RefTrainer {
             }
             match &lin.base {
                 crate::adapt::Base::Dense(w) => out.push((name, w.clone())),
-                crate::adapt::Base::Quant4(q) => out.push((name, q.dequantized.clone())),
+                crate::adapt::Base::Quant4(q) => {
+                    // What is stored: the packed codes and the block scales.
+                    out.push((format!("{name}.scales"), q.packed.scales.clone()));
+                    out.push((name, q.packed.packed.clone()));
+                }
             }
         }
         out

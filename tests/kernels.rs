@@ -1,9 +1,9 @@
 //! The fast 4-bit kernels against the reference: P9 on every instruction set this CPU has,
 //! its mutants caught, the same bits on every instruction set and thread count, bf16
-//! rounding as `half`, the candle op's forward and backward, and CUDA vs CPU when a GPU
-//! exists.
+//! rounding as `half`, the candle op's forward and backward, the QLoRA base in every
+//! original/compute dtype pair against the dense casts, and CUDA vs CPU when a GPU exists.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use tunecheck::mutants::KernelBug;
 use tunecheck::props::p9_kernels::kernels_match_oracle;
@@ -133,6 +133,75 @@ fn candle_op_forward_and_backward_match_dense() {
     let (a, b) = (gf.get(x.as_tensor()).unwrap(), gd.get(x.as_tensor()).unwrap());
     let rel = tunecheck::props::rel_l2(a, b).unwrap();
     assert!(rel < 1e-6, "input gradient rel L2 {rel}");
+}
+
+/// Every (original, compute) dtype pair bitsandbytes allows.
+const DTYPE_PAIRS: [(DType, DType); 7] = [
+    (DType::F32, DType::F32),
+    (DType::F32, DType::BF16),
+    (DType::F32, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::F16),
+];
+
+/// `x` cast to `dtype` and back to f32.
+fn through(x: &Tensor, dtype: DType) -> Tensor {
+    x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+#[test]
+fn qlora_base_in_every_dtype_is_the_dense_casts() {
+    use tunecheck::adapt::Quant4Linear;
+    let dev = Device::Cpu;
+    let (rows, cols) = (40, 131);
+    // Values large enough that f16 rounding bites (and bf16/f16 disagree).
+    let raw: Vec<f32> = values(rows * cols, 21).iter().map(|v| v * 3000.0).collect();
+    let q = quantize(&raw, &[rows, cols], QuantType::Nf4, 64, true).unwrap();
+    let w32 = Tensor::from_vec(q.dequantize(), (rows, cols), &dev).unwrap();
+    let xv = Tensor::from_vec(values(3 * 5 * cols, 22), (3, 5, cols), &dev).unwrap();
+    let t = Tensor::from_vec(values(3 * 5 * rows, 23), (3, 5, rows), &dev).unwrap();
+    for (orig, compute) in DTYPE_PAIRS {
+        let what = format!("{orig:?} weight, {compute:?} compute");
+        let ql = Quant4Linear::new(q.clone(), orig, compute, &dev).unwrap();
+        // The weight the product sees: bitsandbytes' dequantize → .to(orig) → .to(compute).
+        let w = w32.to_dtype(orig).unwrap().to_dtype(compute).unwrap();
+        assert!(tunecheck::props::bitwise_equal(&ql.dequantized().unwrap(), &w).unwrap(), "{what}: weight");
+        // Forward against an f32 product of the cast operands, rounded to the compute dtype.
+        let x = Var::from_tensor(&xv).unwrap();
+        let y = ql.forward_in(x.as_tensor(), compute).unwrap();
+        assert_eq!((y.dims(), y.dtype()), (&[3usize, 5, rows][..], DType::F32), "{what}");
+        let wf = w.to_dtype(DType::F32).unwrap();
+        let dense = through(x.as_tensor(), compute).broadcast_matmul(&wf.t().unwrap()).unwrap();
+        let want = through(&dense, compute);
+        // Two f32 sums in different orders round to the same value or a neighbour.
+        let ulp = match compute {
+            DType::BF16 => 2f64.powi(-8),
+            DType::F16 => 2f64.powi(-11),
+            _ => 1e-6,
+        };
+        let rel = tunecheck::props::rel_l2(&y, &want).unwrap();
+        assert!(rel < ulp, "{what}: forward rel L2 {rel}");
+        // Reordering an f32 sum (error ~2⁻²⁴) rarely moves its rounding: nearly all outputs
+        // are the same bits. Unrounded weights (error ~2⁻⁹ per term) would move many.
+        let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (a, b) = (f(&y), f(&want));
+        let differ = a.iter().zip(&b).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        if compute != DType::F32 {
+            assert!(differ * 100 <= a.len(), "{what}: {differ} of {} outputs differ from the f32 sum", a.len());
+        }
+        // And against candle's own matmul in the compute dtype (the old dense path).
+        let candle = x.as_tensor().to_dtype(compute).unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let rel = tunecheck::props::rel_l2(&y, &candle.to_dtype(DType::F32).unwrap()).unwrap();
+        assert!(rel < 2.0 * ulp, "{what}: forward vs candle rel L2 {rel}");
+        // The input gradient flows through the casts and the transposed product.
+        let g = (y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        let want = through(&through(&t, compute).broadcast_matmul(&wf).unwrap(), compute);
+        let rel = tunecheck::props::rel_l2(gx, &want).unwrap();
+        assert!(rel < ulp, "{what}: input gradient rel L2 {rel}");
+    }
 }
 
 #[test]

@@ -33,7 +33,9 @@ fn loss_falls_below_a_tenth_lora_and_qlora_every_family() {
     let t = task();
     let train = t.batches(10, 200, 8, 10);
     for family in Family::ALL {
-        for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
+        // LoRA, QLoRA in f32 compute, and the QLoRA paper's recipe (bf16 compute).
+        let f32_compute = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
+        for quant in [None, Some(f32_compute), Some(QuantConfig::default())] {
             let lora = LoraConfig { r: 16, alpha: 32.0, ..LoraConfig::default() };
             let cfg = TrainConfig {
                 optim: tunecheck::train::optim::AdamWConfig { lr: 3e-2, ..Default::default() },
@@ -44,8 +46,9 @@ fn loss_falls_below_a_tenth_lora_and_qlora_every_family() {
             let first = tr.eval_loss(&train[..8]).unwrap();
             let h = tr.fit(&train, &[]).unwrap();
             let last = tr.eval_loss(&train[..8]).unwrap();
-            println!("{family} quant={} first {first:.3} last {last:.3} steps {}", quant.is_some(), h.train.len());
-            assert!(last < 0.1 * first, "{family} quant={}: {first:.3} → {last:.3}", quant.is_some());
+            let what = quant.map_or("lora".to_string(), |q| format!("qlora/{:?}", q.compute_dtype));
+            println!("{family} {what} first {first:.3} last {last:.3} steps {}", h.train.len());
+            assert!(last < 0.1 * first, "{family} {what}: {first:.3} → {last:.3}");
         }
     }
 }

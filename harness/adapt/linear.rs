@@ -80,21 +80,7 @@ impl Linear {
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.base {
             Base::Dense(w) => matmul_t(x, &w.to_dtype(x.dtype())?)?,
-            Base::Quant4(q) => {
-                // bitsandbytes' Linear4bit: cast the input to the compute dtype, multiply by the
-                // dequantized weight, cast the output back to the input dtype.
-                let compute = self.force_compute_dtype.unwrap_or(q.compute_dtype);
-                if let (Some(f), DType::F32) = (&q.fused, compute) {
-                    // The fused kernel: never materialises the weight; backward to x only.
-                    return Ok(f.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
-                }
-                let w = if compute == q.dequantized.dtype() {
-                    q.dequantized.clone()
-                } else {
-                    q.dequantized.to_dtype(compute)?
-                };
-                matmul_t(&x.to_dtype(compute)?, &w)?.to_dtype(x.dtype())?
-            }
+            Base::Quant4(q) => q.forward_in(x, self.force_compute_dtype.unwrap_or(q.compute_dtype))?,
         })
     }
 

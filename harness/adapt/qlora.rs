@@ -1,10 +1,10 @@
-//! QLoRA's frozen base: a 4-bit quantized weight with its bitsandbytes configuration, and its
-//! dequantization in the compute dtype; in f32 it runs on the fused 4-bit kernels.
+//! QLoRA's frozen base: a 4-bit quantized weight with its bitsandbytes configuration, run on
+//! the fused 4-bit kernels in every compute dtype (the weight is never kept dequantized).
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::quant::kernels::Packed4;
+use crate::quant::kernels::{Packed4, Rounding};
 use crate::quant::{quantize, QuantType, Quantized4};
 use crate::spec::{dtype_name, parse_dtype};
 
@@ -106,7 +106,7 @@ impl QuantConfig {
     }
 }
 
-/// A frozen 4-bit weight `[out, in]` and its dequantization in the compute dtype.
+/// A frozen 4-bit weight `[out, in]` on its device, with the dtypes that fix its function.
 #[derive(Debug, Clone)]
 pub struct Quant4Linear {
     /// The packed codes and scales.
@@ -115,30 +115,20 @@ pub struct Quant4Linear {
     pub orig_dtype: DType,
     /// The dtype the matmul runs in.
     pub compute_dtype: DType,
-    /// `dequantize(q)` → orig dtype → compute dtype, on the device (no gradient: frozen).
-    pub dequantized: Tensor,
-    /// The fused kernels' form of the weight, when they compute exactly this function: f32
-    /// weight and f32 compute (other dtypes round the weight, and run on the dense path).
-    pub fused: Option<Packed4>,
+    /// The fused kernels' form of the weight, rounding each decoded value to the original
+    /// then the compute dtype, as bitsandbytes' `dequantize → .to(orig) → .to(compute)`.
+    pub packed: Packed4,
 }
 
 impl Quant4Linear {
-    /// Wrap quantized data; dequantizes once with the reference kernel.
+    /// Wrap quantized data and upload it to `device`.
     pub fn new(q: Quantized4, orig_dtype: DType, compute_dtype: DType, device: &Device) -> Result<Self> {
         q.validate()?;
         if q.shape.len() != 2 {
             return Err(Error::Msg(format!("a 4-bit linear weight must be 2-D, got shape {:?}", q.shape)));
         }
-        if orig_dtype == DType::F32 && compute_dtype == DType::F32 {
-            let fused = Packed4::new(&q, device)?;
-            let w = fused.dequantize()?.detach();
-            return Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w, fused: Some(fused) });
-        }
-        let w = Tensor::from_vec(q.dequantize(), q.shape.as_slice(), device)?
-            .to_dtype(orig_dtype)?
-            .to_dtype(compute_dtype)?
-            .detach();
-        Ok(Quant4Linear { q, orig_dtype, compute_dtype, dequantized: w, fused: None })
+        let packed = Packed4::new(&q, device)?.with_rounding(Rounding::new(orig_dtype, compute_dtype)?);
+        Ok(Quant4Linear { q, orig_dtype, compute_dtype, packed })
     }
 
     /// Quantize a dense `[out, in]` weight with `cfg`.
@@ -147,5 +137,25 @@ impl Quant4Linear {
         let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let q = quantize(&values, &shape, cfg.quant_type, cfg.blocksize, cfg.double_quant)?;
         Self::new(q, w.dtype(), cfg.compute_dtype, w.device())
+    }
+
+    /// The weight the product multiplies, `[out, in]` in the compute dtype (computed on
+    /// demand: for listings and tests, not for the forward).
+    pub fn dequantized(&self) -> Result<Tensor> {
+        Ok(self.packed.dequantize()?.to_dtype(self.compute_dtype)?)
+    }
+
+    /// bitsandbytes' `Linear4bit` forward in `compute`: cast the input to the compute dtype,
+    /// multiply by the weight cast through the original and compute dtypes (accumulating in
+    /// f32), cast the product to the compute dtype and back to the input's. Differentiable in
+    /// `x`; the weight is a constant.
+    pub fn forward_in(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let op = if compute == self.compute_dtype {
+            self.packed.clone()
+        } else {
+            self.packed.with_rounding(Rounding::new(self.orig_dtype, compute)?)
+        };
+        let xc = x.to_dtype(compute)?.to_dtype(DType::F32)?;
+        Ok(op.forward(&xc)?.to_dtype(compute)?.to_dtype(x.dtype())?)
     }
 }

@@ -1,8 +1,10 @@
 //! P9 — fast 4-bit kernels equal the oracle: on random shapes (odd sizes, partial blocks,
 //! rows straddling blocks), every blocksize from 32 to 4096, NF4 and FP4, plain and nested
 //! scales:
-//! - dequantization is bitwise equal to [`Quantized4::dequantize`];
-//! - `y = x·Wᵀ` and `dx = g·W` agree with an f64 product over the reference weights within
+//! - dequantization is bitwise equal to [`Quantized4::dequantize`], cast through the
+//!   case's rounding (none, or the original and compute dtypes of a bf16/f16 QLoRA layer:
+//!   bitsandbytes multiplies the weight *after* those casts);
+//! - `y = x·Wᵀ` and `dx = g·W` agree with an f64 product over those weights within
 //!   `1e-5 · Σ|w·x|` (f32 accumulation over at most a few hundred terms: about `n·2⁻²⁴`);
 //! - a row of `x·Wᵀ` is the same bits whether computed alone or in a batch.
 //!
@@ -13,7 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use crate::props::runner::{PropConfig, PropOutcome};
-use crate::quant::kernels::{dequantize_f32_into, matmul_nn, matmul_nt, Isa, Q4View};
+use crate::quant::kernels::{dequantize_f32_into, matmul_nn, matmul_nt, Isa, Prec, Q4View, Rounding};
 use crate::quant::{quantize, QuantType, Quantized4};
 
 /// The three operations under test.
@@ -55,10 +57,19 @@ pub struct KernelCase {
     pub x: Vec<f32>,
     /// `[m, rows]`.
     pub g: Vec<f32>,
+    /// The casts of each decoded weight.
+    pub round: Rounding,
+}
+
+/// A weight rounding: mostly none, else any pair of casts; shrinks toward none.
+pub fn arb_rounding() -> impl Strategy<Value = Rounding> {
+    let prec = || prop_oneof![Just(Prec::F32), Just(Prec::Bf16), Just(Prec::F16)];
+    prop_oneof![2 => Just(Rounding::NONE), 3 => (prec(), prec()).prop_map(|(a, b)| Rounding([a, b]))]
 }
 
 prop_compose! {
-    /// A random 4-bit weight and inputs; shrinks toward 1×1, blocksize 32, one input row.
+    /// A random 4-bit weight, rounding and inputs; shrinks toward 1×1, blocksize 32, no
+    /// rounding, one input row.
     pub fn arb_kernel_case()(
         rows in 1usize..24,
         cols in 1usize..200,
@@ -67,6 +78,7 @@ prop_compose! {
         dq in any::<bool>(),
         m in 1usize..10,
         seed in any::<u64>(),
+        round in arb_rounding(),
     ) -> KernelCase {
         use rand_core::{RngCore, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -76,7 +88,7 @@ prop_compose! {
         let w = uni(rows * cols);
         let qt = if nf4 { QuantType::Nf4 } else { QuantType::Fp4 };
         let q = quantize(&w, &[rows, cols], qt, 1 << bs_log, dq).expect("finite values, valid blocksize");
-        KernelCase { q, m, x: uni(m * cols), g: uni(m * rows) }
+        KernelCase { q, m, x: uni(m * cols), g: uni(m * rows), round }
     }
 }
 
@@ -113,8 +125,9 @@ pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError
     let (rows, cols) = (q.shape[0], q.shape[1]);
     let scales = q.block_scales();
     let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), q.blocksize, rows, cols)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let w = q.dequantize();
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .with_rounding(c.round);
+    let w: Vec<f32> = q.dequantize().into_iter().map(|x| c.round.apply(x)).collect();
     let mut got = vec![0f32; rows * cols];
     k.dequantize(&v, &mut got);
     if let Some(i) = got.iter().zip(&w).position(|(a, b)| a.to_bits() != b.to_bits()) {
@@ -155,6 +168,7 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> PropOu
                 "quant_type": c.q.quant_type.name(),
                 "double_quant": matches!(c.q.absmax, crate::quant::Absmax::Nested { .. }),
                 "input_rows": c.m,
+                "rounding": format!("{:?}", c.round.0),
             });
             PropOutcome::Failed {
                 detail: format!("P9/{} violated: {why}; minimal case {minimal}", kernels.name()),

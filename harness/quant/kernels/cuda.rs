@@ -14,16 +14,36 @@ use super::op::QLinearOp;
 const MODULE: &str = "tunecheck_q4";
 
 const SRC: &str = r#"
+// v cast to f32 (r = 0), bf16 (1) or f16 (2) and back, round to nearest even.
+extern "C" __device__ __forceinline__ float tc_round(float v, int r) {
+    if (r == 1) {
+        unsigned int b = __float_as_uint(v);
+        if ((b & 0x7fffffffu) > 0x7f800000u) return __uint_as_float((b | 0x00400000u) & 0xffff0000u);
+        return __uint_as_float((b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u);
+    }
+    if (r == 2) {
+        unsigned short h;
+        float o;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(o) : "h"(h));
+        return o;
+    }
+    return v;
+}
+
+// round(code[q(f)] * scale(f)) through the casts r0 then r1.
 extern "C" __device__ __forceinline__ float tc_w(const unsigned char* packed, const float* scales,
-                                                 const float* tab, long long f, int blocksize) {
+                                                 const float* tab, long long f, int blocksize,
+                                                 int r0, int r1) {
     unsigned char b = packed[f >> 1];
     int q = (f & 1) ? (b & 15) : (b >> 4);
-    return tab[q] * scales[f / blocksize];
+    return tc_round(tc_round(tab[q] * scales[f / blocksize], r0), r1);
 }
 
 // y[m, o] = sum_k x[m, k] * W[o, k]; grid (rows, min(M, 65535)), 128 threads.
 extern "C" __global__ void tc_q4_nt(const float* x, const unsigned char* packed, const float* scales,
-                                    const float* code, int blocksize, int rows, int cols, int m, float* y) {
+                                    const float* code, int blocksize, int r0, int r1, int rows, int cols,
+                                    int m, float* y) {
     __shared__ float tab[16];
     __shared__ float part[32];
     if (threadIdx.x < 16) tab[threadIdx.x] = code[threadIdx.x];
@@ -34,7 +54,7 @@ extern "C" __global__ void tc_q4_nt(const float* x, const unsigned char* packed,
         const float* xr = x + (long long)mi * cols;
         float acc = 0.f;
         for (int k = threadIdx.x; k < cols; k += blockDim.x) {
-            acc = fmaf(tc_w(packed, scales, tab, base + k, blocksize), xr[k], acc);
+            acc = fmaf(tc_w(packed, scales, tab, base + k, blocksize, r0, r1), xr[k], acc);
         }
         for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
         if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
@@ -50,7 +70,8 @@ extern "C" __global__ void tc_q4_nt(const float* x, const unsigned char* packed,
 
 // dx[m, i] = sum_o g[m, o] * W[o, i]; grid (ceil(cols / 256), min(M, 65535)), 256 threads.
 extern "C" __global__ void tc_q4_nn(const float* g, const unsigned char* packed, const float* scales,
-                                    const float* code, int blocksize, int rows, int cols, int m, float* dx) {
+                                    const float* code, int blocksize, int r0, int r1, int rows, int cols,
+                                    int m, float* dx) {
     __shared__ float tab[16];
     if (threadIdx.x < 16) tab[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
@@ -60,20 +81,20 @@ extern "C" __global__ void tc_q4_nn(const float* g, const unsigned char* packed,
         const float* gr = g + (long long)mi * rows;
         float acc = 0.f;
         for (int o = 0; o < rows; ++o) {
-            acc = fmaf(gr[o], tc_w(packed, scales, tab, (long long)o * cols + i, blocksize), acc);
+            acc = fmaf(gr[o], tc_w(packed, scales, tab, (long long)o * cols + i, blocksize, r0, r1), acc);
         }
         dx[(long long)mi * cols + i] = acc;
     }
 }
 
-// out[f] = code[q(f)] * scale(f); grid-stride, 256 threads.
+// out[f] = round(code[q(f)] * scale(f)); grid-stride, 256 threads.
 extern "C" __global__ void tc_q4_dequant(const unsigned char* packed, const float* scales, const float* code,
-                                         int blocksize, long long n, float* out) {
+                                         int blocksize, int r0, int r1, long long n, float* out) {
     __shared__ float tab[16];
     if (threadIdx.x < 16) tab[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
     for (long long f = (long long)blockIdx.x * blockDim.x + threadIdx.x; f < n; f += (long long)gridDim.x * blockDim.x) {
-        out[f] = tc_w(packed, scales, tab, f, blocksize);
+        out[f] = tc_w(packed, scales, tab, f, blocksize, r0, r1);
     }
 }
 "#;
@@ -117,6 +138,7 @@ pub(super) fn qlinear_fwd(
     let code = dev.cuda_stream().clone_htod(&op.code[..]).w()?;
     let (bs, rows, cols, mm) =
         (i32_of(op.blocksize, "blocksize")?, i32_of(op.rows, "rows")?, i32_of(op.cols, "cols")?, i32_of(m, "M")?);
+    let (r0, r1) = (op.round.0[0].code(), op.round.0[1].code());
     let fout = if op.transposed { op.cols } else { op.rows };
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<f32>(m * fout)? };
@@ -141,6 +163,8 @@ pub(super) fn qlinear_fwd(
         b.arg(&s);
         b.arg(&code);
         b.arg(&bs);
+        b.arg(&r0);
+        b.arg(&r1);
         b.arg(&rows);
         b.arg(&cols);
         b.arg(&mm);
@@ -151,11 +175,10 @@ pub(super) fn qlinear_fwd(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, fout))))
 }
 
-/// Dequantize on CUDA: packed codes and f32 scales (device slices) → f32 `[n]`.
+/// Dequantize on CUDA: packed codes and f32 scales (device slices) → f32 `[rows·cols]`,
+/// rounded as `op` says.
 pub(super) fn dequant(
-    code: &[f32; 16],
-    blocksize: usize,
-    n: usize,
+    op: &QLinearOp,
     s2: &CudaStorage,
     l2: &Layout,
     s3: &CudaStorage,
@@ -166,18 +189,22 @@ pub(super) fn dequant(
     let (a3, b3) = l3.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("scales not contiguous".into()))?;
     let p = s2.as_cuda_slice::<u8>()?.slice(a2..b2);
     let s = s3.as_cuda_slice::<f32>()?.slice(a3..b3);
-    let code = dev.cuda_stream().clone_htod(&code[..]).w()?;
+    let n = op.rows * op.cols;
+    let code = dev.cuda_stream().clone_htod(&op.code[..]).w()?;
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<f32>(n)? };
     if n > 0 {
         let func = dev.get_or_load_custom_func("tc_q4_dequant", MODULE, ptx()?)?;
-        let bs = i32_of(blocksize, "blocksize")?;
+        let bs = i32_of(op.blocksize, "blocksize")?;
+        let (r0, r1) = (op.round.0[0].code(), op.round.0[1].code());
         let nn = n as i64;
         let mut b = func.builder();
         b.arg(&p);
         b.arg(&s);
         b.arg(&code);
         b.arg(&bs);
+        b.arg(&r0);
+        b.arg(&r1);
         b.arg(&nn);
         b.arg(&out);
         let cfg = LaunchConfig {

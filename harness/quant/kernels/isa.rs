@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// Portable Rust (`f32::mul_add` for the fused multiply-adds).
     Scalar,
-    /// x86-64 AVX2 + FMA (8 lanes, two registers per 16-lane step).
+    /// x86-64 AVX2 + FMA + F16C (8 lanes, two registers per 16-lane step).
     Avx2,
     /// x86-64 AVX-512F (16 lanes, one-instruction 16-entry table lookup).
     Avx512,
@@ -30,9 +30,13 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && Isa::Avx2.supported(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

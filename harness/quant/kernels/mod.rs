@@ -14,6 +14,7 @@ pub mod dequant;
 pub mod isa;
 pub mod matmul;
 pub mod op;
+pub mod round;
 mod simd;
 mod view;
 
@@ -24,4 +25,5 @@ pub use dequant::{dequantize_bf16_into, dequantize_f32_into};
 pub use isa::Isa;
 pub use matmul::{matmul_nn, matmul_nt};
 pub use op::{Packed4, QLinearOp};
+pub use round::{Prec, Rounding};
 pub use view::Q4View;

@@ -3,11 +3,16 @@
 //! `∂L/∂x = ∂L/∂y · W` by the transposed op (itself differentiable). The weight is frozen:
 //! no gradient flows to the codes or scales. The LoRA term is added by the caller with
 //! ordinary candle ops, which carry the gradients of A and B.
+//!
+//! The op computes in f32 on f32 tensors. A bf16 or f16 compute dtype is the same op with the
+//! weight [`Rounding`] set, fed an input already cast to the compute dtype, its f32 output
+//! cast back: bf16 products are exact in f32, so this is a bf16 matmul with f32 accumulation.
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 
 use super::isa::Isa;
 use super::matmul::{matmul_nn, matmul_nt};
+use super::round::Rounding;
 use super::view::Q4View;
 use crate::error::{Error, Result};
 use crate::quant::Quantized4;
@@ -33,8 +38,20 @@ impl Packed4 {
         let scales = q.block_scales();
         let packed = Tensor::from_slice(&q.packed, q.packed.len(), device)?;
         let scales = Tensor::from_slice(&scales, scales.len(), device)?;
-        let op = QLinearOp { code: *q.quant_type.code(), blocksize: q.blocksize, rows, cols, transposed: false };
+        let op = QLinearOp {
+            code: *q.quant_type.code(),
+            blocksize: q.blocksize,
+            rows,
+            cols,
+            transposed: false,
+            round: Rounding::NONE,
+        };
         Ok(Packed4 { packed, scales, op })
+    }
+
+    /// The same weight with every decoded value cast by `round` (shares the device buffers).
+    pub fn with_rounding(&self, round: Rounding) -> Self {
+        Packed4 { op: QLinearOp { round, ..self.op }, ..self.clone() }
     }
 
     /// `x · Wᵀ` for `x` of shape `[..., cols]` in f32 (differentiable in `x`).
@@ -67,6 +84,8 @@ pub struct QLinearOp {
     pub cols: usize,
     /// The backward direction.
     pub transposed: bool,
+    /// The casts each decoded weight goes through.
+    pub round: Rounding,
 }
 
 impl QLinearOp {
@@ -86,7 +105,9 @@ impl QLinearOp {
     /// The codes and scales of a CPU call as a checked view.
     fn view<'a>(&'a self, p: &'a [u8], lp: &Layout, sc: &'a [f32], ls: &Layout) -> candle_core::Result<Q4View<'a>> {
         let (p, sc) = (contiguous(p, lp, "codes")?, contiguous(sc, ls, "scales")?);
-        Q4View::new(p, sc, &self.code, self.blocksize, self.rows, self.cols).map_err(candle_core::Error::wrap)
+        Ok(Q4View::new(p, sc, &self.code, self.blocksize, self.rows, self.cols)
+            .map_err(candle_core::Error::wrap)?
+            .with_rounding(self.round))
     }
 
     fn check_input(&self, l: &Layout) -> candle_core::Result<usize> {
@@ -172,8 +193,8 @@ impl CustomOp3 for QLinearOp {
 }
 
 impl Packed4 {
-    /// The dequantized weight `[rows, cols]` in f32 on this device (the fast kernels; bitwise
-    /// equal to the reference on the CPU).
+    /// The dequantized weight `[rows, cols]` in f32 on this device, rounded as the products
+    /// see it (the fast kernels; bitwise equal to the reference on the CPU).
     pub fn dequantize(&self) -> Result<Tensor> {
         Ok(self.packed.apply_op2_no_bwd(&self.scales, &DequantOp(self.op))?)
     }
@@ -213,7 +234,7 @@ impl candle_core::CustomOp2 for DequantOp {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let op = &self.0;
-        let out = super::cuda::dequant(&op.code, op.blocksize, op.rows * op.cols, s1, l1, s2, l2)?;
+        let out = super::cuda::dequant(op, s1, l1, s2, l2)?;
         Ok((out, Shape::from((op.rows, op.cols))))
     }
 }

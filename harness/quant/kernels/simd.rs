@@ -1,22 +1,25 @@
 //! The inner loops, one per instruction set, all computing the same bits:
-//! - `decode`: `out[k] = code[q(f)] · scale(f)` over a flat range (one rounding);
-//! - `dot`: for R input rows at once, `Σ_k w(f_k) · x[k]` with `w = code · scale` rounded as
-//!   in `decode`. From the first even flat index the row is cut into 16-element chunks;
-//!   chunk `c` accumulates with fused multiply-adds into accumulator `c mod 4` (four
-//!   independent chains hide the FMA latency), 16 lanes each. The result is
-//!   `tree((a0 + a1) + (a2 + a3)) + tail`, with the fixed tree `(l + l⁺⁸) → (+⁴) → (+²) → (+¹)`
-//!   and a sequential fused tail (an odd leading element and the last `< 16`);
+//! - `decode`: `out[k] = round(code[q(f)] · scale(f))` over a flat range, where `round` is the
+//!   view's `Rounding` (none for a plain dequantize);
+//! - `dot`: for R input rows at once, `Σ_k w(f_k) · x[k]` with `w` as in `decode`. From the
+//!   first even flat index the row is cut into 16-element chunks; chunk `c` accumulates with
+//!   fused multiply-adds into accumulator `c mod 4` (four independent chains hide the FMA
+//!   latency), 16 lanes each. The result is `tree((a0 + a1) + (a2 + a3)) + tail`, with the
+//!   fixed tree `(l + l⁺⁸) → (+⁴) → (+²) → (+¹)` and a sequential fused tail (an odd leading
+//!   element and the last `< 16`);
 //! - `axpy`: `y[k] = fma(a, w[k], y[k])`.
 //!
+//! The SIMD paths build one 16-entry table per block, `round(code · scale)`, and look every
+//! weight up in it: the same values as multiplying after the lookup, one multiply per block.
 //! The caller has checked that the chosen [`Isa`] is supported by this CPU.
 
 use super::isa::Isa;
 use super::view::Q4View;
 
-/// `code · scale` of flat element `f` (the reference's rounding).
+/// `round(code · scale)` of flat element `f` (the reference's value).
 #[inline]
 fn weight(v: &Q4View, f: usize) -> f32 {
-    v.code[v.nibble(f)] * v.scales[v.block(f)]
+    v.round.apply(v.code[v.nibble(f)] * v.scales[v.block(f)])
 }
 
 /// Decode flat `[s, e)` into `out` (`e − s` values).
@@ -161,17 +164,21 @@ pub(super) fn axpy(isa: Isa, a: f32, w: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2+FMA and AVX-512F versions. Unaligned loads throughout; every pointer offset is
-    //! bounded by the slice lengths checked in the safe callers.
+    //! AVX2+FMA(+F16C) and AVX-512F versions. Unaligned loads throughout; every pointer
+    //! offset is bounded by the slice lengths checked in the safe callers.
 
+    use super::super::round::Prec;
     use super::{head, rest, weight, Q4View};
     use std::arch::x86_64::*;
 
+    /// `_mm*_cvtps_ph` rounding: nearest even, no exceptions.
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
     // ---- AVX-512 ----------------------------------------------------------------------
 
-    /// 16 code values from 8 packed bytes at `p` (high nibble first).
+    /// The 16 table entries at `p` (high nibble first) for 8 packed bytes.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn codes16(p: *const u8, table: __m512) -> __m512 {
         let b = _mm_loadl_epi64(p as *const __m128i);
         let d = _mm_unpacklo_epi8(b, b);
@@ -181,9 +188,9 @@ mod x86 {
         _mm512_permutexvar_ps(idx, table)
     }
 
-    /// 32 code values from 16 packed bytes at `p`.
+    /// 32 table entries for 16 packed bytes at `p`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn codes32(p: *const u8, table: __m512) -> (__m512, __m512) {
         let b = _mm_loadu_si128(p as *const __m128i);
         let sh = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
@@ -192,11 +199,34 @@ mod x86 {
         (_mm512_permutexvar_ps(lo, table), _mm512_permutexvar_ps(hi, table))
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    /// 16 values cast to `p` and back.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn round512(x: __m512, p: Prec) -> __m512 {
+        match p {
+            Prec::F32 => x,
+            Prec::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bf16x16(x)))),
+            Prec::F16 => _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(x)),
+        }
+    }
+
+    /// One block's table: `round(code · scale)`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn table512(v: &Q4View, code: __m512, scale: f32) -> __m512 {
+        let t = _mm512_mul_ps(code, _mm512_set1_ps(scale));
+        if v.round.is_none() {
+            t
+        } else {
+            round512(round512(t, v.round.0[0]), v.round.0[1])
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn decode_avx512(v: &Q4View, s: usize, e: usize, out: &mut [f32]) {
-        let table = _mm512_loadu_ps(v.code.as_ptr());
+        let code = _mm512_loadu_ps(v.code.as_ptr());
         for (ss, se, scale) in v.segments(s, e) {
-            let sc = _mm512_set1_ps(scale);
+            let t = table512(v, code, scale);
             let mut f = ss;
             if f % 2 == 1 {
                 out[f - s] = weight(v, f);
@@ -205,13 +235,13 @@ mod x86 {
             let o = out.as_mut_ptr();
             let p = v.packed.as_ptr();
             while f + 32 <= se {
-                let (a, b) = codes32(p.add(f / 2), table);
-                _mm512_storeu_ps(o.add(f - s), _mm512_mul_ps(a, sc));
-                _mm512_storeu_ps(o.add(f + 16 - s), _mm512_mul_ps(b, sc));
+                let (a, b) = codes32(p.add(f / 2), t);
+                _mm512_storeu_ps(o.add(f - s), a);
+                _mm512_storeu_ps(o.add(f + 16 - s), b);
                 f += 32;
             }
             while f + 16 <= se {
-                _mm512_storeu_ps(o.add(f - s), _mm512_mul_ps(codes16(p.add(f / 2), table), sc));
+                _mm512_storeu_ps(o.add(f - s), codes16(p.add(f / 2), t));
                 f += 16;
             }
             while f < se {
@@ -223,7 +253,7 @@ mod x86 {
 
     /// Round 16 f32 to bf16 bits (nearest even, quiet NaN as `half`).
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn bf16x16(x: __m512) -> __m256i {
         let b = _mm512_castps_si512(x);
         let hi = _mm512_srli_epi32(b, 16);
@@ -234,11 +264,11 @@ mod x86 {
         _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, q))
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn decode_bf16_avx512(v: &Q4View, s: usize, e: usize, out: &mut [u16]) {
-        let table = _mm512_loadu_ps(v.code.as_ptr());
+        let code = _mm512_loadu_ps(v.code.as_ptr());
         for (ss, se, scale) in v.segments(s, e) {
-            let sc = _mm512_set1_ps(scale);
+            let t = table512(v, code, scale);
             let mut f = ss;
             if f % 2 == 1 {
                 out[f - s] = super::bf16_bits(weight(v, f));
@@ -247,9 +277,9 @@ mod x86 {
             let o = out.as_mut_ptr();
             let p = v.packed.as_ptr();
             while f + 32 <= se {
-                let (a, b) = codes32(p.add(f / 2), table);
-                _mm256_storeu_si256(o.add(f - s) as *mut __m256i, bf16x16(_mm512_mul_ps(a, sc)));
-                _mm256_storeu_si256(o.add(f + 16 - s) as *mut __m256i, bf16x16(_mm512_mul_ps(b, sc)));
+                let (a, b) = codes32(p.add(f / 2), t);
+                _mm256_storeu_si256(o.add(f - s) as *mut __m256i, bf16x16(a));
+                _mm256_storeu_si256(o.add(f + 16 - s) as *mut __m256i, bf16x16(b));
                 f += 32;
             }
             while f < se {
@@ -261,7 +291,7 @@ mod x86 {
 
     /// Horizontal sum by the fixed tree.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn tree512(a: __m512) -> f32 {
         let lo = _mm512_castps512_ps256(a);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
@@ -270,67 +300,75 @@ mod x86 {
 
     /// The tree from 8 lanes: `(+⁴) → (+²) → (+¹)`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tree256(s8: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(unused_assignments)] // the scale cache's last update in the unrolled tail
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(unused_assignments)] // the table cache's last update in the unrolled tail
     pub(super) unsafe fn dot_avx512<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
-        let table = _mm512_loadu_ps(v.code.as_ptr());
+        let code = _mm512_loadu_ps(v.code.as_ptr());
         let mut tail = [0f32; R];
         let mut f = head(v, s, e, &xs, &mut tail);
         let z = _mm512_setzero_ps();
         let (mut a0, mut a1, mut a2, mut a3) = ([z; R], [z; R], [z; R], [z; R]);
-        let (mut cur_b, mut cur_s) = (usize::MAX, z);
+        // The table of block `cur_b`.
+        let (mut cur_b, mut cur_t) = (usize::MAX, z);
         let p = v.packed.as_ptr();
         let xp: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr().wrapping_sub(s));
+        // No function calls in the loop bodies: they would spill every accumulator.
+        macro_rules! table {
+            ($b:expr) => {{
+                let b = $b;
+                if cur_b != b {
+                    cur_b = b;
+                    cur_t = table512(v, code, *v.scales.get_unchecked(b));
+                }
+                cur_t
+            }};
+        }
         // One 16-element chunk into accumulator `$a`.
         macro_rules! chunk {
             ($a:ident) => {{
                 let b0 = v.block(f);
-                let sc = if b0 == v.block(f + 15) {
-                    if cur_b != b0 {
-                        cur_b = b0;
-                        cur_s = _mm512_set1_ps(*v.scales.get_unchecked(b0));
-                    }
-                    cur_s
+                let w = if b0 == v.block(f + 15) {
+                    codes16(p.add(f / 2), table!(b0))
                 } else {
                     // Blocks hold at least 32 elements: a chunk straddles one boundary at most.
-                    // No function call here: it would spill every accumulator.
                     let first = ((b0 + 1) << v.shift) - f;
-                    let s0 = _mm512_set1_ps(*v.scales.get_unchecked(b0));
-                    let s1 = _mm512_set1_ps(*v.scales.get_unchecked(b0 + 1));
-                    _mm512_mask_blend_ps(((1u32 << first) - 1) as __mmask16, s1, s0)
+                    let w0 = codes16(p.add(f / 2), table!(b0));
+                    let w1 = codes16(p.add(f / 2), table!(b0 + 1));
+                    _mm512_mask_blend_ps(((1u32 << first) - 1) as __mmask16, w1, w0)
                 };
-                let w = _mm512_mul_ps(codes16(p.add(f / 2), table), sc);
                 for r in 0..R {
                     $a[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[r].wrapping_add(f)), $a[r]);
                 }
                 f += 16;
             }};
         }
-        // Four chunks inside one block: one scale, no per-chunk checks.
-        macro_rules! chunk_s {
-            ($a:ident, $codes:expr, $sc:expr, $off:expr) => {{
-                let w = _mm512_mul_ps($codes, $sc);
+        // A chunk whose weights are already looked up.
+        macro_rules! chunk_w {
+            ($a:ident, $w:expr, $off:expr) => {{
+                let w = $w;
                 for r in 0..R {
                     $a[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[r].wrapping_add(f + $off)), $a[r]);
                 }
             }};
         }
         while f + 64 <= e {
-            if v.block(f) == v.block(f + 63) {
-                let sc = _mm512_set1_ps(*v.scales.get_unchecked(v.block(f)));
-                let (c0, c1) = codes32(p.add(f / 2), table);
-                let (c2, c3) = codes32(p.add(f / 2 + 16), table);
-                chunk_s!(a0, c0, sc, 0);
-                chunk_s!(a1, c1, sc, 16);
-                chunk_s!(a2, c2, sc, 32);
-                chunk_s!(a3, c3, sc, 48);
+            let b = v.block(f);
+            if b == v.block(f + 63) {
+                // Four chunks inside one block: one table, no per-chunk checks.
+                let t = table!(b);
+                let (c0, c1) = codes32(p.add(f / 2), t);
+                let (c2, c3) = codes32(p.add(f / 2 + 16), t);
+                chunk_w!(a0, c0, 0);
+                chunk_w!(a1, c1, 16);
+                chunk_w!(a2, c2, 32);
+                chunk_w!(a3, c3, 48);
                 f += 64;
             } else {
                 chunk!(a0);
@@ -357,7 +395,7 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn axpy_avx512(a: f32, w: &[f32], y: &mut [f32]) {
         let n = w.len().min(y.len());
         let av = _mm512_set1_ps(a);
@@ -375,9 +413,9 @@ mod x86 {
 
     // ---- AVX2 ---------------------------------------------------------------------------
 
-    /// 8 code values from 4 packed bytes at `p`; `tl`/`th` are code[0..8] and code[8..16].
+    /// 8 table entries for 4 packed bytes at `p`; `tl`/`th` are entries 0..8 and 8..16.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn codes8(p: *const u8, tl: __m256, th: __m256) -> __m256 {
         let b = _mm_cvtsi32_si128((p as *const i32).read_unaligned());
         let d = _mm_unpacklo_epi8(b, b);
@@ -389,12 +427,45 @@ mod x86 {
         _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// 8 values cast to `p` and back (bf16 as `half`: nearest even, quiet NaN).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn round256(x: __m256, p: Prec) -> __m256 {
+        match p {
+            Prec::F32 => x,
+            Prec::Bf16 => {
+                let b = _mm256_castps_si256(x);
+                let hi = _mm256_srli_epi32::<16>(b);
+                let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+                let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb));
+                let q = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_blendv_epi8(r, q, nan)))
+            }
+            Prec::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x)),
+        }
+    }
+
+    /// One block's table halves: `round(code · scale)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn table256(v: &Q4View, cl: __m256, ch: __m256, scale: f32) -> (__m256, __m256) {
+        let sc = _mm256_set1_ps(scale);
+        let (l, h) = (_mm256_mul_ps(cl, sc), _mm256_mul_ps(ch, sc));
+        if v.round.is_none() {
+            (l, h)
+        } else {
+            let [r0, r1] = v.round.0;
+            (round256(round256(l, r0), r1), round256(round256(h, r0), r1))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn decode_avx2(v: &Q4View, s: usize, e: usize, out: &mut [f32]) {
-        let tl = _mm256_loadu_ps(v.code.as_ptr());
-        let th = _mm256_loadu_ps(v.code.as_ptr().add(8));
+        let cl = _mm256_loadu_ps(v.code.as_ptr());
+        let ch = _mm256_loadu_ps(v.code.as_ptr().add(8));
         for (ss, se, scale) in v.segments(s, e) {
-            let sc = _mm256_set1_ps(scale);
+            let (tl, th) = table256(v, cl, ch, scale);
             let mut f = ss;
             if f % 2 == 1 {
                 out[f - s] = weight(v, f);
@@ -403,7 +474,7 @@ mod x86 {
             let o = out.as_mut_ptr();
             let p = v.packed.as_ptr();
             while f + 8 <= se {
-                _mm256_storeu_ps(o.add(f - s), _mm256_mul_ps(codes8(p.add(f / 2), tl, th), sc));
+                _mm256_storeu_ps(o.add(f - s), codes8(p.add(f / 2), tl, th));
                 f += 8;
             }
             while f < se {
@@ -413,43 +484,51 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(unused_assignments)] // the scale cache's last update in the unrolled tail
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unused_assignments)] // the table cache's last update in the unrolled tail
     pub(super) unsafe fn dot_avx2<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
-        let tl = _mm256_loadu_ps(v.code.as_ptr());
-        let th = _mm256_loadu_ps(v.code.as_ptr().add(8));
+        let cl = _mm256_loadu_ps(v.code.as_ptr());
+        let ch = _mm256_loadu_ps(v.code.as_ptr().add(8));
         let mut tail = [0f32; R];
         let mut f = head(v, s, e, &xs, &mut tail);
         let z = _mm256_setzero_ps();
         // Accumulator q as (lanes 0..8, lanes 8..16).
         let (mut a0l, mut a0h, mut a1l, mut a1h) = ([z; R], [z; R], [z; R], [z; R]);
         let (mut a2l, mut a2h, mut a3l, mut a3h) = ([z; R], [z; R], [z; R], [z; R]);
-        let (mut cur_b, mut cur_s) = (usize::MAX, z);
+        // The table of block `cur_b`.
+        let (mut cur_b, mut cur_l, mut cur_h) = (usize::MAX, z, z);
         let p = v.packed.as_ptr();
         let xp: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr().wrapping_sub(s));
+        macro_rules! table {
+            ($b:expr) => {{
+                let b = $b;
+                if cur_b != b {
+                    cur_b = b;
+                    (cur_l, cur_h) = table256(v, cl, ch, *v.scales.get_unchecked(b));
+                }
+                (cur_l, cur_h)
+            }};
+        }
         macro_rules! chunk {
             ($lo:ident, $hi:ident) => {{
                 let b0 = v.block(f);
-                let (s0, s1) = if b0 == v.block(f + 15) {
-                    if cur_b != b0 {
-                        cur_b = b0;
-                        cur_s = _mm256_set1_ps(*v.scales.get_unchecked(b0));
-                    }
-                    (cur_s, cur_s)
+                let (w0, w1) = if b0 == v.block(f + 15) {
+                    let (tl, th) = table!(b0);
+                    (codes8(p.add(f / 2), tl, th), codes8(p.add(f / 2 + 4), tl, th))
                 } else {
-                    // At most one boundary in a chunk; lanes before it take the first scale.
+                    // At most one boundary in a chunk; lanes before it take the first table.
                     let first = _mm256_set1_epi32((((b0 + 1) << v.shift) - f) as i32);
-                    let sa = _mm256_set1_ps(*v.scales.get_unchecked(b0));
-                    let sb = _mm256_set1_ps(*v.scales.get_unchecked(b0 + 1));
                     let m0 = _mm256_cmpgt_epi32(first, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
                     let m1 = _mm256_cmpgt_epi32(first, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
+                    let (al, ah) = table!(b0);
+                    let (x0, x1) = (codes8(p.add(f / 2), al, ah), codes8(p.add(f / 2 + 4), al, ah));
+                    let (bl, bh) = table!(b0 + 1);
+                    let (y0, y1) = (codes8(p.add(f / 2), bl, bh), codes8(p.add(f / 2 + 4), bl, bh));
                     (
-                        _mm256_blendv_ps(sb, sa, _mm256_castsi256_ps(m0)),
-                        _mm256_blendv_ps(sb, sa, _mm256_castsi256_ps(m1)),
+                        _mm256_blendv_ps(y0, x0, _mm256_castsi256_ps(m0)),
+                        _mm256_blendv_ps(y1, x1, _mm256_castsi256_ps(m1)),
                     )
                 };
-                let w0 = _mm256_mul_ps(codes8(p.add(f / 2), tl, th), s0);
-                let w1 = _mm256_mul_ps(codes8(p.add(f / 2 + 4), tl, th), s1);
                 for r in 0..R {
                     let x = xp[r].wrapping_add(f);
                     $lo[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), $lo[r]);
@@ -483,7 +562,7 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn axpy_avx2(a: f32, w: &[f32], y: &mut [f32]) {
         let n = w.len().min(y.len());
         let av = _mm256_set1_ps(a);

@@ -1,6 +1,8 @@
 //! A borrowed view of a 4-bit matrix `[rows, cols]` in bitsandbytes layout, with its block
-//! scales already decoded to f32: what every kernel reads.
+//! scales already decoded to f32 and the rounding its decoded weights go through: what every
+//! kernel reads.
 
+use super::round::Rounding;
 use crate::error::{Error, Result};
 
 /// Packed codes (high nibble first), one f32 scale per block, the code table.
@@ -20,6 +22,8 @@ pub struct Q4View<'a> {
     pub cols: usize,
     /// `log2(blocksize)`: block of flat index `f` is `f >> shift` (no division in hot loops).
     pub(crate) shift: u32,
+    /// The casts applied to each decoded `code · scale` (none unless set).
+    pub(crate) round: Rounding,
 }
 
 impl<'a> Q4View<'a> {
@@ -43,7 +47,27 @@ impl<'a> Q4View<'a> {
                 format!("{} scales for {rows}x{cols} in blocks of {blocksize}", scales.len()),
             ));
         }
-        Ok(Q4View { packed, scales, code, blocksize, rows, cols, shift: blocksize.trailing_zeros() })
+        Ok(Q4View {
+            packed,
+            scales,
+            code,
+            blocksize,
+            rows,
+            cols,
+            shift: blocksize.trailing_zeros(),
+            round: Rounding::NONE,
+        })
+    }
+
+    /// The same view with every decoded weight rounded by `round` (what a product in a
+    /// lower compute dtype multiplies).
+    pub fn with_rounding(self, round: Rounding) -> Self {
+        Q4View { round, ..self }
+    }
+
+    /// The rounding of decoded weights.
+    pub fn rounding(&self) -> Rounding {
+        self.round
     }
 
     /// Number of elements.
