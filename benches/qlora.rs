@@ -3,11 +3,12 @@
 //! fast look). `TUNECHECK_ISA=avx2|scalar` caps the instruction set to measure fallbacks.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use std::hint::black_box;
-use tunecheck::quant::kernels::{dequantize_bf16_into, dequantize_f32_into, matmul_nt, Isa, Packed4, Q4View};
+use tunecheck::adapt::Quant4Linear;
+use tunecheck::quant::kernels::{dequantize_bf16_into, dequantize_f32_into, matmul_nt, Isa, Packed4, Q4View, Rounding};
 use tunecheck::quant::{quantize, QuantType, Quantized4};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -78,6 +79,11 @@ fn products(c: &mut Criterion, group: &str, m: usize, n: usize, k: usize) {
     let id = |name: &str| BenchmarkId::new(name, format!("{m}x{k}x{n}"));
     let mut y = vec![0f32; m * n];
     g.bench_function(id("tunecheck_fused"), |b| b.iter(|| matmul_nt(&v, black_box(&xs), m, &mut y, isa).unwrap()));
+    // The same kernel with bf16-rounded weights (bf16 compute): one rounded table per block.
+    let vb = v.with_rounding(Rounding::new(DType::F32, DType::BF16).unwrap());
+    g.bench_function(id("tunecheck_fused_bf16w"), |b| {
+        b.iter(|| matmul_nt(&vb, black_box(&xs), m, &mut y, isa).unwrap())
+    });
     let mut scratch = vec![0f32; n * k];
     g.bench_function(id("dequantize_then_matmul"), |b| {
         b.iter(|| {
@@ -105,7 +111,8 @@ fn matmul(c: &mut Criterion) {
 }
 
 /// A LoRA linear (r = 16) over a 4-bit base vs over an f32 base, forward and forward+backward
-/// (gradients to the input and A/B).
+/// (gradients to the input and A/B); and the bf16-compute QLoRA base (f32 input, as under
+/// f32 master weights) vs candle's bf16 matmul on a dense bf16 weight.
 fn qlora_linear(c: &mut Criterion) {
     let (m, n, k, r) = (64, 2048, 2048, 16);
     let dev = Device::Cpu;
@@ -129,6 +136,21 @@ fn qlora_linear(c: &mut Criterion) {
     });
     g.bench_function(id("candle_f32", "forward_backward"), |b| {
         b.iter(|| black_box(d_fwd().sum_all().unwrap().backward().unwrap()))
+    });
+    let ql = Quant4Linear::new(w.q.clone(), DType::F32, DType::BF16, &dev).unwrap();
+    let dense16 = dense.to_dtype(DType::BF16).unwrap();
+    let q16_fwd = || (ql.forward_in(x.as_tensor(), DType::BF16).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
+    let d16_fwd = || {
+        let y = x.as_tensor().to_dtype(DType::BF16).unwrap().matmul(&dense16.t().unwrap()).unwrap();
+        (y.to_dtype(DType::F32).unwrap() + lora(x.as_tensor()).unwrap()).unwrap()
+    };
+    g.bench_function(id("tunecheck_nf4_bf16", "forward"), |b| b.iter(|| black_box(q16_fwd())));
+    g.bench_function(id("candle_bf16", "forward"), |b| b.iter(|| black_box(d16_fwd())));
+    g.bench_function(id("tunecheck_nf4_bf16", "forward_backward"), |b| {
+        b.iter(|| black_box(q16_fwd().sum_all().unwrap().backward().unwrap()))
+    });
+    g.bench_function(id("candle_bf16", "forward_backward"), |b| {
+        b.iter(|| black_box(d16_fwd().sum_all().unwrap().backward().unwrap()))
     });
     g.finish();
 }

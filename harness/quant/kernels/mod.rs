@@ -20,6 +20,7 @@ mod view;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cuda_src;
 
 pub use dequant::{dequantize_bf16_into, dequantize_f32_into};
 pub use isa::Isa;
