@@ -97,6 +97,49 @@ fn bf16_output_rounds_like_half() {
 }
 
 #[test]
+fn rounded_weights_with_non_finite_scales_match_half_on_every_isa() {
+    use tunecheck::quant::kernels::{Prec, Rounding};
+    let (rows, cols) = (9, 301);
+    let q = big(rows, cols, 64, QuantType::Nf4, false);
+    let mut scales = q.block_scales();
+    // NaN, ±infinity (code 0 × ∞ is NaN), a value that rounds up to infinity, and one in f16's
+    // subnormal range.
+    scales[2] = f32::NAN;
+    scales[4] = f32::INFINITY;
+    scales[6] = -f32::INFINITY;
+    scales[8] = f32::MAX;
+    scales[10] = 3e-6;
+    let plain = Q4View::new(&q.packed, &scales, q.quant_type.code(), 64, rows, cols).unwrap();
+    let mut w = vec![0f32; plain.numel()];
+    dequantize_f32_into(&plain, Isa::Scalar, &mut w).unwrap();
+    let ps = [Prec::F32, Prec::Bf16, Prec::F16];
+    for round in ps.iter().flat_map(|a| ps.iter().map(move |b| Rounding([*a, *b]))) {
+        let v = plain.with_rounding(round);
+        let want: Vec<u32> = w.iter().map(|x| round.apply(*x).to_bits()).collect();
+        for isa in Isa::available() {
+            let mut got = vec![0f32; v.numel()];
+            dequantize_f32_into(&v, isa, &mut got).unwrap();
+            let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{} {:?}", isa.name(), round.0);
+            // The products look weights up in the same tables: y = W·e_i picks column i.
+            for i in [0, 77, cols - 1] {
+                let mut e = vec![0f32; cols];
+                e[i] = 1.0;
+                let mut y = vec![0f32; rows];
+                matmul_nt(&v, &e, 1, &mut y, isa).unwrap();
+                for o in 0..rows {
+                    // 0·NaN and 0·∞ are NaN: only rows whose weights are all finite pick cleanly.
+                    let row = &want[o * cols..(o + 1) * cols];
+                    if row.iter().all(|b| f32::from_bits(*b).is_finite()) {
+                        assert_eq!(y[o].to_bits(), row[i], "{} {:?} W[{o},{i}]", isa.name(), round.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn kernels_refuse_wrong_sizes_with_a_message() {
     let q = big(4, 64, 64, QuantType::Nf4, false);
     let scales = q.block_scales();

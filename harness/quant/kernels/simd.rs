@@ -199,18 +199,26 @@ mod x86 {
         (_mm512_permutexvar_ps(lo, table), _mm512_permutexvar_ps(hi, table))
     }
 
-    /// 16 values cast to `p` and back.
+    /// 16 values cast to `p` and back; `nan_free` when no lane is NaN (bf16 then needs no
+    /// NaN fix-up: adding the rounding bias to an infinity leaves it infinite).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn round512(x: __m512, p: Prec) -> __m512 {
+    unsafe fn round512(x: __m512, p: Prec, nan_free: bool) -> __m512 {
         match p {
             Prec::F32 => x,
+            Prec::Bf16 if nan_free => {
+                let b = _mm512_castps_si512(x);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+                let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+                _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xffff_0000u32 as i32)))
+            }
             Prec::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bf16x16(x)))),
             Prec::F16 => _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(x)),
         }
     }
 
-    /// One block's table: `round(code · scale)`.
+    /// One block's table: `round(code · scale)`. Codes are finite, so a finite scale makes
+    /// no NaN.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn table512(v: &Q4View, code: __m512, scale: f32) -> __m512 {
@@ -218,7 +226,8 @@ mod x86 {
         if v.round.is_none() {
             t
         } else {
-            round512(round512(t, v.round.0[0]), v.round.0[1])
+            let ok = scale.is_finite();
+            round512(round512(t, v.round.0[0], ok), v.round.0[1], ok)
         }
     }
 
@@ -427,12 +436,19 @@ mod x86 {
         _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     }
 
-    /// 8 values cast to `p` and back (bf16 as `half`: nearest even, quiet NaN).
+    /// 8 values cast to `p` and back (bf16 as `half`: nearest even, quiet NaN); `nan_free`
+    /// as in `round512`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn round256(x: __m256, p: Prec) -> __m256 {
+    unsafe fn round256(x: __m256, p: Prec, nan_free: bool) -> __m256 {
         match p {
             Prec::F32 => x,
+            Prec::Bf16 if nan_free => {
+                let b = _mm256_castps_si256(x);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                let r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
+                _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xffff_0000u32 as i32)))
+            }
             Prec::Bf16 => {
                 let b = _mm256_castps_si256(x);
                 let hi = _mm256_srli_epi32::<16>(b);
@@ -446,7 +462,7 @@ mod x86 {
         }
     }
 
-    /// One block's table halves: `round(code · scale)`.
+    /// One block's table halves: `round(code · scale)` (NaN-free when the scale is finite).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn table256(v: &Q4View, cl: __m256, ch: __m256, scale: f32) -> (__m256, __m256) {
@@ -455,8 +471,8 @@ mod x86 {
         if v.round.is_none() {
             (l, h)
         } else {
-            let [r0, r1] = v.round.0;
-            (round256(round256(l, r0), r1), round256(round256(h, r0), r1))
+            let ([r0, r1], ok) = (v.round.0, scale.is_finite());
+            (round256(round256(l, r0, ok), r1, ok), round256(round256(h, r0, ok), r1, ok))
         }
     }
 
