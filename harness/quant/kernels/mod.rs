@@ -3,12 +3,14 @@
 //! [`crate::quant::Quantized4::dequantize`] stays the oracle they are tested against.
 //!
 //! Numerics are part of the contract, so goldens hold on every machine:
-//! - dequantization is `code[q] · absmax[block]`, one rounding: **bitwise equal** to the
-//!   reference on every instruction set (bf16 output rounds to nearest even, as `half` does);
+//! - a decoded weight is `round(code[q] · absmax[block])`, where `round` is the view's
+//!   [`Rounding`] (none, or the casts to the original and compute dtypes that bitsandbytes
+//!   applies): **bitwise equal** to the reference cast with `half` on every instruction set;
+//!   bf16 output rounds to nearest even, as `half` does;
 //! - the fused products accumulate in a fixed order that every instruction set reproduces
-//!   bit for bit (16 lanes per block segment with fused multiply-adds, a fixed reduction tree,
-//!   then `y = fma(scale, segment_sum, y)` segment by segment), and one output row never
-//!   depends on the other rows of the batch or on the thread count.
+//!   bit for bit (four chains of 16 lanes with fused multiply-adds, a fixed reduction tree,
+//!   a sequential tail; see `simd`), and one output row never depends on the other rows of
+//!   the batch or on the thread count.
 
 pub mod dequant;
 pub mod isa;

@@ -87,10 +87,18 @@ pub(super) fn dot<const R: usize>(isa: Isa, v: &Q4View, s: usize, e: usize, xs: 
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `isa.supported()`.
-        Isa::Avx512 => unsafe { x86::dot_avx512(v, s, e, xs) },
+        // The loops are instantiated with and without rounding: the rounding code (constants,
+        // branches) in the plain loop would cost registers the accumulators need.
+        Isa::Avx512 if v.round.is_none() => unsafe { x86::dot_avx512::<R, false>(v, s, e, xs) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::dot_avx2(v, s, e, xs) },
+        Isa::Avx512 => unsafe { x86::dot_avx512::<R, true>(v, s, e, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if v.round.is_none() => unsafe { x86::dot_avx2::<R, false>(v, s, e, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::dot_avx2::<R, true>(v, s, e, xs) },
         _ => dot_scalar(v, s, e, xs),
     }
 }
@@ -318,7 +326,12 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(unused_assignments)] // the table cache's last update in the unrolled tail
-    pub(super) unsafe fn dot_avx512<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
+    pub(super) unsafe fn dot_avx512<const R: usize, const ROUND: bool>(
+        v: &Q4View,
+        s: usize,
+        e: usize,
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
         let code = _mm512_loadu_ps(v.code.as_ptr());
         let mut tail = [0f32; R];
         let mut f = head(v, s, e, &xs, &mut tail);
@@ -334,7 +347,8 @@ mod x86 {
                 let b = $b;
                 if cur_b != b {
                     cur_b = b;
-                    cur_t = table512(v, code, *v.scales.get_unchecked(b));
+                    let sc = *v.scales.get_unchecked(b);
+                    cur_t = if ROUND { table512(v, code, sc) } else { _mm512_mul_ps(code, _mm512_set1_ps(sc)) };
                 }
                 cur_t
             }};
@@ -502,7 +516,12 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(unused_assignments)] // the table cache's last update in the unrolled tail
-    pub(super) unsafe fn dot_avx2<const R: usize>(v: &Q4View, s: usize, e: usize, xs: [&[f32]; R]) -> [f32; R] {
+    pub(super) unsafe fn dot_avx2<const R: usize, const ROUND: bool>(
+        v: &Q4View,
+        s: usize,
+        e: usize,
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
         let cl = _mm256_loadu_ps(v.code.as_ptr());
         let ch = _mm256_loadu_ps(v.code.as_ptr().add(8));
         let mut tail = [0f32; R];
@@ -520,7 +539,13 @@ mod x86 {
                 let b = $b;
                 if cur_b != b {
                     cur_b = b;
-                    (cur_l, cur_h) = table256(v, cl, ch, *v.scales.get_unchecked(b));
+                    let sc = *v.scales.get_unchecked(b);
+                    (cur_l, cur_h) = if ROUND {
+                        table256(v, cl, ch, sc)
+                    } else {
+                        let s = _mm256_set1_ps(sc);
+                        (_mm256_mul_ps(cl, s), _mm256_mul_ps(ch, s))
+                    };
                 }
                 (cur_l, cur_h)
             }};
