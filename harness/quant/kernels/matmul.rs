@@ -1,7 +1,8 @@
 //! The fused 4-bit products, never materialising the dequantized weight `W [rows, cols]`:
 //! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
 //!   when `x` has one row). Weights are decoded once per 16 and reused across up to 4 input
-//!   rows; threads split the output features.
+//!   rows; threads split the output features. For batches on AVX-512, four weight rows at a
+//!   time are decoded into a small scratch buffer and multiplied by a 4×4 register tile.
 //! - [`matmul_nn`]: `dx = g · W` (the backward with respect to the input). Threads split
 //!   the input features; each weight row piece is decoded once into a small scratch buffer.
 //!
@@ -61,10 +62,49 @@ fn row_dots(v: &Q4View, isa: Isa, o: usize, x: &[f32], m0: usize, n: usize, out:
     go!(1, 2, 3, 4, 5, 6, 7, 8);
 }
 
+/// The tiled form of [`matmul_nt`] for `yt [rows, m]` rows `o0..`: each group of
+/// [`simd::TILE`] weight rows is decoded once into a scratch buffer, then multiplied with the
+/// inputs four rows at a time by a register tile. Same bits as the row-by-row form.
+fn fill_tiled(v: &Q4View, isa: Isa, x: &[f32], m: usize, o0: usize, yt: &mut [f32]) {
+    const T: usize = simd::TILE;
+    let c = v.cols;
+    let nrows = yt.len() / m;
+    let mut scratch = vec![0f32; T * c];
+    for b0 in (0..nrows).step_by(T) {
+        let nb = T.min(nrows - b0);
+        for j in 0..nb {
+            let o = o0 + b0 + j;
+            simd::decode(isa, v, o * c, (o + 1) * c, &mut scratch[j * c..(j + 1) * c]);
+        }
+        // Short tiles repeat their last row; the repeats' results are dropped.
+        let ws: [&[f32]; T] = std::array::from_fn(|j| &scratch[j.min(nb - 1) * c..(j.min(nb - 1) + 1) * c]);
+        for m0 in (0..m).step_by(T) {
+            let nm = T.min(m - m0);
+            let xs: [&[f32]; T] = std::array::from_fn(|i| {
+                let r = m0 + i.min(nm - 1);
+                &x[r * c..(r + 1) * c]
+            });
+            let d = simd::tile_dots(isa, ws, xs, c).expect("tiled only where supported");
+            for (i, di) in d.iter().enumerate().take(nm) {
+                for (j, dij) in di.iter().enumerate().take(nb) {
+                    yt[(b0 + j) * m + m0 + i] = *dij;
+                }
+            }
+        }
+    }
+}
+
 /// `y[m, o] = Σ_i x[m, i] · W[o, i]`; `x` is `[m, cols]`, `y` is `[m, rows]`, row-major.
 pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Result<()> {
     check(v, isa, "matmul_nt", (x.len(), m * v.cols), (y.len(), m * v.rows))?;
     if m == 0 || v.rows == 0 {
+        return Ok(());
+    }
+    // Batches: a register tile over decoded rows, where the rows start at even flat indices.
+    if isa == Isa::Avx512 && m >= simd::TILE && v.cols.is_multiple_of(2) && v.cols >= 16 {
+        let mut yt = vec![0f32; m * v.rows];
+        run_rows(v, m, &mut yt, |o0, yt| fill_tiled(v, isa, x, m, o0, yt));
+        transpose_into(&yt, m, v.rows, y);
         return Ok(());
     }
     let g = group(isa);
@@ -85,12 +125,17 @@ pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Re
     }
     let mut yt = vec![0f32; m * v.rows];
     run_rows(v, m, &mut yt, fill);
+    transpose_into(&yt, m, v.rows, y);
+    Ok(())
+}
+
+/// `y [m, rows] = ytᵀ`.
+fn transpose_into(yt: &[f32], m: usize, rows: usize, y: &mut [f32]) {
     for (o, col) in yt.chunks(m).enumerate() {
         for (mi, val) in col.iter().enumerate() {
-            y[mi * v.rows + o] = *val;
+            y[mi * rows + o] = *val;
         }
     }
-    Ok(())
 }
 
 /// Split `[rows, m]` output over threads by weight rows.

@@ -170,6 +170,25 @@ pub(super) fn axpy(isa: Isa, a: f32, w: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Rows of a tile of [`tile_dots`]: input rows and weight rows.
+pub(super) const TILE: usize = 4;
+
+/// The 4×4 dot products of decoded weight rows `ws` with input rows `xs` (all `n` long, `n`
+/// even: each row starts at an even flat index, so there is no head element), in exactly the
+/// order of [`dot`]: chunk `c` into chain `c mod 4`, `tree((c0 + c1) + (c2 + c3)) + tail`. The
+/// chains are computed one after the other, so a 4×4 register tile serves all 16 outputs:
+/// every weight load feeds four inputs and every input load four weights. AVX-512 only
+/// (`None` elsewhere: the caller uses [`dot`], which gives the same bits).
+pub(super) fn tile_dots(isa: Isa, ws: [&[f32]; TILE], xs: [&[f32]; TILE], n: usize) -> Option<[[f32; TILE]; TILE]> {
+    assert!(n.is_multiple_of(2) && ws.iter().chain(&xs).all(|r| r.len() >= n), "tile rows hold n values, n even");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked `isa.supported()`; the lengths are checked above.
+        Isa::Avx512 => Some(unsafe { x86::tile_avx512(ws, xs, n) }),
+        _ => None,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! AVX2+FMA(+F16C) and AVX-512F versions. Unaligned loads throughout; every pointer
@@ -414,6 +433,43 @@ mod x86 {
         for r in 0..R {
             let l = _mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_add_ps(a2[r], a3[r]));
             out[r] = tree512(l) + tail[r];
+        }
+        out
+    }
+
+    /// See `tile_dots`: outputs `[input row][weight row]`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn tile_avx512(ws: [&[f32]; 4], xs: [&[f32]; 4], n: usize) -> [[f32; 4]; 4] {
+        let z = _mm512_setzero_ps();
+        let chunks = n / 16;
+        // Chain sums [chain][input row][weight row].
+        let mut cs = [[[z; 4]; 4]; 4];
+        for (k, ck) in cs.iter_mut().enumerate() {
+            let mut acc = [[z; 4]; 4];
+            let mut c = k;
+            while c < chunks {
+                let off = 16 * c;
+                let w: [__m512; 4] = std::array::from_fn(|j| _mm512_loadu_ps(ws[j].as_ptr().add(off)));
+                for i in 0..4 {
+                    let xv = _mm512_loadu_ps(xs[i].as_ptr().add(off));
+                    for j in 0..4 {
+                        acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
+                    }
+                }
+                c += 4;
+            }
+            *ck = acc;
+        }
+        let mut out = [[0f32; 4]; 4];
+        for i in 0..4 {
+            for j in 0..4 {
+                let l = _mm512_add_ps(_mm512_add_ps(cs[0][i][j], cs[1][i][j]), _mm512_add_ps(cs[2][i][j], cs[3][i][j]));
+                let mut tail = 0f32;
+                for f in chunks * 16..n {
+                    tail = ws[j][f].mul_add(xs[i][f], tail);
+                }
+                out[i][j] = tree512(l) + tail;
+            }
         }
         out
     }
