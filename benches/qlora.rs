@@ -129,14 +129,6 @@ fn qlora_linear(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements((m * n * k) as u64));
     let id = |name: &str, what: &str| BenchmarkId::new(name, format!("{what}/{m}x{k}x{n}/r{r}"));
-    g.bench_function(id("tunecheck_nf4", "forward"), |b| b.iter(|| black_box(q_fwd())));
-    g.bench_function(id("candle_f32", "forward"), |b| b.iter(|| black_box(d_fwd())));
-    g.bench_function(id("tunecheck_nf4", "forward_backward"), |b| {
-        b.iter(|| black_box(q_fwd().sum_all().unwrap().backward().unwrap()))
-    });
-    g.bench_function(id("candle_f32", "forward_backward"), |b| {
-        b.iter(|| black_box(d_fwd().sum_all().unwrap().backward().unwrap()))
-    });
     let ql = Quant4Linear::new(w.q.clone(), DType::F32, DType::BF16, &dev).unwrap();
     let dense16 = dense.to_dtype(DType::BF16).unwrap();
     let q16_fwd = || (ql.forward_in(x.as_tensor(), DType::BF16).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
@@ -144,14 +136,18 @@ fn qlora_linear(c: &mut Criterion) {
         let y = x.as_tensor().to_dtype(DType::BF16).unwrap().matmul(&dense16.t().unwrap()).unwrap();
         (y.to_dtype(DType::F32).unwrap() + lora(x.as_tensor()).unwrap()).unwrap()
     };
-    g.bench_function(id("tunecheck_nf4_bf16", "forward"), |b| b.iter(|| black_box(q16_fwd())));
-    g.bench_function(id("candle_bf16", "forward"), |b| b.iter(|| black_box(d16_fwd())));
-    g.bench_function(id("tunecheck_nf4_bf16", "forward_backward"), |b| {
-        b.iter(|| black_box(q16_fwd().sum_all().unwrap().backward().unwrap()))
-    });
-    g.bench_function(id("candle_bf16", "forward_backward"), |b| {
-        b.iter(|| black_box(d16_fwd().sum_all().unwrap().backward().unwrap()))
-    });
+    let entries: [(&str, &dyn Fn() -> Tensor); 4] = [
+        ("tunecheck_nf4", &q_fwd),
+        ("candle_f32", &d_fwd),
+        ("tunecheck_nf4_bf16", &q16_fwd),
+        ("candle_bf16", &d16_fwd),
+    ];
+    for (name, fwd) in entries {
+        g.bench_function(id(name, "forward"), |b| b.iter(|| black_box(fwd())));
+        g.bench_function(id(name, "forward_backward"), |b| {
+            b.iter(|| black_box(fwd().sum_all().unwrap().backward().unwrap()))
+        });
+    }
     g.finish();
 }
 

@@ -65,11 +65,6 @@ impl<'a> Q4View<'a> {
         Q4View { round, ..self }
     }
 
-    /// The rounding of decoded weights.
-    pub fn rounding(&self) -> Rounding {
-        self.round
-    }
-
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.rows * self.cols
