@@ -46,6 +46,28 @@ pub enum Error {
     /// An error from candle while computing.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A batch holds untrained tokens (all-zero rows of `embed_tokens`/`lm_head`) while those
+    /// rows are frozen: training on them would give a silent NaN or a model that never learns
+    /// them, so the trainer refuses.
+    #[error(
+        "the batch contains untrained tokens {ids:?} (all-zero rows of embed_tokens/lm_head) while embed_tokens \
+         and lm_head are frozen: their gradients cannot fix them. Make embed_tokens/lm_head trainable \
+         (modules_to_save), fix the rows (UntrainedPolicy::FixMean), or remove the tokens"
+    )]
+    UntrainedTokens {
+        /// The untrained ids found in the batch, ascending.
+        ids: Vec<u32>,
+    },
+    /// Training produced a non-finite number (loss or gradient norm) at an optimizer step.
+    #[error("non-finite {what} {value} at optimizer step {step}")]
+    NonFinite {
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The value (NaN or ±inf).
+        value: f64,
+        /// The optimizer step (0-based) that produced it.
+        step: usize,
+    },
     /// Anything else, with a message that says what and where.
     #[error("{0}")]
     Msg(String),

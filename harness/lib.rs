@@ -17,7 +17,12 @@
 //! - [`weights`]: seeded weights, the same bits on every run and device;
 //! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation;
 //! - [`io`]: Hugging Face checkpoints (single or sharded safetensors), atomic writes;
-//! - [`props`]: the invariants, as public functions;
+//! - [`subject`]: the `Trainer` trait and the `Factory` value properties build subjects with;
+//! - [`props`]: the invariants, one file each, listed in [`props::catalogue`] and run by
+//!   [`props::runner`] with honest verdicts (cases run, skips with reasons, typed failures);
+//! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
+//! - [`suite`]: what `tunecheck check` runs and prints;
+//! - [`conformance!`]: one test per catalogue property in the calling crate;
 //! - [`device`]: devices and the CUDA skip/require policy.
 
 pub mod adapt;

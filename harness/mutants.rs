@@ -1,13 +1,19 @@
-//! Planted-bug subjects ("mutants"): each reproduces a real-world bug and names the property
-//! that must catch it. A property that no mutant fails is not done.
+//! Planted-bug subjects ("mutants"): each reproduces a real-world bug, names the property that
+//! must catch it and the clause it must trip (a mutant counts as caught only for that reason,
+//! never because something crashed). A property that no mutant fails is not done. Trainer
+//! mutants are factory values ([`Mutant`]) that carry their bug through save and load.
+
+use candle_core::DType;
 
 use crate::model::Faults;
 use crate::spec::Family;
 use crate::suite::ModelProperty;
+use crate::train::checkpoint::ReloadFaults;
+use crate::train::trainer::TrainFaults;
 
-/// One planted bug and the property that must fail on it.
+/// One planted forward-pass bug and the model property that must fail on it.
 #[derive(Debug, Clone, Copy)]
-pub struct Mutant {
+pub struct ForwardMutant {
     /// Short id.
     pub name: &'static str,
     /// The real-world bug it reproduces.
@@ -19,32 +25,31 @@ pub struct Mutant {
     /// The family it is run on (some bugs only exist where the feature does, e.g. windows).
     pub family: Family,
 }
-
 /// The mutants of the forward-pass properties.
-pub fn forward_mutants() -> Vec<Mutant> {
+pub fn forward_mutants() -> Vec<ForwardMutant> {
     vec![
-        Mutant {
+        ForwardMutant {
             name: "eval_fast_path_wrong_norm",
             bug: "separate eval-only path with the wrong RMSNorm convention (Llama 3.1 model.eval() collapse)",
             faults: Faults { eval_path_wrong_norm: true, ..Faults::default() },
             caught_by: ModelProperty::Deterministic,
             family: Family::Gemma,
         },
-        Mutant {
+        ForwardMutant {
             name: "mask_leaks_next_token",
             bug: "causal mask off by one: each position attends the next token",
             faults: Faults { mask_leaks_next_token: true, ..Faults::default() },
             caught_by: ModelProperty::Causal,
             family: Family::Llama,
         },
-        Mutant {
+        ForwardMutant {
             name: "cache_restarts_positions",
             bug: "KV-cache decode restarts rope positions at 0 for every new token",
             faults: Faults { cache_restarts_positions: true, ..Faults::default() },
             caught_by: ModelProperty::KvCache,
             family: Family::Llama,
         },
-        Mutant {
+        ForwardMutant {
             name: "cache_ignores_window",
             bug: "KV-cache decode attends beyond the sliding window (Gemma 2/3 local layers)",
             faults: Faults { cache_ignores_window: true, ..Faults::default() },
@@ -54,198 +59,331 @@ pub fn forward_mutants() -> Vec<Mutant> {
     ]
 }
 
+/// What a mutant is run as.
+#[derive(Debug, Clone, Copy)]
+pub enum MutantSubject {
+    /// A model with forward faults, under a forward property of one family.
+    Forward(ForwardMutant),
+    /// A trainer factory ([`Mutant`]s of [`TrainerBug`]) under a catalogue property.
+    Trainer(TrainerBug),
+    /// The quantizer with swapped nibbles, under P7.
+    SwappedNibbles,
+    /// A 4-bit kernel bug, under P9.
+    Kernel(KernelBug),
+}
+
+/// One entry of the mutant catalogue: the bug, the property that must catch it and the
+/// clause it must trip (`None`: any violation of that property).
+#[derive(Debug, Clone, Copy)]
+pub struct MutantInfo {
+    /// Short id (`--mutant NAME`).
+    pub name: &'static str,
+    /// The real-world bug it reproduces.
+    pub bug: &'static str,
+    /// Catalogue id of the property that must catch it (`P3`, or `forward` for the model
+    /// properties).
+    pub caught_by: &'static str,
+    /// The violated clause expected.
+    pub code: Option<&'static str>,
+    /// How it is run.
+    pub subject: MutantSubject,
+}
+
+/// Every mutant, in report order: forward, trainer, then 4-bit.
+pub fn catalogue() -> Vec<MutantInfo> {
+    let mut out: Vec<MutantInfo> = forward_mutants()
+        .into_iter()
+        .map(|m| MutantInfo {
+            name: m.name,
+            bug: m.bug,
+            caught_by: "forward",
+            code: None,
+            subject: MutantSubject::Forward(m),
+        })
+        .collect();
+    out.extend(TrainerBug::ALL.iter().map(|&b| MutantInfo {
+        name: b.name(),
+        bug: b.description(),
+        caught_by: b.caught_by(),
+        code: b.code(),
+        subject: MutantSubject::Trainer(b),
+    }));
+    out.push(MutantInfo {
+        name: "swapped_nibbles",
+        bug: "element 2i packed in the low nibble (bitsandbytes puts it high)",
+        caught_by: "P7",
+        code: Some("bitsandbytes_bytes"),
+        subject: MutantSubject::SwappedNibbles,
+    });
+    out.extend(KernelBug::ALL.iter().map(|&k| MutantInfo {
+        name: k.name(),
+        bug: k.description(),
+        caught_by: "P9",
+        code: None,
+        subject: MutantSubject::Kernel(k),
+    }));
+    out
+}
+
+/// The mutant named `name`.
+pub fn by_name(name: &str) -> Option<MutantInfo> {
+    catalogue().into_iter().find(|m| m.name == name)
+}
+
 /// A planted bug in a trainer, reproducing a reported failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrainerBug {
-    /// P1: an eval-only fast path with the wrong norm convention (Llama 3.1 `model.eval()`).
+    /// P1: an eval-only fast path with the wrong norm convention.
     EvalFastPathWrongNorm,
-    /// P3: reload with transformers' default 4-bit config (fp4, no double quant) instead of
-    /// the recorded one, ignoring the record (the QLoRA Gemma save/reload drift).
-    ReloadWithDefaultQuant,
-    /// P5: gradient accumulation normalised per micro-batch (the 2024 bug).
-    PerMicroBatchMean,
-    /// P8: candle's fused RMSNorm (no backward) in the training path.
-    FusedRmsNorm,
+    /// P1: an eval-only fast path (its own function) that reads an unfilled hidden-state
+    /// buffer, so the argmax collapses to one id (Llama 3.1 `model.eval()`).
+    EvalPathCollapse,
     /// P2: frozen embeddings trained on data with untrained (zero-row) tokens, silently.
     IgnoreUntrained,
+    /// P2: trainable zero rows left as they are, and RMSNorm without epsilon: 0/0 = NaN.
+    ZeroRowsNormWithoutEps,
+    /// P3: reload with transformers' default 4-bit config (fp4, no double quant).
+    ReloadWithDefaultQuant,
+    /// P3: reload with the recorded 4-bit config but bf16 compute whatever was recorded.
+    ReloadComputeDtype,
+    /// P3: reload the base in f32 whatever dtype its config records.
+    ReloadBaseDtype,
+    /// P3: the optimizer moments are not saved; a resumed run restarts Adam.
+    OptimizerStateNotSaved,
     /// P4: optimizer state reset at every epoch boundary.
     ResetAtEpoch,
+    /// P4: learning-rate schedule restarted at every epoch boundary.
+    ScheduleRestartAtEpoch,
+    /// P4: the short last accumulation window of an epoch divided by the configured count.
+    PartialWindowOverK,
+    /// P4: eval skipped although asked for.
+    SkipEval,
+    /// P5: gradient accumulation normalised per micro-batch (the 2024 bug).
+    PerMicroBatchMean,
+    /// P8: candle's fused RMSNorm (no backward) everywhere in the training path.
+    FusedRmsNorm,
+    /// P8: a fused norm without backward in the last decoder layer only.
+    FusedLastLayerNorms,
+    /// P8: Gemma 3's q/k norms fused without backward.
+    FusedQkNorms,
+    /// P11: master weights (and so the updates) held in bf16.
+    HalfPrecisionMaster,
 }
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 6] = [
+    pub const ALL: [TrainerBug; 17] = [
         TrainerBug::EvalFastPathWrongNorm,
+        TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
+        TrainerBug::ZeroRowsNormWithoutEps,
         TrainerBug::ReloadWithDefaultQuant,
+        TrainerBug::ReloadComputeDtype,
+        TrainerBug::ReloadBaseDtype,
+        TrainerBug::OptimizerStateNotSaved,
         TrainerBug::ResetAtEpoch,
+        TrainerBug::ScheduleRestartAtEpoch,
+        TrainerBug::PartialWindowOverK,
+        TrainerBug::SkipEval,
         TrainerBug::PerMicroBatchMean,
         TrainerBug::FusedRmsNorm,
+        TrainerBug::FusedLastLayerNorms,
+        TrainerBug::FusedQkNorms,
+        TrainerBug::HalfPrecisionMaster,
     ];
 
     /// Short id.
     pub fn name(self) -> &'static str {
         match self {
             TrainerBug::EvalFastPathWrongNorm => "eval_fast_path_wrong_norm",
+            TrainerBug::EvalPathCollapse => "eval_fast_path_collapse",
+            TrainerBug::IgnoreUntrained => "frozen_embeddings_untrained_tokens",
+            TrainerBug::ZeroRowsNormWithoutEps => "zero_rows_norm_without_eps",
             TrainerBug::ReloadWithDefaultQuant => "reload_with_default_quant",
+            TrainerBug::ReloadComputeDtype => "reload_ignores_compute_dtype",
+            TrainerBug::ReloadBaseDtype => "reload_ignores_base_dtype",
+            TrainerBug::OptimizerStateNotSaved => "optimizer_state_not_saved",
+            TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
+            TrainerBug::ScheduleRestartAtEpoch => "schedule_restart_at_epoch",
+            TrainerBug::PartialWindowOverK => "short_window_over_k",
+            TrainerBug::SkipEval => "eval_skipped",
             TrainerBug::PerMicroBatchMean => "per_microbatch_mean",
             TrainerBug::FusedRmsNorm => "fused_rms_norm_no_backward",
-            TrainerBug::IgnoreUntrained => "frozen_embeddings_untrained_tokens",
-            TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
+            TrainerBug::FusedLastLayerNorms => "fused_norm_one_layer",
+            TrainerBug::FusedQkNorms => "fused_qk_norms_gemma3",
+            TrainerBug::HalfPrecisionMaster => "half_precision_master",
         }
     }
 
     /// The real-world bug it reproduces.
     pub fn description(self) -> &'static str {
         match self {
-            TrainerBug::EvalFastPathWrongNorm => {
-                "eval-only fast path with the wrong norm (Llama 3.1 model.eval() collapse)"
+            TrainerBug::EvalFastPathWrongNorm => "eval-only fast path with the wrong RMSNorm convention",
+            TrainerBug::EvalPathCollapse => {
+                "eval-only fast path reads an unfilled buffer: argmax collapses to one id (Llama 3.1 model.eval())"
             }
-            TrainerBug::ReloadWithDefaultQuant => {
-                "reload with transformers' default 4-bit config (fp4, no double quant)"
-            }
-            TrainerBug::PerMicroBatchMean => "gradient accumulation normalised per micro-batch (the 2024 bug)",
-            TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
             TrainerBug::IgnoreUntrained => {
                 "frozen embeddings trained on untrained (zero-row) tokens without refusing or fixing"
             }
+            TrainerBug::ZeroRowsNormWithoutEps => "trainable zero rows kept, RMSNorm without epsilon: NaN at step 0",
+            TrainerBug::ReloadWithDefaultQuant => {
+                "reload with transformers' default 4-bit config (fp4, no double quant)"
+            }
+            TrainerBug::ReloadComputeDtype => "reload ignores the recorded bnb_4bit_compute_dtype (bf16 always)",
+            TrainerBug::ReloadBaseDtype => "reload loads the base in f32 whatever torch_dtype was saved",
+            TrainerBug::OptimizerStateNotSaved => "checkpoint without optimizer moments: resume restarts Adam",
             TrainerBug::ResetAtEpoch => "optimizer state reset at the epoch boundary (the 0.07 -> 4.83 spike)",
+            TrainerBug::ScheduleRestartAtEpoch => "learning-rate schedule restarted at every epoch (warmup again)",
+            TrainerBug::PartialWindowOverK => {
+                "short last accumulation window divided by gradient_accumulation_steps, not its own tokens"
+            }
+            TrainerBug::SkipEval => "eval strategy set, eval never runs",
+            TrainerBug::PerMicroBatchMean => "gradient accumulation normalised per micro-batch (the 2024 bug)",
+            TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
+            TrainerBug::FusedLastLayerNorms => {
+                "fused rms_norm without backward in one layer: wrong, non-zero gradients"
+            }
+            TrainerBug::FusedQkNorms => "Gemma 3 q/k norms fused without backward",
+            TrainerBug::HalfPrecisionMaster => "bf16 master weights: small updates round away (constant eval loss)",
         }
     }
 
     /// The property that must catch it.
     pub fn caught_by(self) -> &'static str {
         match self {
-            TrainerBug::EvalFastPathWrongNorm => "P1",
-            TrainerBug::ReloadWithDefaultQuant => "P3",
+            TrainerBug::EvalFastPathWrongNorm | TrainerBug::EvalPathCollapse => "P1",
+            TrainerBug::IgnoreUntrained | TrainerBug::ZeroRowsNormWithoutEps => "P2",
+            TrainerBug::ReloadWithDefaultQuant
+            | TrainerBug::ReloadComputeDtype
+            | TrainerBug::ReloadBaseDtype
+            | TrainerBug::OptimizerStateNotSaved => "P3",
+            TrainerBug::ResetAtEpoch
+            | TrainerBug::ScheduleRestartAtEpoch
+            | TrainerBug::PartialWindowOverK
+            | TrainerBug::SkipEval => "P4",
             TrainerBug::PerMicroBatchMean => "P5",
-            TrainerBug::FusedRmsNorm => "P8",
-            TrainerBug::IgnoreUntrained => "P2",
-            TrainerBug::ResetAtEpoch => "P4",
+            TrainerBug::FusedRmsNorm | TrainerBug::FusedLastLayerNorms | TrainerBug::FusedQkNorms => "P8",
+            TrainerBug::HalfPrecisionMaster => "P11",
+        }
+    }
+
+    /// The clause of [`TrainerBug::caught_by`] it must trip (`None`: any).
+    pub fn code(self) -> Option<&'static str> {
+        Some(match self {
+            TrainerBug::EvalFastPathWrongNorm => "train_eval_differ",
+            TrainerBug::EvalPathCollapse => "collapse",
+            TrainerBug::IgnoreUntrained => "not_fixed",
+            TrainerBug::ZeroRowsNormWithoutEps => "non_finite",
+            TrainerBug::ReloadWithDefaultQuant | TrainerBug::ReloadComputeDtype | TrainerBug::ReloadBaseDtype => {
+                "logits_differ"
+            }
+            TrainerBug::OptimizerStateNotSaved => "resume_differs",
+            TrainerBug::ResetAtEpoch | TrainerBug::ScheduleRestartAtEpoch | TrainerBug::PartialWindowOverK => {
+                "epoch_boundary"
+            }
+            TrainerBug::SkipEval => "eval_missing",
+            TrainerBug::PerMicroBatchMean => "accumulation_mismatch",
+            TrainerBug::FusedLastLayerNorms => "gradient_mismatch",
+            TrainerBug::FusedRmsNorm | TrainerBug::FusedQkNorms => return None,
+            TrainerBug::HalfPrecisionMaster => "stall",
+        })
+    }
+
+    /// The only family where the bug exists, when it is specific to one.
+    pub fn family(self) -> Option<Family> {
+        match self {
+            TrainerBug::FusedQkNorms => Some(Family::Gemma3),
+            _ => None,
+        }
+    }
+
+    fn model_faults(self) -> Faults {
+        match self {
+            TrainerBug::EvalFastPathWrongNorm => Faults { eval_path_wrong_norm: true, ..Faults::default() },
+            TrainerBug::EvalPathCollapse => Faults { eval_path_unfilled_buffer: true, ..Faults::default() },
+            TrainerBug::ZeroRowsNormWithoutEps => Faults { norm_without_eps: true, ..Faults::default() },
+            TrainerBug::FusedRmsNorm => Faults { fused_rms_norm: true, ..Faults::default() },
+            TrainerBug::FusedLastLayerNorms => Faults { fused_last_layer_norms: true, ..Faults::default() },
+            TrainerBug::FusedQkNorms => Faults { fused_qk_norms: true, ..Faults::default() },
+            _ => Faults::default(),
+        }
+    }
+
+    fn train_faults(self) -> TrainFaults {
+        let mut f = TrainFaults::default();
+        match self {
+            TrainerBug::IgnoreUntrained => f.ignore_untrained = true,
+            TrainerBug::ZeroRowsNormWithoutEps => f.keep_zero_rows = true,
+            TrainerBug::OptimizerStateNotSaved => f.skip_optimizer_state = true,
+            TrainerBug::ResetAtEpoch => f.reset_at_epoch = true,
+            TrainerBug::ScheduleRestartAtEpoch => f.restart_schedule_at_epoch = true,
+            TrainerBug::PartialWindowOverK => f.partial_window_over_k = true,
+            TrainerBug::SkipEval => f.skip_eval = true,
+            TrainerBug::PerMicroBatchMean => f.per_microbatch_mean = true,
+            _ => {}
+        }
+        f
+    }
+
+    fn reload_faults(self) -> ReloadFaults {
+        match self {
+            TrainerBug::ReloadWithDefaultQuant => {
+                ReloadFaults { quant: Some(crate::adapt::QuantConfig::transformers_defaults()), ..Default::default() }
+            }
+            TrainerBug::ReloadComputeDtype => ReloadFaults { compute_dtype: Some(DType::BF16), ..Default::default() },
+            TrainerBug::ReloadBaseDtype => ReloadFaults { base_dtype: Some(DType::F32), ..Default::default() },
+            _ => ReloadFaults::default(),
         }
     }
 }
 
-/// The reference trainer with one planted bug.
-pub struct MutantTrainer {
-    inner: crate::train::RefTrainer,
-    bug: TrainerBug,
-}
+/// A trainer mutant as a factory value: the reference with `bug` planted at build and at
+/// load (the bug travels in the value, not in the checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mutant(pub TrainerBug);
 
-impl MutantTrainer {
-    /// Build the reference from `setup` and plant `bug`.
-    pub fn new(setup: &crate::subject::Setup, device: &candle_core::Device, bug: TrainerBug) -> crate::Result<Self> {
-        let mut inner = crate::subject::reference(setup, device)?;
-        match bug {
-            TrainerBug::EvalFastPathWrongNorm => {
-                inner.model_mut().set_faults(Faults { eval_path_wrong_norm: true, ..Faults::default() })
-            }
-            TrainerBug::FusedRmsNorm => {
-                inner.model_mut().set_faults(Faults { fused_rms_norm: true, ..Faults::default() })
-            }
-            TrainerBug::PerMicroBatchMean => {
-                inner = inner
-                    .with_faults(crate::train::trainer::TrainFaults { per_microbatch_mean: true, ..Default::default() })
-            }
-            TrainerBug::IgnoreUntrained => {
-                inner = inner
-                    .with_faults(crate::train::trainer::TrainFaults { ignore_untrained: true, ..Default::default() })
-            }
-            TrainerBug::ResetAtEpoch => {
-                inner =
-                    inner.with_faults(crate::train::trainer::TrainFaults { reset_at_epoch: true, ..Default::default() })
-            }
-            TrainerBug::ReloadWithDefaultQuant => {}
-        }
-        Ok(MutantTrainer { inner, bug })
+impl crate::subject::Factory for Mutant {
+    fn name(&self) -> String {
+        format!("mutant/{}", self.0.name())
     }
-}
-
-/// A factory for mutant `bug`, usable wherever a subject factory is.
-pub fn factory(
-    bug: TrainerBug,
-) -> impl Fn(&crate::subject::Setup, &candle_core::Device) -> crate::Result<MutantTrainer> {
-    move |setup, device| MutantTrainer::new(setup, device, bug)
-}
-
-impl crate::subject::Trainer for MutantTrainer {
+    fn replay_args(&self) -> Option<String> {
+        Some(format!("--mutant {}", self.0.name()))
+    }
     fn capabilities(&self) -> crate::subject::Capabilities {
-        self.inner.capabilities()
+        crate::subject::Capabilities::all()
     }
-    fn logits(&self, ids: &candle_core::Tensor, mode: crate::Mode) -> crate::Result<candle_core::Tensor> {
-        crate::subject::Trainer::logits(&self.inner, ids, mode)
-    }
-    fn decode(&self, prompt: &candle_core::Tensor, n: usize) -> crate::Result<Vec<Vec<u32>>> {
-        self.inner.decode(prompt, n)
-    }
-    fn cached_logits(&self, ids: &candle_core::Tensor, prefill: usize) -> crate::Result<Option<candle_core::Tensor>> {
-        self.inner.cached_logits(ids, prefill)
-    }
-    fn gradients(
+    fn build(
         &self,
-        micro: &[crate::train::Batch],
-    ) -> crate::Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
-        crate::subject::Trainer::gradients(&self.inner, micro)
-    }
-    fn train_step(&mut self, micro: &[crate::train::Batch]) -> crate::Result<crate::train::StepReport> {
-        crate::subject::Trainer::train_step(&mut self.inner, micro)
-    }
-    fn eval_loss(&self, batches: &[crate::train::Batch]) -> crate::Result<f64> {
-        crate::subject::Trainer::eval_loss(&self.inner, batches)
-    }
-    fn trainable(&self) -> Vec<(String, candle_core::Tensor)> {
-        self.inner.trainable()
-    }
-    fn fit(
-        &mut self,
-        train: &[crate::train::Batch],
-        eval: &[crate::train::Batch],
-        epochs: usize,
-    ) -> crate::Result<crate::train::History> {
-        crate::subject::Trainer::fit(&mut self.inner, train, eval, epochs)
-    }
-    fn frozen(&self) -> Vec<(String, candle_core::Tensor)> {
-        self.inner.frozen()
-    }
-    fn save(&self, dir: &std::path::Path) -> crate::Result<()> {
-        self.inner.save(dir)?;
-        record_bug(dir, self.bug)
-    }
-    fn load(setup: &crate::subject::Setup, device: &candle_core::Device, dir: &std::path::Path) -> crate::Result<Self> {
-        // Only this mutant's load differs; the others reload like the reference (their bug
-        // is elsewhere), which this signature cannot know: the bug rides in a side file.
-        let bug = read_bug(dir).unwrap_or(TrainerBug::EvalFastPathWrongNorm);
-        if bug != TrainerBug::ReloadWithDefaultQuant {
-            let mut m = MutantTrainer::new(setup, device, bug)?;
-            crate::train::checkpoint::resume(&mut m.inner, dir)?;
-            return Ok(m);
+        setup: &crate::subject::Setup,
+        device: &candle_core::Device,
+    ) -> crate::Result<Box<dyn crate::subject::Trainer>> {
+        let mut cfg = setup.train.clone();
+        if self.0 == TrainerBug::HalfPrecisionMaster {
+            cfg.master_dtype = DType::BF16;
         }
-        let mut wrong = setup.clone();
-        wrong.quant = Some(crate::adapt::QuantConfig::transformers_defaults());
-        let inner = crate::subject::reference(&wrong, device)?;
-        let a = crate::io::peft::read(dir)?;
-        crate::adapt::attach::load_values(inner.params(), &a.tensors, "adapter")?;
-        Ok(MutantTrainer { inner, bug })
+        let weights: crate::weights::Weights =
+            setup.weights.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?))).collect::<crate::Result<_>>()?;
+        let mut tr = crate::train::RefTrainer::build(
+            &setup.spec,
+            &weights,
+            &setup.lora,
+            setup.quant,
+            cfg,
+            setup.adapter_seed,
+            self.0.train_faults(),
+        )?;
+        tr.model_mut().set_faults(self.0.model_faults());
+        Ok(Box::new(tr))
     }
-}
-
-const BUG_FILE: &str = "tunecheck_mutant.txt";
-
-fn read_bug(dir: &std::path::Path) -> Option<TrainerBug> {
-    let s = std::fs::read_to_string(dir.join(BUG_FILE)).ok()?;
-    TrainerBug::ALL.into_iter().find(|b| b.name() == s.trim())
-}
-
-impl MutantTrainer {
-    /// The planted bug.
-    pub fn bug(&self) -> TrainerBug {
-        self.bug
+    fn load(
+        &self,
+        device: &candle_core::Device,
+        dir: &std::path::Path,
+    ) -> crate::Result<Box<dyn crate::subject::Trainer>> {
+        let mut tr = crate::train::checkpoint::load_with(device, dir, self.0.train_faults(), self.0.reload_faults())?;
+        tr.model_mut().set_faults(self.0.model_faults());
+        Ok(Box::new(tr))
     }
-}
-
-/// Save hook: mutants record which bug they carry so `load` can rebuild the same mutant.
-pub fn record_bug(dir: &std::path::Path, bug: TrainerBug) -> crate::Result<()> {
-    crate::io::atomic::write_atomic(&dir.join(BUG_FILE), bug.name().as_bytes())
 }
 
 /// Planted bugs in 4-bit kernels, each caught by P9 (`props::p9_kernels`).

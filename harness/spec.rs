@@ -410,7 +410,8 @@ impl ArchSpec {
                 return Err(Error::field(field, format!("must be in [0, 1), got {p}")));
             }
         }
-        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
+        // f64 is for in-memory oracles (P8's re-run), never a checkpoint dtype.
+        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
             return Err(Error::field("dtype", format!("{:?} is not a float compute dtype", self.dtype)));
         }
         if self.family == Family::Gemma && !self.tie_word_embeddings {
@@ -646,6 +647,7 @@ pub fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",
+        DType::F64 => "float64",
         _ => "float32",
     }
 }

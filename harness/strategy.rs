@@ -155,22 +155,38 @@ impl AdapterKind {
     }
 }
 
-/// A trainer setup: a spec, seeded weights, an adapter of `kind` with non-zero B (so that
-/// comparisons see it), and a training config with `grad_accum` micro-batches per step.
-pub fn arb_setup(kind: AdapterKind, grad_accum: usize) -> impl Strategy<Value = crate::subject::Setup> {
+/// A trainer setup: a spec of one of `families` in one of `dtypes` (each shrinking toward the
+/// first), seeded weights,
+/// an adapter of `kind` with non-zero B (so that comparisons see it), for QLoRA a 4-bit config
+/// with any compute dtype (f32, bf16, f16; the original dtype is the model's), and a training
+/// config with `grad_accum` micro-batches per step.
+pub fn arb_setup(
+    kind: AdapterKind,
+    grad_accum: usize,
+    dtypes: Vec<candle_core::DType>,
+    families: Vec<Family>,
+) -> impl Strategy<Value = crate::subject::Setup> {
     use crate::adapt::lora::{LoraInit, PROJECTIONS};
     use crate::adapt::{LoraConfig, QuantConfig};
+    use candle_core::DType;
+    assert!(!dtypes.is_empty(), "arb_setup needs at least one dtype");
+    assert!(!families.is_empty(), "arb_setup needs at least one family");
     (
-        arb_spec(),
+        proptest::sample::select(families).prop_flat_map(arb_family),
+        proptest::sample::select(dtypes),
         0u64..1000,
         1usize..=4,
         prop_oneof![Just(1.0), Just(2.0), Just(8.0)],
         any::<bool>(),
         proptest::sample::subsequence(PROJECTIONS.to_vec(), 1..=PROJECTIONS.len()),
-        prop_oneof![Just(32usize), Just(64)],
-        any::<bool>(),
+        (
+            prop_oneof![Just(32usize), Just(64)],
+            any::<bool>(),
+            prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
+        ),
     )
-        .prop_map(move |(spec, seed, r, alpha, rslora, targets, blocksize, dq)| {
+        .prop_map(move |(mut spec, dtype, seed, r, alpha, rslora, targets, (blocksize, dq, compute))| {
+            spec.dtype = dtype;
             let weights = crate::weights::generate(&spec, seed, &candle_core::Device::Cpu).expect("valid spec");
             let mut modules_to_save = Vec::new();
             if kind == AdapterKind::FullEmbeddings {
@@ -191,7 +207,7 @@ pub fn arb_setup(kind: AdapterKind, grad_accum: usize) -> impl Strategy<Value = 
             let quant = (kind == AdapterKind::QLora).then(|| QuantConfig {
                 blocksize,
                 double_quant: dq,
-                compute_dtype: candle_core::DType::F32,
+                compute_dtype: compute,
                 ..QuantConfig::default()
             });
             let train = crate::train::TrainConfig { grad_accum, ..crate::train::TrainConfig::default() };

@@ -3,15 +3,18 @@
 //! pass everything); each mutant implements it with one planted bug (and must fail exactly
 //! its property).
 //!
-//! A property builds subjects through a *factory* `Fn(&Setup, &Device) -> Result<T>`: the
-//! spec, base weights (seeded, on the host), adapter and training configuration are chosen by
-//! the property; the subject decides how to hold them. Optional abilities are declared in
-//! [`Capabilities`]; a property that needs one the subject lacks is skipped with a message.
+//! A property builds subjects through a [`Factory`], a value: `build(&Setup, &Device)` makes a
+//! fresh subject from a setup chosen by the property (spec, seeded base weights on the host,
+//! adapter and training configuration); `load(&Device, dir)` makes one from a directory that
+//! [`Trainer::save`] wrote, and nothing else — the 4-bit config, dtypes, adapter config,
+//! optimizer state, schedule position and RNG state must all come back from the directory.
+//! Optional abilities are declared by the factory in [`Capabilities`]; a property that needs
+//! one the subject lacks is reported as skipped with the reason, never as passed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::adapt::{LoraConfig, QuantConfig};
 use crate::error::Result;
@@ -20,8 +23,9 @@ use crate::spec::ArchSpec;
 use crate::train::trainer::{Batch, EvalStrategy, RefTrainer, StepReport, TrainConfig};
 use crate::weights::Weights;
 
-/// Optional abilities of a subject. Construct with [`Capabilities::all`] or
-/// [`Capabilities::none`] and switch fields; new fields may be added (non-exhaustive).
+/// Optional abilities of a subject, declared by its [`Factory`] before anything is built.
+/// Construct with [`Capabilities::all`] or [`Capabilities::none`] and switch fields; new
+/// fields may be added (non-exhaustive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
@@ -35,17 +39,62 @@ pub struct Capabilities {
     pub grad_accum: bool,
     /// Training `embed_tokens` / `lm_head` in full.
     pub train_embeddings: bool,
+    /// Models held and computed in bfloat16.
+    pub bf16: bool,
+    /// Models held and computed in float16.
+    pub f16: bool,
 }
 
 impl Capabilities {
     /// Everything.
-    pub fn all() -> Self {
-        Capabilities { kv_cache: true, save_load: true, quant4: true, grad_accum: true, train_embeddings: true }
+    pub const fn all() -> Self {
+        Capabilities {
+            kv_cache: true,
+            save_load: true,
+            quant4: true,
+            grad_accum: true,
+            train_embeddings: true,
+            bf16: true,
+            f16: true,
+        }
     }
 
-    /// Nothing optional.
-    pub fn none() -> Self {
-        Capabilities { kv_cache: false, save_load: false, quant4: false, grad_accum: false, train_embeddings: false }
+    /// Nothing optional (f32 only).
+    pub const fn none() -> Self {
+        Capabilities {
+            kv_cache: false,
+            save_load: false,
+            quant4: false,
+            grad_accum: false,
+            train_embeddings: false,
+            bf16: false,
+            f16: false,
+        }
+    }
+
+    /// Whether models in `dtype` are supported (f32 always is).
+    pub fn supports_dtype(&self, dtype: DType) -> bool {
+        match dtype {
+            DType::BF16 => self.bf16,
+            DType::F16 => self.f16,
+            _ => true,
+        }
+    }
+
+    /// The first capability in `need` that `self` lacks, by field name.
+    pub fn lacking(&self, need: &Capabilities) -> Option<&'static str> {
+        [
+            (need.kv_cache && !self.kv_cache, "kv_cache"),
+            (need.save_load && !self.save_load, "save_load"),
+            (need.quant4 && !self.quant4, "quant4"),
+            (need.grad_accum && !self.grad_accum, "grad_accum"),
+            (need.train_embeddings && !self.train_embeddings, "train_embeddings"),
+            (need.bf16 && !self.bf16, "bf16"),
+            (need.f16 && !self.f16, "f16"),
+        ]
+        .into_iter()
+        .find(|(missing, _)| *missing)
+        .map(|(_, name)| name)
     }
 }
 
@@ -70,20 +119,18 @@ impl Setup {
     /// The capabilities this setup needs.
     pub fn needs(&self) -> Capabilities {
         Capabilities {
-            kv_cache: false,
-            save_load: false,
             quant4: self.quant.is_some(),
             grad_accum: self.train.grad_accum > 1,
             train_embeddings: !self.lora.modules_to_save.is_empty(),
+            bf16: self.spec.dtype == DType::BF16,
+            f16: self.spec.dtype == DType::F16,
+            ..Capabilities::none()
         }
     }
 }
 
-/// A model + trainer under test.
-pub trait Trainer: Sized {
-    /// Optional abilities.
-    fn capabilities(&self) -> Capabilities;
-
+/// A model + trainer under test (object-safe: properties hold `Box<dyn Trainer>`).
+pub trait Trainer {
     /// Logits `[batch, seq, vocab]` for ids `[batch, seq]` in `mode`.
     fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor>;
 
@@ -115,31 +162,98 @@ pub trait Trainer: Sized {
     /// Save everything needed to continue or serve into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
 
-    /// Build a fresh subject from `setup` and load what [`Trainer::save`] wrote in `dir`.
-    fn load(setup: &Setup, device: &Device, dir: &Path) -> Result<Self>;
-
-    /// Train `epochs` passes over `train` (one optimizer step per batch), returning the loss
-    /// of every step and the eval loss at the end of every epoch (on `eval`, when not empty).
-    /// Override when the subject has its own epoch logic (schedulers, shuffling, eval hooks):
-    /// that logic is what the epoch-boundary property checks.
-    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History> {
-        let mut h = crate::train::History::default();
-        let mut step = 0;
-        for epoch in 0..epochs {
-            for b in train {
-                step += 1;
-                h.train.push((step, epoch, self.train_step(std::slice::from_ref(b))?.loss));
-            }
-            if !eval.is_empty() {
-                h.eval.push((step, self.eval_loss(eval)?));
-            }
-        }
-        Ok(h)
-    }
+    /// Train `epochs` passes over `train`, one optimizer step per `grad_accum` micro-batches
+    /// of the setup the subject was built from (the last window of an epoch may be short),
+    /// returning the loss of every step and the eval loss at the end of every epoch (on
+    /// `eval`, when not empty). This is the subject's own loop (schedulers, epoch boundaries,
+    /// eval hooks): that loop is what the epoch-boundary property checks.
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History>;
 
     /// Seeded sampling of `new_tokens` tokens (temperature 1) after each row of `prompt`.
     fn sample(&self, prompt: &Tensor, new_tokens: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
         crate::model::generate::sample_with(|ids| self.logits(ids, Mode::Eval), prompt, new_tokens, seed)
+    }
+}
+
+/// Makes subjects: the value a property runs against.
+pub trait Factory {
+    /// A short name for reports (`reference`, `mutant/per_microbatch_mean`, ...).
+    fn name(&self) -> String;
+
+    /// Arguments of `tunecheck check` that rebuild this factory, for replay lines (`None`
+    /// when the CLI cannot reach it, e.g. a trainer defined in another crate's tests).
+    fn replay_args(&self) -> Option<String> {
+        None
+    }
+
+    /// Optional abilities of the subjects it makes.
+    fn capabilities(&self) -> Capabilities;
+
+    /// A fresh subject for `setup` on `device`.
+    fn build(&self, setup: &Setup, device: &Device) -> Result<Box<dyn Trainer>>;
+
+    /// A subject restored from `dir` (written by [`Trainer::save`]) on `device`: everything
+    /// comes back from the directory.
+    fn load(&self, device: &Device, dir: &Path) -> Result<Box<dyn Trainer>>;
+}
+
+/// A [`Factory`] from two functions, for trainers written against the typed API.
+pub struct FnFactory<B, L> {
+    name: String,
+    capabilities: Capabilities,
+    build: B,
+    load: L,
+}
+
+/// Make a [`Factory`] named `name` from a build and a load function returning one type.
+pub fn factory<T, B, L>(name: &str, capabilities: Capabilities, build: B, load: L) -> FnFactory<B, L>
+where
+    T: Trainer + 'static,
+    B: Fn(&Setup, &Device) -> Result<T>,
+    L: Fn(&Device, &Path) -> Result<T>,
+{
+    FnFactory { name: name.to_string(), capabilities, build, load }
+}
+
+impl<T, B, L> Factory for FnFactory<B, L>
+where
+    T: Trainer + 'static,
+    B: Fn(&Setup, &Device) -> Result<T>,
+    L: Fn(&Device, &Path) -> Result<T>,
+{
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+    fn build(&self, setup: &Setup, device: &Device) -> Result<Box<dyn Trainer>> {
+        Ok(Box::new((self.build)(setup, device)?))
+    }
+    fn load(&self, device: &Device, dir: &Path) -> Result<Box<dyn Trainer>> {
+        Ok(Box::new((self.load)(device, dir)?))
+    }
+}
+
+/// The reference trainer as a factory: what every property must pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reference;
+
+impl Factory for Reference {
+    fn name(&self) -> String {
+        "reference".into()
+    }
+    fn replay_args(&self) -> Option<String> {
+        Some(String::new())
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+    fn build(&self, setup: &Setup, device: &Device) -> Result<Box<dyn Trainer>> {
+        Ok(Box::new(reference(setup, device)?))
+    }
+    fn load(&self, device: &Device, dir: &Path) -> Result<Box<dyn Trainer>> {
+        Ok(Box::new(crate::train::checkpoint::load(device, dir)?))
     }
 }
 
@@ -151,10 +265,6 @@ pub fn reference(setup: &Setup, device: &Device) -> Result<RefTrainer> {
 }
 
 impl Trainer for RefTrainer {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
-    }
-
     fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         RefTrainer::logits(self, ids, mode)
     }
@@ -192,26 +302,7 @@ impl Trainer for RefTrainer {
     }
 
     fn frozen(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        let trained: Vec<&str> = self.params().iter().map(|(n, _)| n.as_str()).collect();
-        if !trained.contains(&"model.embed_tokens.weight") {
-            out.push(("model.embed_tokens.weight".to_string(), self.model().embed().clone()));
-        }
-        for (path, lin) in self.model().linears() {
-            let name = format!("{path}.weight");
-            if trained.contains(&name.as_str()) {
-                continue;
-            }
-            match &lin.base {
-                crate::adapt::Base::Dense(w) => out.push((name, w.clone())),
-                crate::adapt::Base::Quant4(q) => {
-                    // What is stored: the packed codes and the block scales.
-                    out.push((format!("{name}.scales"), q.packed.scales.clone()));
-                    out.push((name, q.packed.packed.clone()));
-                }
-            }
-        }
-        out
+        RefTrainer::frozen(self)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
@@ -221,11 +312,5 @@ impl Trainer for RefTrainer {
     fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History> {
         self.set_epochs(epochs, if eval.is_empty() { EvalStrategy::No } else { EvalStrategy::Epoch });
         RefTrainer::fit(self, train, eval)
-    }
-
-    fn load(setup: &Setup, device: &Device, dir: &Path) -> Result<Self> {
-        let mut tr = reference(setup, device)?;
-        crate::train::checkpoint::resume(&mut tr, dir)?;
-        Ok(tr)
     }
 }

@@ -1,15 +1,23 @@
-//! The suite behind `tunecheck check`: each property run as a seeded proptest over a family's
-//! specs, shrunk to a minimal counterexample on failure, and reported as a table or JSON.
+//! The suite behind `tunecheck check`: the forward-pass properties per family (seeded proptest
+//! over each family's specs), then every catalogue property against a subject factory (the
+//! reference, or a named mutant), each reported as a row with an honest [`Verdict`], the
+//! cases that actually ran, every skip with its reason, and a replay line that reproduces a
+//! failure; and the mutant matrix, where each mutant must be caught by its property for the
+//! expected reason.
 
 use candle_core::Device;
 use proptest::strategy::Strategy;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use serde::Serialize;
 
 use crate::model::{Faults, Transformer};
+use crate::mutants::{MutantInfo, MutantSubject};
+use crate::props::catalogue::{self, Property, CATALOGUE};
+use crate::props::runner::{FailReason, PropConfig, Verdict};
 use crate::props::{self, Check, Failure};
 use crate::spec::{ArchSpec, Family};
 use crate::strategy::{arb_batch, arb_family};
+use crate::subject::{Factory, Reference};
 use crate::weights;
 
 /// A property the suite runs on a model and a batch.
@@ -58,36 +66,83 @@ impl ModelProperty {
 
 /// One row of the report.
 #[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    /// Family checked.
+pub struct Row {
+    /// Family checked (`all` for catalogue properties, which draw every family).
     pub family: String,
-    /// Property id.
+    /// Property id (`P3`, or the forward property's id).
     pub property: &'static str,
+    /// Its title.
+    pub title: &'static str,
     /// Device name.
     pub device: String,
-    /// Cases that ran.
-    pub cases: u32,
-    /// `pass` or `FAIL`.
-    pub passed: bool,
-    /// The violation or error of the minimal counterexample.
-    pub detail: Option<String>,
-    /// The minimal counterexample's spec as `config.json`, on failure.
-    pub minimal_config: Option<serde_json::Value>,
-    /// The minimal counterexample's weight seed and batch, on failure.
-    pub minimal_case: Option<(u64, Vec<Vec<u32>>)>,
-    /// The command that replays this check.
-    pub replay: String,
+    /// The subject (`reference`, `mutant/...`, `tunecheck kernels`).
+    pub subject: String,
+    /// The verdict: cases run, skips with reasons, or the failure with its replay line.
+    pub verdict: Verdict,
 }
 
 /// Options for a run.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Proptest cases per (family, property).
+    /// Cases per family for the forward properties; a quarter of it (at least 2) per adapter
+    /// kind for the trainer properties; 8× it for the 4-bit kernel properties.
     pub cases: u32,
     /// Seed of the case generator.
     pub seed: u64,
-    /// Families to check.
+    /// Families for the forward properties.
     pub families: Vec<Family>,
+    /// Only these property ids (`forward`, `P1`, ...); empty: all.
+    pub properties: Vec<String>,
+    /// Any skip is a failure.
+    pub strict: bool,
+    /// Run this mutant instead of the reference (by name).
+    pub mutant: Option<String>,
+}
+
+impl Options {
+    /// Default options with `cases` and `seed`, every family and property.
+    pub fn new(cases: u32, seed: u64) -> Self {
+        Options { cases, seed, families: Family::ALL.to_vec(), properties: Vec::new(), strict: false, mutant: None }
+    }
+
+    fn wants(&self, id: &str) -> bool {
+        self.properties.is_empty() || self.properties.iter().any(|p| p.eq_ignore_ascii_case(id))
+    }
+
+    /// Cases per adapter kind for the trainer properties.
+    pub fn trainer_cases(&self) -> u32 {
+        self.cases.div_ceil(4).max(2)
+    }
+
+    /// The `tunecheck check` line that replays property `id` (with `family` for forward ones).
+    pub fn replay(&self, id: &str, device: &Device, family: Option<Family>) -> String {
+        let mut s = format!(
+            "tunecheck check --property {id} --device {} --cases {} --seed {}",
+            crate::device::name(device),
+            self.cases,
+            self.seed
+        );
+        if let Some(f) = family {
+            s.push_str(&format!(" --family {f}"));
+        }
+        if self.strict {
+            s.push_str(" --strict");
+        }
+        if let Some(m) = &self.mutant {
+            s.push_str(&format!(" --mutant {m}"));
+        }
+        s
+    }
+
+    fn prop_config(&self) -> PropConfig {
+        PropConfig {
+            cases: self.trainer_cases(),
+            seed: self.seed,
+            strict: self.strict,
+            families: self.families.clone(),
+            ..PropConfig::default()
+        }
+    }
 }
 
 fn case_strategy(f: Family) -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
@@ -110,86 +165,306 @@ fn run_case(
     prop.check(&model, ids)
 }
 
-/// Run every property for every family in `opts` on `device`; `progress` is told each row.
-pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
-    let mut out = Vec::new();
-    for &family in &opts.families {
-        for prop in ModelProperty::ALL {
-            let row = run_property(device, family, prop, opts.cases, opts.seed, Faults::default());
-            progress(&row);
-            out.push(row);
+/// Run one forward property over seeded cases of `family`, shrinking any failure.
+pub fn run_forward(device: &Device, family: Family, prop: ModelProperty, opts: &Options, faults: Faults) -> Verdict {
+    let cases = match (PropConfig { cases: opts.cases, ..PropConfig::default() }).effective_cases() {
+        Ok(c) => c,
+        Err(e) => {
+            return Verdict::Failed {
+                reason: FailReason::Config,
+                detail: e,
+                minimal: serde_json::Value::Null,
+                cases_run: 0,
+                replay: None,
+            }
         }
+    };
+    let rng = crate::props::runner::seeded(opts.seed);
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    let ran = std::cell::Cell::new(0u32);
+    let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
+        ran.set(ran.get() + 1);
+        run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
+    });
+    let replay = Some(opts.replay("forward", device, Some(family)));
+    match result {
+        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
+        Err(TestError::Fail(_, (spec, ids, w_seed))) => {
+            let (reason, detail) = match run_case(prop, device, &spec, &ids, w_seed, faults) {
+                Err(Failure::Violated(v)) => {
+                    (FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() }, v.to_string())
+                }
+                Err(Failure::Error(e)) => (FailReason::Error, format!("error: {e}")),
+                Ok(()) => (FailReason::Error, "the shrunk case passed when re-run (nondeterminism)".to_string()),
+            };
+            Verdict::Failed {
+                reason,
+                detail,
+                minimal: serde_json::json!({"config": spec.to_config_json(), "weight_seed": w_seed, "ids": ids}),
+                cases_run: ran.get().min(cases),
+                replay,
+            }
+        }
+        Err(TestError::Abort(why)) => Verdict::Failed {
+            reason: FailReason::NoCases,
+            detail: format!("aborted: {why}"),
+            minimal: serde_json::Value::Null,
+            cases_run: 0,
+            replay,
+        },
+    }
+}
+
+/// Run catalogue property `p` against `factory` with the suite's options.
+pub fn run_catalogue(p: &Property, factory: &dyn Factory, device: &Device, opts: &Options) -> Verdict {
+    let cfg = match p.body {
+        catalogue::Body::Kernels(_) => PropConfig { cases: opts.cases, ..opts.prop_config() },
+        _ => opts.prop_config(),
+    };
+    let mut v = catalogue::run(p, factory, device, &cfg);
+    if let Verdict::Failed { replay, .. } = &mut v {
+        *replay = Some(opts.replay(p.id, device, None));
+    }
+    v
+}
+
+/// Run the forward properties for every family, then every catalogue property against the
+/// reference; `progress` is told each row. Only the properties in `opts.properties` when set.
+pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> Vec<Row> {
+    let mut out = Vec::new();
+    let mut push = |row: Row| {
+        progress(&row);
+        out.push(row);
+    };
+    if opts.wants("forward") {
+        for &family in &opts.families {
+            for prop in ModelProperty::ALL {
+                push(Row {
+                    family: family.to_string(),
+                    property: prop.id(),
+                    title: prop.name(),
+                    device: crate::device::name(device),
+                    subject: "reference model".into(),
+                    verdict: run_forward(device, family, prop, opts, Faults::default()),
+                });
+            }
+        }
+    }
+    for p in CATALOGUE.iter().filter(|p| opts.wants(p.id)) {
+        push(Row {
+            family: "all".into(),
+            property: p.id,
+            title: p.title,
+            device: crate::device::name(device),
+            subject: subject_name(p, &Reference),
+            verdict: run_catalogue(p, &Reference, device, opts),
+        });
     }
     out
 }
 
-/// One mutant's result: whether its property caught it, with the shrunk counterexample.
+fn subject_name(p: &Property, f: &dyn Factory) -> String {
+    match p.body {
+        catalogue::Body::Kernels(_) => "tunecheck kernels".into(),
+        _ => f.name(),
+    }
+}
+
+/// One mutant's result.
 #[derive(Debug, Clone, Serialize)]
-pub struct MutantOutcome {
+pub struct MutantRow {
     /// Mutant id.
     pub mutant: &'static str,
     /// The real-world bug it reproduces.
     pub bug: &'static str,
-    /// The property run against it, and its result (`passed == false` means caught).
-    pub outcome: Outcome,
+    /// The property that must catch it.
+    pub property: &'static str,
+    /// The clause it must trip (`None`: any violation of the property).
+    pub expected_code: Option<&'static str>,
+    /// Family (forward mutants) or `all`.
+    pub family: String,
+    /// The property's verdict on the mutant.
+    pub verdict: Verdict,
+    /// True when the property failed with a violation of the expected clause.
+    pub caught: bool,
 }
 
-impl MutantOutcome {
-    /// True when the property failed on the mutant, as it must.
-    pub fn caught(&self) -> bool {
-        !self.outcome.passed
+/// Run mutant `m`'s property against it.
+pub fn run_mutant(m: &MutantInfo, device: &Device, opts: &Options) -> MutantRow {
+    let opts = Options { mutant: Some(m.name.to_string()), ..opts.clone() };
+    let (family, verdict) = match m.subject {
+        MutantSubject::Forward(f) => {
+            let o = Options { families: vec![f.family], ..opts.clone() };
+            (f.family.to_string(), run_forward(device, f.family, f.caught_by, &o, f.faults))
+        }
+        MutantSubject::Trainer(bug) => {
+            let p = catalogue::by_id(bug.caught_by()).expect("a mutant names a catalogue property");
+            // Run where the real bug happens (e.g. Gemma 3's q/k norms exist only there).
+            let opts = match bug.family() {
+                Some(f) => Options { families: vec![f], ..opts.clone() },
+                None => opts.clone(),
+            };
+            let family = bug.family().map_or("all".to_string(), |f| f.to_string());
+            (family, run_catalogue(p, &crate::mutants::Mutant(bug), device, &opts))
+        }
+        MutantSubject::SwappedNibbles => {
+            let cfg = PropConfig { cases: opts.cases, ..opts.prop_config() };
+            let mut v = crate::props::p7_nf4::nf4_round_trip(crate::props::p7_nf4::swapped_nibbles, &cfg);
+            set_replay(&mut v, opts.replay("P7", device, None));
+            ("all".to_string(), v)
+        }
+        MutantSubject::Kernel(k) => {
+            let cfg = PropConfig { cases: opts.cases, ..opts.prop_config() };
+            let mut v = crate::props::p9_kernels::kernels_match_oracle(&k, &cfg);
+            set_replay(&mut v, opts.replay("P9", device, None));
+            ("all".to_string(), v)
+        }
+    };
+    let caught = verdict.violates(m.caught_by, m.code);
+    MutantRow { mutant: m.name, bug: m.bug, property: m.caught_by, expected_code: m.code, family, verdict, caught }
+}
+
+fn set_replay(v: &mut Verdict, line: String) {
+    if let Verdict::Failed { replay, .. } = v {
+        *replay = Some(line);
     }
 }
 
-/// Run each mutant's property against it; every one must be caught.
-pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&MutantOutcome)) -> Vec<MutantOutcome> {
-    let mut out = Vec::new();
-    for m in crate::mutants::forward_mutants() {
-        let outcome = run_property(device, m.family, m.caught_by, opts.cases, opts.seed, m.faults);
-        let row = MutantOutcome { mutant: m.name, bug: m.bug, outcome };
-        progress(&row);
-        out.push(row);
-    }
-    out
+/// Run every mutant (or the one in `opts.mutant`) against the property that must catch it.
+pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&MutantRow)) -> Vec<MutantRow> {
+    crate::mutants::catalogue()
+        .iter()
+        .filter(|m| opts.mutant.as_deref().is_none_or(|n| n == m.name))
+        .map(|m| {
+            let row = run_mutant(m, device, opts);
+            progress(&row);
+            row
+        })
+        .collect()
 }
 
-/// A table of mutant outcomes.
-pub fn mutant_table(rows: &[MutantOutcome]) -> String {
-    let mut s = format!("{:<28} {:<8} {:<14} {}\n", "mutant", "family", "property", "result");
-    s.push_str(&format!("{}\n", "-".repeat(64)));
+/// Run a named mutant as the subject of `check` (what a replay line does): the rows its
+/// property produces, which must fail.
+pub fn run_as_subject(m: &MutantInfo, device: &Device, opts: &Options) -> Vec<Row> {
+    let row = run_mutant(m, device, opts);
+    let title = match m.subject {
+        MutantSubject::Forward(f) => f.caught_by.name(),
+        _ => catalogue::by_id(m.caught_by).map_or(m.caught_by, |p| p.title),
+    };
+    vec![Row {
+        family: row.family,
+        property: m.caught_by,
+        title,
+        device: crate::device::name(device),
+        subject: format!("mutant/{}", m.name),
+        verdict: row.verdict,
+    }]
+}
+
+fn pad(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n >= width {
+        s.to_string()
+    } else {
+        format!("{s}{}", " ".repeat(width - n))
+    }
+}
+
+/// A fixed-width table of rows for a terminal, with every skip and failure spelled out.
+pub fn table(rows: &[Row]) -> String {
+    let title_w = rows.iter().map(|r| r.title.chars().count()).max().unwrap_or(8).max(8);
+    let mut s =
+        format!("{} {} {} {:>6}  {}\n", pad("family", 8), pad("id", 13), pad("property", title_w), "cases", "result");
+    s.push_str(&format!("{}\n", "-".repeat(8 + 1 + 13 + 1 + title_w + 1 + 6 + 2 + 6)));
     for r in rows {
         s.push_str(&format!(
-            "{:<28} {:<8} {:<14} {}\n",
-            r.mutant,
-            r.outcome.family,
-            r.outcome.property,
-            if r.caught() { "caught" } else { "MISSED" }
+            "{} {} {} {:>6}  {}\n",
+            pad(&r.family, 8),
+            pad(r.property, 13),
+            pad(r.title, title_w),
+            r.verdict.cases_run(),
+            r.verdict.word()
         ));
     }
-    let caught = rows.iter().filter(|r| r.caught()).count();
-    s.push_str(&format!("\n{caught}/{} mutants caught\n", rows.len()));
+    let failed = rows.iter().filter(|r| r.verdict.failed()).count();
+    let skipped = rows.iter().filter(|r| matches!(r.verdict, Verdict::Skipped { .. })).count();
+    let passed = rows.len() - failed - skipped;
+    s.push_str(&format!("\n{passed} passed, {failed} failed, {skipped} skipped\n"));
     for r in rows {
-        s.push_str(&format!("\n{} ({}):\n", r.mutant, r.bug));
-        match &r.outcome.detail {
-            Some(d) => s.push_str(&format!("  {d}\n")),
-            None => s.push_str("  NOT CAUGHT: the property passed on this mutant\n"),
+        for why in r.verdict.skips() {
+            s.push_str(&format!("skip {} / {}: {why}\n", r.family, r.property));
         }
-        if let Some((seed, ids)) = &r.outcome.minimal_case {
-            s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
-        }
-        if let Some(summary) = r.outcome.minimal_config.as_ref().and_then(summarize) {
-            s.push_str(&format!("  minimal setup: {summary}\n"));
+    }
+    for r in rows {
+        if let Verdict::Failed { detail, minimal, replay, cases_run, .. } = &r.verdict {
+            s.push_str(&format!("\nFAIL {} / {} after {cases_run} case(s): {detail}\n", r.family, r.property));
+            if let Some(summary) = summarize(minimal) {
+                s.push_str(&format!("  minimal setup: {summary}\n"));
+            }
+            if !minimal.is_null() {
+                s.push_str(&format!("  minimal case: {minimal}\n"));
+            }
+            if let Some(line) = replay {
+                s.push_str(&format!("  replay: {line}\n"));
+            }
         }
     }
     s
 }
 
-/// One line for a minimal counterexample: model sizes, and adapter when present.
+/// A table of mutant outcomes.
+pub fn mutant_table(rows: &[MutantRow]) -> String {
+    let name_w = rows.iter().map(|r| r.mutant.len()).max().unwrap_or(8).max(8);
+    let mut s = format!(
+        "{} {} {} {}  {}\n",
+        pad("mutant", name_w),
+        pad("family", 8),
+        pad("property", 8),
+        pad("expected", 22),
+        "result"
+    );
+    s.push_str(&format!("{}\n", "-".repeat(name_w + 1 + 8 + 1 + 8 + 1 + 22 + 2 + 8)));
+    for r in rows {
+        s.push_str(&format!(
+            "{} {} {} {}  {}\n",
+            pad(r.mutant, name_w),
+            pad(&r.family, 8),
+            pad(r.property, 8),
+            pad(r.expected_code.unwrap_or("(any)"), 22),
+            if r.caught { "caught" } else { "MISSED" }
+        ));
+    }
+    let caught = rows.iter().filter(|r| r.caught).count();
+    s.push_str(&format!("\n{caught}/{} mutants caught\n", rows.len()));
+    for r in rows {
+        s.push_str(&format!("\n{} ({}):\n", r.mutant, r.bug));
+        match &r.verdict {
+            Verdict::Failed { detail, minimal, replay, .. } => {
+                if !r.caught {
+                    s.push_str("  NOT CAUGHT for the expected reason:\n");
+                }
+                s.push_str(&format!("  {detail}\n"));
+                if let Some(summary) = summarize(minimal) {
+                    s.push_str(&format!("  minimal setup: {summary}\n"));
+                }
+                if let Some(line) = replay {
+                    s.push_str(&format!("  replay: {line}\n"));
+                }
+            }
+            other => s.push_str(&format!("  NOT CAUGHT: the property {} on this mutant\n", other.word())),
+        }
+    }
+    s
+}
+
+/// One line for a minimal counterexample: model sizes and dtype, and adapter when present.
 pub fn summarize(v: &serde_json::Value) -> Option<String> {
-    let cfg = v.get("config").unwrap_or(v);
+    let cfg = v.get("config")?;
     let model = format!(
-        "{} layers={} hidden={} heads={}/{} head_dim={} vocab={}",
+        "{} {} layers={} hidden={} heads={}/{} head_dim={} vocab={}",
         cfg.get("model_type")?.as_str()?,
+        cfg.get("torch_dtype").or_else(|| cfg.get("dtype")).and_then(|d| d.as_str()).unwrap_or("?"),
         cfg.get("num_hidden_layers")?,
         cfg.get("hidden_size")?,
         cfg.get("num_attention_heads")?,
@@ -198,254 +473,25 @@ pub fn summarize(v: &serde_json::Value) -> Option<String> {
         cfg.get("vocab_size")?
     );
     Some(match v.get("lora") {
-        Some(l) => format!(
-            "{model}; lora r={} targets={} save={}; 4-bit={}",
-            l["r"],
-            l["target_modules"],
-            l["modules_to_save"],
-            v.get("quantization_config").is_some_and(|q| !q.is_null())
-        ),
+        Some(l) => {
+            let quant = v.get("quantization_config").filter(|q| !q.is_null()).map_or("none".to_string(), |q| {
+                format!(
+                    "{} compute {}",
+                    q["bnb_4bit_quant_type"].as_str().unwrap_or("?"),
+                    q["bnb_4bit_compute_dtype"].as_str().unwrap_or("?")
+                )
+            });
+            format!(
+                "{model}; lora r={} targets={} save={}; 4-bit={quant}; grad_accum={}",
+                l["r"], l["target_modules"], l["modules_to_save"], v["grad_accum"]
+            )
+        }
         None => model,
     })
-}
-
-/// Run one property over `cases` seeded cases of `family`, shrinking any failure.
-pub fn run_property(
-    device: &Device,
-    family: Family,
-    prop: ModelProperty,
-    cases: u32,
-    seed: u64,
-    faults: Faults,
-) -> Outcome {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
-        run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
-    });
-    let device_name = crate::device::name(device);
-    let replay = format!("tunecheck check --device {device_name} --family {family} --cases {cases} --seed {seed}");
-    let mut row = Outcome {
-        family: family.to_string(),
-        property: prop.id(),
-        device: device_name,
-        cases,
-        passed: true,
-        detail: None,
-        minimal_config: None,
-        minimal_case: None,
-        replay,
-    };
-    match result {
-        Ok(()) => {}
-        Err(TestError::Fail(why, (spec, ids, w_seed))) => {
-            row.passed = false;
-            row.detail = Some(why.to_string());
-            row.minimal_config = Some(spec.to_config_json());
-            row.minimal_case = Some((w_seed, ids));
-        }
-        Err(TestError::Abort(why)) => {
-            row.passed = false;
-            row.detail = Some(format!("aborted: {why}"));
-        }
-    }
-    row
-}
-
-/// A fixed-width table of outcomes for a terminal.
-pub fn table(rows: &[Outcome]) -> String {
-    let mut s = format!("{:<8} {:<42} {:>6}  {}\n", "family", "property", "cases", "result");
-    s.push_str(&format!("{}\n", "-".repeat(68)));
-    for r in rows {
-        let name = ModelProperty::ALL
-            .iter()
-            .find(|p| p.id() == r.property)
-            .map(|p| p.name())
-            .or_else(|| {
-                TRAINER_PROPERTIES.iter().chain(&KERNEL_PROPERTIES).find(|(id, _)| *id == r.property).map(|(_, n)| *n)
-            })
-            .unwrap_or(r.property);
-        s.push_str(&format!(
-            "{:<8} {:<42} {:>6}  {}\n",
-            r.family,
-            name,
-            r.cases,
-            if r.passed { "pass" } else { "FAIL" }
-        ));
-    }
-    let failed: Vec<&Outcome> = rows.iter().filter(|r| !r.passed).collect();
-    s.push_str(&format!("\n{} passed, {} failed\n", rows.len() - failed.len(), failed.len()));
-    for r in failed {
-        s.push_str(&format!("\nFAIL {} / {}: {}\n", r.family, r.property, r.detail.as_deref().unwrap_or("")));
-        if let Some((seed, ids)) = &r.minimal_case {
-            s.push_str(&format!("  minimal case: weight seed {seed}, ids {ids:?}\n"));
-        }
-        if let Some(cfg) = &r.minimal_config {
-            s.push_str(&format!("  minimal config.json: {cfg}\n"));
-        }
-        s.push_str(&format!("  replay: {}\n", r.replay));
-    }
-    s
 }
 
 impl From<Failure> for TestCaseError {
     fn from(f: Failure) -> Self {
         TestCaseError::fail(f.to_string())
     }
-}
-
-/// Number of mutants `check --mutants` runs (forward, trainer and kernel).
-pub const MUTANT_COUNT: usize = 4 + crate::mutants::TrainerBug::ALL.len() + 1 + crate::mutants::KernelBug::ALL.len();
-
-/// The 4-bit properties (CPU kernels, whatever the device), by id.
-pub const KERNEL_PROPERTIES: [(&str, &str); 2] =
-    [("P7", "nf4/fp4 round trip, bitsandbytes bytes"), ("P9", "fast 4-bit kernels == reference")];
-
-/// The trainer properties over the [`crate::subject::Trainer`] trait, by id.
-pub const TRAINER_PROPERTIES: [(&str, &str); 6] = [
-    ("P1", "train == eval, kv-cache, no collapse"),
-    ("P2", "untrained tokens: refuse, fix or train finite"),
-    ("P3", "save -> load bitwise, 4-bit config travels"),
-    ("P4", "loss descends, eval runs, epochs seamless"),
-    ("P5", "accumulation == one big batch"),
-    ("P8", "gradients reach every trainable tensor"),
-];
-
-/// Run trainer property `id` (P1, P3, P5, P8) against subjects from `factory`.
-pub fn run_trainer_property<T: crate::subject::Trainer>(
-    id: &str,
-    factory: &impl Fn(&crate::subject::Setup, &Device) -> crate::Result<T>,
-    device: &Device,
-    cfg: &crate::props::runner::PropConfig,
-) -> crate::props::runner::PropOutcome {
-    use crate::props::{p1_modes, p2_untrained, p3_reload, p4_descent, p5_accumulation, p8_gradients};
-    match id {
-        "P1" => p1_modes::eval_train_equivalence(factory, device, cfg),
-        "P2" => p2_untrained::untrained_tokens(factory, device, cfg),
-        "P3" => p3_reload::save_reload(factory, device, cfg),
-        "P4" => p4_descent::descent(factory, device, cfg),
-        "P5" => p5_accumulation::accumulation(factory, device, cfg),
-        "P8" => p8_gradients::gradient_reach(factory, device, cfg),
-        other => crate::props::runner::PropOutcome::Skipped(format!("unknown property {other}")),
-    }
-}
-
-fn trainer_row(id: &str, device: &Device, cases: u32, seed: u64, o: crate::props::runner::PropOutcome) -> Outcome {
-    use crate::props::runner::PropOutcome;
-    let name = TRAINER_PROPERTIES.iter().find(|(p, _)| *p == id).map_or(id, |(p, _)| p);
-    let mut row = Outcome {
-        family: "all".into(),
-        property: name_static(name),
-        device: crate::device::name(device),
-        cases,
-        passed: true,
-        detail: None,
-        minimal_config: None,
-        minimal_case: None,
-        replay: format!("tunecheck check --device {} --cases {cases} --seed {seed}", crate::device::name(device)),
-    };
-    match o {
-        PropOutcome::Passed { .. } => {}
-        PropOutcome::Skipped(why) => row.detail = Some(format!("skipped: {why}")),
-        PropOutcome::Failed { detail, minimal } => {
-            row.passed = false;
-            row.detail = Some(detail);
-            row.minimal_config = Some(minimal);
-        }
-    }
-    row
-}
-
-fn name_static(id: &str) -> &'static str {
-    TRAINER_PROPERTIES.iter().chain(&KERNEL_PROPERTIES).find(|(p, _)| *p == id).map_or("?", |(p, _)| p)
-}
-
-/// Run the 4-bit properties: P7 on the reference quantizer, P9 on the fastest kernels.
-pub fn run_kernels(cases: u32, seed: u64, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
-    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
-    let p7 = crate::props::p7_nf4::nf4_round_trip(crate::quant::quantize, &cfg);
-    let p9 = crate::props::p9_kernels::kernels_match_oracle(&crate::quant::kernels::Isa::best(), &cfg);
-    [("P7", p7), ("P9", p9)]
-        .into_iter()
-        .map(|(id, o)| {
-            let row = trainer_row(id, &Device::Cpu, cases, seed, o);
-            progress(&row);
-            row
-        })
-        .collect()
-}
-
-/// Run the 4-bit mutants (swapped nibbles under P7, kernel bugs under P9); each must fail.
-pub fn run_kernel_mutants(cases: u32, seed: u64, mut progress: impl FnMut(&MutantOutcome)) -> Vec<MutantOutcome> {
-    use crate::mutants::KernelBug;
-    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
-    let mut rows = vec![MutantOutcome {
-        mutant: "swapped_nibbles",
-        bug: "element 2i packed in the low nibble (bitsandbytes puts it high)",
-        outcome: trainer_row(
-            "P7",
-            &Device::Cpu,
-            cases,
-            seed,
-            crate::props::p7_nf4::nf4_round_trip(crate::props::p7_nf4::swapped_nibbles, &cfg),
-        ),
-    }];
-    progress(&rows[0]);
-    for bug in KernelBug::ALL {
-        let row = MutantOutcome {
-            mutant: bug.name(),
-            bug: bug.description(),
-            outcome: trainer_row(
-                "P9",
-                &Device::Cpu,
-                cases,
-                seed,
-                crate::props::p9_kernels::kernels_match_oracle(&bug, &cfg),
-            ),
-        };
-        progress(&row);
-        rows.push(row);
-    }
-    rows
-}
-
-/// Run every trainer property against the reference trainer (`cases` per adapter kind).
-pub fn run_trainer(device: &Device, cases: u32, seed: u64, mut progress: impl FnMut(&Outcome)) -> Vec<Outcome> {
-    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
-    TRAINER_PROPERTIES
-        .iter()
-        .map(|(id, _)| {
-            let o = run_trainer_property(id, &crate::subject::reference, device, &cfg);
-            let row = trainer_row(id, device, cases, seed, o);
-            progress(&row);
-            row
-        })
-        .collect()
-}
-
-/// Run each trainer mutant against its property (it must fail).
-pub fn run_trainer_mutants(
-    device: &Device,
-    cases: u32,
-    seed: u64,
-    mut progress: impl FnMut(&MutantOutcome),
-) -> Vec<MutantOutcome> {
-    use crate::mutants::{factory, TrainerBug};
-    let cfg = crate::props::runner::PropConfig { cases, seed, source_file: None };
-    TrainerBug::ALL
-        .iter()
-        .map(|bug| {
-            let o = run_trainer_property(bug.caught_by(), &factory(*bug), device, &cfg);
-            let row = MutantOutcome {
-                mutant: bug.name(),
-                bug: bug.description(),
-                outcome: trainer_row(bug.caught_by(), device, cases, seed, o),
-            };
-            progress(&row);
-            row
-        })
-        .collect()
 }

@@ -89,26 +89,91 @@ fn logits_bad_input_exits_2_with_a_named_reason() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+fn has_gpu() -> bool {
+    tunecheck::device::cuda().is_ok()
+}
+
 #[test]
-fn check_passes_on_the_default_and_prints_a_table() {
+fn check_passes_on_the_default_and_prints_cases_and_skips() {
     let o = bin().args(["check", "--cases", "4"]).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("20 passed, 0 failed"), "{text}");
+    let rows = 4 * 3 + tunecheck::props::catalogue::CATALOGUE.len();
+    if has_gpu() {
+        assert!(text.contains(&format!("{rows} passed, 0 failed, 0 skipped")), "{text}");
+    } else {
+        // P6 needs a GPU: shown as a skip with its reason and 0 cases, never as a pass.
+        assert!(text.contains(&format!("{} passed, 0 failed, 1 skipped", rows - 1)), "{text}");
+        assert!(text.contains("skip all / P6: no CUDA device"), "{text}");
+        let p6 = text.lines().find(|l| l.starts_with("all") && l.contains(" P6 ")).unwrap();
+        assert!(p6.ends_with("0  skip"), "{p6}");
+    }
+    // The real number of cases: trainer properties run cases/4 (at least 2) per adapter kind.
+    let p1 = text.lines().find(|l| l.starts_with("all") && l.contains(" P1 ")).unwrap();
+    assert!(p1.ends_with(" 6  pass"), "{p1}");
     let j = bin().args(["check", "--cases", "2", "--family", "gemma3", "--json"]).output().unwrap();
     assert!(j.status.success());
     let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 3 + 6 + 2);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 3 + tunecheck::props::catalogue::CATALOGUE.len());
+    assert!(rows.iter().all(|r| r["verdict"]["verdict"] != "failed"), "{v}");
     let bad = bin().args(["check", "--family", "mistral"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = bin().args(["check", "--property", "P99"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
-fn check_mutants_catches_every_planted_bug() {
+fn strict_fails_on_a_skip_and_zero_cases_is_an_error() {
+    // Without a GPU, P6 is skipped: --strict turns that into a failure.
+    if !has_gpu() {
+        let o = bin().args(["check", "--strict", "--property", "P6"]).output().unwrap();
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        assert!(text.contains("--strict: skipped: no CUDA device"), "{text}");
+    }
+    let o = bin().args(["check", "--cases", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("runs nothing"));
+    let o = bin().args(["check", "--property", "P1", "--cases", "4"]).env("PROPTEST_CASES", "0").output().unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("zero cases requested"), "{text}");
+}
+
+#[test]
+fn check_mutants_catches_every_planted_bug_for_the_expected_reason() {
     let o = bin().args(["check", "--mutants", "--cases", "8"]).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("14/14 mutants caught"), "{text}");
+    let n = tunecheck::mutants::catalogue().len();
+    assert!(n >= 24, "{n} mutants");
+    assert!(text.contains(&format!("{n}/{n} mutants caught")), "{text}");
+}
+
+/// A printed replay line reproduces the failure it reports: for a trainer mutant (the mutant
+/// is named, the shrunk case comes back from the seed), a forward mutant and a kernel mutant.
+#[test]
+fn printed_replay_lines_reproduce_their_failures() {
+    for mutant in ["reload_ignores_compute_dtype", "cache_ignores_window", "stale-row-scale"] {
+        let o = bin()
+            .args(["check", "--mutants", "--json", "--cases", "4", "--seed", "3", "--mutant", mutant])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{mutant}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let row = &v[0];
+        assert_eq!(row["caught"], true, "{row}");
+        let detail = row["verdict"]["detail"].as_str().unwrap().to_string();
+        let replay = row["verdict"]["replay"].as_str().unwrap();
+        assert!(replay.contains(&format!("--mutant {mutant}")) && replay.contains("--seed 3"), "{replay}");
+        let args: Vec<&str> = replay.split_whitespace().skip(1).collect();
+        let again = bin().args(&args).arg("--json").output().unwrap();
+        assert_eq!(again.status.code(), Some(1), "{mutant}: replay `{replay}` did not fail");
+        let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+        assert_eq!(w[0]["verdict"]["detail"].as_str().unwrap(), detail, "{mutant}: replay gave another failure");
+        assert_eq!(w[0]["verdict"]["minimal"], row["verdict"]["minimal"], "{mutant}");
+    }
 }
 
 #[test]

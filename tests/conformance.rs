@@ -1,26 +1,28 @@
 //! How another framework uses tunecheck: implement `Trainer` for its own type (here a thin
-//! wrapper, written with the public API only, as an outside crate would) and stamp every
-//! property with `conformance!` on CPU and CUDA (skipped without a GPU).
+//! wrapper, written with the public API only, as an outside crate would), make a factory value
+//! from a build and a load function, and stamp every catalogue property with `conformance!` on
+//! CPU and CUDA (skipped without a GPU).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use tunecheck::subject::{reference, Capabilities, Setup, Trainer};
-use tunecheck::train::{Batch, RefTrainer, StepReport};
+use tunecheck::subject::{factory, reference, Capabilities, Setup, Trainer};
+use tunecheck::train::{Batch, History, RefTrainer, StepReport};
 use tunecheck::Mode;
 
 /// "Their" trainer: here backed by tunecheck's reference, behind the trait.
 pub struct OutsideTrainer(RefTrainer);
 
-fn outside(setup: &Setup, device: &Device) -> tunecheck::Result<OutsideTrainer> {
+fn build(setup: &Setup, device: &Device) -> tunecheck::Result<OutsideTrainer> {
     Ok(OutsideTrainer(reference(setup, device)?))
 }
 
+fn load(device: &Device, dir: &Path) -> tunecheck::Result<OutsideTrainer> {
+    Ok(OutsideTrainer(tunecheck::train::checkpoint::load(device, dir)?))
+}
+
 impl Trainer for OutsideTrainer {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
-    }
     fn logits(&self, ids: &Tensor, mode: Mode) -> tunecheck::Result<Tensor> {
         Trainer::logits(&self.0, ids, mode)
     }
@@ -40,17 +42,17 @@ impl Trainer for OutsideTrainer {
         Trainer::eval_loss(&self.0, batches)
     }
     fn trainable(&self) -> Vec<(String, Tensor)> {
-        self.0.trainable()
+        Trainer::trainable(&self.0)
     }
     fn frozen(&self) -> Vec<(String, Tensor)> {
-        self.0.frozen()
+        Trainer::frozen(&self.0)
     }
     fn save(&self, dir: &Path) -> tunecheck::Result<()> {
         self.0.save(dir)
     }
-    fn load(setup: &Setup, device: &Device, dir: &Path) -> tunecheck::Result<Self> {
-        Ok(OutsideTrainer(RefTrainer::load(setup, device, dir)?))
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> tunecheck::Result<History> {
+        Trainer::fit(&mut self.0, train, eval, epochs)
     }
 }
 
-tunecheck::conformance!(outside, devices = [cpu, cuda]);
+tunecheck::conformance!(factory("outside", Capabilities::all(), build, load), devices = [cpu, cuda]);

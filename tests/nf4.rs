@@ -238,12 +238,11 @@ fn p7_passes_on_the_reference_and_catches_swapped_nibbles() {
     use tunecheck::props::p7_nf4::{nf4_round_trip, swapped_nibbles};
     use tunecheck::props::runner::PropConfig;
     let cfg = PropConfig::default();
-    assert!(nf4_round_trip(tunecheck::quant::quantize, &cfg).ok());
+    assert!(nf4_round_trip(tunecheck::quant::quantize, &cfg).passed());
     let bad = nf4_round_trip(swapped_nibbles, &cfg);
+    assert!(bad.violates("P7", Some("bitsandbytes_bytes")), "swapped nibbles not caught: {bad:?}");
     match bad {
-        tunecheck::props::runner::PropOutcome::Failed { detail, .. } => {
-            assert!(detail.contains("packed byte"), "{detail}")
-        }
+        tunecheck::props::runner::Verdict::Failed { detail, .. } => assert!(detail.contains("packed byte"), "{detail}"),
         other => panic!("swapped nibbles not caught: {other:?}"),
     }
 }

@@ -1,71 +1,86 @@
-//! The trainer properties (P1–P5, P8) over the `Trainer` trait: the reference passes each
-//! for every adapter kind (LoRA, QLoRA-NF4, full embeddings); each planted-bug mutant fails
-//! exactly the property built for it. Default 4 cases per adapter kind; PROPTEST_CASES scales.
+//! The catalogue's trainer properties against the reference trainer (every one passes, for
+//! every adapter kind and dtype, with no skip) and against every trainer mutant (each is caught
+//! by its property for the expected reason). The whole matrix — which property catches which
+//! mutant — is pinned as a golden snapshot, with the shrunk counterexamples. Default 4 cases
+//! per adapter kind; PROPTEST_CASES scales.
 
 mod common;
 
 use candle_core::Device;
-use tunecheck::mutants::{factory, TrainerBug};
-use tunecheck::props::runner::{PropConfig, PropOutcome};
-use tunecheck::props::{p1_modes, p2_untrained, p3_reload, p4_descent, p5_accumulation, p8_gradients};
-use tunecheck::subject::reference;
+use tunecheck::mutants::{Mutant, TrainerBug};
+use tunecheck::props::catalogue::{Body, CATALOGUE};
+use tunecheck::props::runner::{run, PropConfig, Verdict};
+use tunecheck::subject::Reference;
 
-fn run_all<T: tunecheck::subject::Trainer>(
-    f: &impl Fn(&tunecheck::subject::Setup, &Device) -> tunecheck::Result<T>,
-    cfg: &PropConfig,
-) -> Vec<(&'static str, PropOutcome)> {
-    let d = Device::Cpu;
-    vec![
-        ("P1", p1_modes::eval_train_equivalence(f, &d, cfg)),
-        ("P2", p2_untrained::untrained_tokens(f, &d, cfg)),
-        ("P3", p3_reload::save_reload(f, &d, cfg)),
-        ("P4", p4_descent::descent(f, &d, cfg)),
-        ("P5", p5_accumulation::accumulation(f, &d, cfg)),
-        ("P8", p8_gradients::gradient_reach(f, &d, cfg)),
-    ]
+fn trainer_props() -> Vec<&'static tunecheck::props::catalogue::Property> {
+    CATALOGUE.iter().copied().filter(|p| matches!(p.body, Body::Trainer(_))).collect()
 }
 
 #[test]
-fn reference_passes_every_trainer_property() {
+fn reference_passes_every_trainer_property_without_skips() {
     // Failures of the reference persist next to this file (commit them).
-    let cfg = PropConfig { cases: 4, seed: 1, source_file: Some(file!()) };
-    for (p, o) in run_all(&reference, &cfg) {
-        assert!(matches!(o, PropOutcome::Passed { .. }), "{p}: {o:?}");
+    let cfg = PropConfig { cases: 4, seed: 1, source_file: Some(file!()), strict: true, ..PropConfig::default() };
+    for p in trainer_props() {
+        let v = run(p, &Reference, &Device::Cpu, &cfg);
+        assert!(v.passed(), "{}: {v:?}", p.id);
+        assert_eq!(v.cases_run(), 4 * p.kinds.len() as u32, "{}: every case of every kind runs", p.id);
     }
 }
 
-/// Every mutant fails the property built for it. Some bugs legitimately break more than one
-/// invariant (no gradient through a fused norm also stops the loss from falling): the whole
-/// matrix is pinned as a golden snapshot so a change in what catches what is reviewed.
+/// Every mutant fails the property built for it, for the expected reason. Some bugs
+/// legitimately break more than one invariant (no gradient through a fused norm also stops the
+/// loss from falling): the matrix shows every cell.
 #[test]
-fn each_mutant_fails_its_property_matrix_pinned() {
-    let mut matrix = String::from("mutant                              P1   P2   P3   P4   P5   P8\n");
+fn each_mutant_is_caught_by_its_property_matrix_pinned() {
+    let props = trainer_props();
+    let mut matrix = format!("{:<36}", "mutant");
+    for p in &props {
+        matrix.push_str(&format!(" {:<5}", p.id));
+    }
+    matrix.push('\n');
     let mut minimal_cases = String::from("\nshrunk counterexamples (the property built for each mutant):\n");
     for bug in TrainerBug::ALL {
-        // Mutant failures are expected: keep them out of the regression file.
-        let cfg = PropConfig { cases: 4, seed: 1, source_file: None };
-        let results = run_all(&factory(bug), &cfg);
-        let own = results.iter().find(|(p, _)| *p == bug.caught_by()).expect("property exists");
-        assert!(!own.1.ok(), "{} was not caught by {}", bug.name(), bug.caught_by());
-        if let PropOutcome::Failed { minimal, .. } = &own.1 {
-            minimal_cases.push_str(&format!(
-                "{}: {}\n",
-                bug.name(),
-                tunecheck::suite::summarize(minimal).unwrap_or_else(|| "(no setup)".into())
-            ));
-        }
-        matrix.push_str(&format!("{:<34}", bug.name()));
-        for (p, o) in &results {
-            let cell = match (o.ok(), *p == bug.caught_by()) {
-                (false, true) => "FAIL*",
-                (false, false) => "fail ",
-                (true, _) => "pass ",
+        matrix.push_str(&format!("{:<36}", bug.name()));
+        for p in &props {
+            let own = p.id == bug.caught_by();
+            // Mutant failures are expected: keep them out of the regression file. Only the
+            // mutant's own property shrinks (the other cells only say pass or fail).
+            let cfg = PropConfig {
+                cases: if own { 4 } else { 2 },
+                seed: 1,
+                families: bug.family().map_or(tunecheck::spec::Family::ALL.to_vec(), |f| vec![f]),
+                max_shrink_iters: if own { 256 } else { 0 },
+                ..PropConfig::default()
+            };
+            let v = run(p, &Mutant(bug), &Device::Cpu, &cfg);
+            if own {
+                assert!(
+                    v.violates(p.id, bug.code()),
+                    "{} was not caught by {} for `{:?}`: {v:?}",
+                    bug.name(),
+                    p.id,
+                    bug.code()
+                );
+                if let Verdict::Failed { minimal, detail, .. } = &v {
+                    minimal_cases.push_str(&format!(
+                        "{}: {}\n    {}\n",
+                        bug.name(),
+                        tunecheck::suite::summarize(minimal).unwrap_or_else(|| "(no setup)".into()),
+                        detail
+                    ));
+                }
+            }
+            let cell = match (&v, own) {
+                (Verdict::Failed { .. }, true) => "FAIL*",
+                (Verdict::Failed { .. }, false) => "fail ",
+                (Verdict::Skipped { .. }, _) => "skip ",
+                (Verdict::Passed { .. }, _) => "pass ",
             };
             matrix.push_str(&format!(" {cell}"));
         }
         matrix.push('\n');
     }
-    matrix.push_str("(FAIL* = the property built for that mutant)\n");
+    matrix.push_str("(FAIL* = the property built for that mutant, failing for the expected reason)\n");
     matrix.push_str(&minimal_cases);
     common::golden().bind(|| insta::assert_snapshot!("trainer_mutant_matrix", matrix));
 }

@@ -22,12 +22,14 @@ pub struct RmsNorm {
     /// Planted bug (mutants only): use candle's fused `rms_norm`, which has no backward and
     /// silently detaches everything before it from the gradient.
     pub(crate) fused: bool,
+    /// Planted bug (mutants only): no epsilon under the square root.
+    pub(crate) no_eps: bool,
 }
 
 impl RmsNorm {
     /// A norm with `weight`, `eps` and the Gemma `(1 + w)` convention when `one_plus`.
     pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
-        RmsNorm { weight, eps, one_plus, fused: false }
+        RmsNorm { weight, eps, one_plus, fused: false, no_eps: false }
     }
 
     /// The same norm in the other family's convention (a planted bug for mutants).
@@ -45,7 +47,8 @@ impl Module for RmsNorm {
         let in_dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+        let eps = if self.no_eps { 0.0 } else { self.eps };
+        let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
         if self.one_plus {
             let w = (self.weight.to_dtype(DType::F32)? + 1.0)?;
             normed.broadcast_mul(&w)?.to_dtype(in_dtype)

@@ -92,6 +92,17 @@ pub struct Faults {
     /// Every RMSNorm uses candle's fused kernel, which has no backward: gradients stop at the
     /// norms, yet the loss can still fall through the layers after them.
     pub fused_rms_norm: bool,
+    /// Only the last decoder layer's norms are fused (no backward): every gradient stays
+    /// finite and non-zero, but those of parameters before that layer are wrong.
+    pub fused_last_layer_norms: bool,
+    /// Only Gemma 3's q/k norms are fused (no backward).
+    pub fused_qk_norms: bool,
+    /// Eval mode runs a separate fast path that reads the hidden states from a buffer the
+    /// decoder never filled: every position gets the same logits, so the argmax collapses.
+    pub eval_path_unfilled_buffer: bool,
+    /// Every RMSNorm divides by `√mean(x²)` without epsilon: an all-zero input (an untrained
+    /// token's embedding) becomes 0/0 = NaN.
+    pub norm_without_eps: bool,
 }
 
 /// The synthetic (or loaded) model.
@@ -214,16 +225,25 @@ impl Transformer {
     pub fn set_faults(&mut self, faults: Faults) {
         self.faults = faults;
         let fused = faults.fused_rms_norm;
+        let no_eps = faults.norm_without_eps;
         self.norm.fused = fused;
-        for l in &mut self.layers {
-            l.input_norm.fused = fused;
-            l.post_attn_norm.fused = fused;
+        self.norm.no_eps = no_eps;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let layer_fused = fused || (faults.fused_last_layer_norms && i == last);
+            for n in [&mut l.input_norm, &mut l.post_attn_norm] {
+                n.fused = layer_fused;
+                n.no_eps = no_eps;
+            }
             if let Some((a, b)) = &mut l.ff_norms {
-                a.fused = fused;
-                b.fused = fused;
+                for n in [a, b] {
+                    n.fused = layer_fused;
+                    n.no_eps = no_eps;
+                }
             }
             for n in [&mut l.attn.q_norm, &mut l.attn.k_norm].into_iter().flatten() {
-                n.fused = fused;
+                n.fused = layer_fused || faults.fused_qk_norms;
+                n.no_eps = no_eps;
             }
         }
     }
@@ -336,6 +356,16 @@ impl Transformer {
         *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) = crate::weights::stream(seed, "dropout");
     }
 
+    /// Position of the dropout stream (32-bit words drawn since its seed), for checkpoints.
+    pub fn dropout_word_pos(&self) -> u128 {
+        self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()).get_word_pos()
+    }
+
+    /// Move the dropout stream to `pos` (after [`Transformer::set_dropout_seed`]).
+    pub fn set_dropout_word_pos(&self, pos: u128) {
+        self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()).set_word_pos(pos);
+    }
+
     /// Logits `[batch, seq, vocab]` (in the model dtype) for `ids` `[batch, seq]` (u32/i64).
     pub fn forward(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         self.forward_inner(ids, None, mode)
@@ -351,7 +381,23 @@ impl Transformer {
         KvCache::new(self.spec.num_layers)
     }
 
+    /// The planted eval-only fast path (mutants only): the hidden states come from a buffer
+    /// that the decoder never wrote, so every position's logits are the head of `norm(0)`.
+    fn eval_fast_path_unfilled_buffer(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let buffer = Tensor::zeros((b, s, self.spec.hidden_size), self.spec.dtype, &self.device)?;
+        let ctx = Ctx { train: false, rng: &self.dropout_rng };
+        let mut logits = self.lm_head.forward_ctx(&self.norm.forward(&buffer)?, &ctx)?;
+        if let Some(cap) = self.spec.final_logit_softcapping {
+            logits = soft_cap(&logits, cap)?;
+        }
+        Ok(logits)
+    }
+
     fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Eval && cache.is_none() && self.faults.eval_path_unfilled_buffer {
+            return self.eval_fast_path_unfilled_buffer(ids);
+        }
         let spec = &self.spec;
         let (b, s) =
             ids.dims2().map_err(|_| Error::Msg(format!("input ids must be [batch, seq], got {:?}", ids.dims())))?;

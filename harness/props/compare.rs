@@ -44,3 +44,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (host_f32(a)?, host_f32(b)?);
     Ok(a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max))
 }
+
+/// `x ≤ bound`, false for NaN: a comparison that cannot pass by accident.
+pub fn within(x: f64, bound: f64) -> bool {
+    x <= bound
+}

@@ -39,6 +39,7 @@ pub fn deterministic_and_mode_free(model: &Transformer, ids: &[Vec<u32>]) -> Che
     if !bitwise_equal(&a, &b)? {
         return Err(Violation {
             property: "forward/deterministic",
+            code: "deterministic",
             detail: format!("two eval forwards differ (rel L2 {:.3e})", rel_l2(&a, &b)?),
         }
         .into());
@@ -49,6 +50,7 @@ pub fn deterministic_and_mode_free(model: &Transformer, ids: &[Vec<u32>]) -> Che
         if !bitwise_equal(&t, &a)? {
             return Err(Violation {
                 property: "forward/train_eq_eval",
+                code: "train_eq_eval",
                 detail: format!("dropout is 0 but train and eval logits differ (rel L2 {:.3e})", rel_l2(&t, &a)?),
             }
             .into());
@@ -73,6 +75,7 @@ pub fn causal(model: &Transformer, ids: &[Vec<u32>], t: usize) -> Check {
     if !bitwise_equal(&a, &b)? {
         return Err(Violation {
             property: "forward/causal",
+            code: "causal",
             detail: format!(
                 "logits at positions 0..={t} changed when tokens after {t} changed (rel L2 {:.3e})",
                 rel_l2(&a, &b)?
@@ -102,6 +105,7 @@ pub fn kv_cache_matches(model: &Transformer, ids: &[Vec<u32>], split: usize, new
     if err.is_nan() || err > tol {
         return Err(Violation {
             property: "forward/kv_cache",
+            code: "kv_cache",
             detail: format!("cached decode (prefill {split} of {s}) vs full forward: rel L2 {err:.3e} > {tol:.0e}"),
         }
         .into());
@@ -112,6 +116,7 @@ pub fn kv_cache_matches(model: &Transformer, ids: &[Vec<u32>], split: usize, new
         if a != b {
             return Err(Violation {
                 property: "forward/kv_cache_generate",
+                code: "kv_cache_generate",
                 detail: format!("greedy tokens differ: cached {a:?} vs uncached {b:?}"),
             }
             .into());

@@ -1,8 +1,10 @@
-//! Invariants, one file per family of properties, each a public function that returns
-//! `Ok(())` or a [`Violation`] carrying the numbers that broke it.
+//! Invariants, one file per property, each a check that returns `Ok(())` or a [`Violation`]
+//! carrying the numbers that broke it; [`catalogue`] lists them all and [`runner`] runs them.
 
+pub mod catalogue;
 pub mod compare;
 pub mod forward;
+pub mod p11_precision;
 pub mod p1_modes;
 pub mod p2_untrained;
 pub mod p3_reload;
@@ -14,20 +16,35 @@ pub mod p8_gradients;
 pub mod p9_kernels;
 pub mod runner;
 
-pub use compare::{bitwise_equal, max_abs_diff, rel_l2};
+pub use compare::{bitwise_equal, max_abs_diff, rel_l2, within};
 
-/// A broken invariant: which one, and the numbers.
+/// A broken invariant: which one, which of its clauses, and the numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Violation {
-    /// Property id and name, e.g. `forward/kv_cache`.
+    /// Property id and name, e.g. `P5/accumulation_equivalence` or `forward/kv_cache`.
     pub property: &'static str,
+    /// The clause that broke, a short stable word (`collapse`, `gradient_mismatch`, ...):
+    /// what a planted-bug mutant is expected to trip.
+    pub code: &'static str,
     /// What was observed, with the numbers and the bound.
     pub detail: String,
 }
 
+impl Violation {
+    /// A violation of `property`'s clause `code`.
+    pub fn new(property: &'static str, code: &'static str, detail: impl Into<String>) -> Self {
+        Violation { property, code, detail: detail.into() }
+    }
+
+    /// The property id before the `/` (`P5`, `forward`).
+    pub fn id(&self) -> &'static str {
+        self.property.split('/').next().unwrap_or(self.property)
+    }
+}
+
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} violated: {}", self.property, self.detail)
+        write!(f, "{} violated [{}]: {}", self.property, self.code, self.detail)
     }
 }
 

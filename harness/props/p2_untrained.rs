@@ -1,21 +1,39 @@
 //! P2 — untrained tokens never give a silent NaN: with zero rows in `embed_tokens`/`lm_head`
-//! for tokens that occur in the data, a trainer whose token rows are frozen either refuses
-//! to train (an error) or fixes the rows first; one whose rows are trainable trains with
-//! finite losses, gradients and parameters, and its loss on that data falls.
+//! for tokens that occur in the data (Llama-3 base's reserved and chat-template tokens), a
+//! trainer whose token rows are frozen either refuses with the typed untrained-token error
+//! naming those ids, or fixes the rows of *both* matrices first; one whose rows are trainable
+//! trains with finite losses, gradients and parameters, and its loss on that data falls.
 
 use candle_core::{DType, Device};
 
-use crate::error::Result;
-use crate::props::runner::{run, PropConfig, PropOutcome};
+use crate::error::{Error, Result};
+use crate::props::catalogue::{Body, Property, ALL_DTYPES};
 use crate::props::{Check, Violation};
-use crate::strategy::{arb_setup, random_batches, AdapterKind};
-use crate::subject::{Capabilities, Setup, Trainer};
+use crate::strategy::{random_batches, AdapterKind};
+use crate::subject::{Capabilities, Factory, Setup};
 use crate::train::untrained::zero_rows;
 
 const ID: &str = "P2/untrained_tokens";
 
-fn fail(detail: String) -> Check {
-    Err(Violation { property: ID, detail }.into())
+/// The catalogue entry.
+pub const PROPERTY: Property = Property {
+    id: "P2",
+    test_name: "p2_untrained_tokens",
+    title: "untrained tokens: refuse, fix or train finite",
+    invariant: "zero rows (embed_tokens and lm_head) for tokens in the data: frozen rows → the typed refusal naming \
+                the ids, or rows fixed in both matrices; trainable rows → finite losses, gradients and parameters, \
+                and the loss falls over 8 steps",
+    tolerance: "exact (finite / non-zero rows / strictly lower loss) in every dtype",
+    kinds: &AdapterKind::ALL,
+    dtypes: &ALL_DTYPES,
+    needs: Capabilities::none(),
+    grad_accum: 1,
+    filter: None,
+    body: Body::Trainer(check),
+};
+
+fn fail(code: &'static str, detail: String) -> Check {
+    Err(Violation::new(ID, code, detail).into())
 }
 
 /// The setup with the last two token ids' rows zeroed (Llama-3 base's reserved tokens).
@@ -28,11 +46,11 @@ pub fn with_untrained(setup: &Setup) -> Result<(Setup, Vec<u32>)> {
 }
 
 /// Check P2 on one setup.
-pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device: &Device, setup: &Setup) -> Check {
+pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
     let (mut setup, ids) = with_untrained(setup)?;
     // No warmup: eight full-size steps on one batch must reduce its loss.
     setup.train.schedule.warmup_steps = 0;
-    let mut t = factory(&setup, device)?;
+    let mut t = f.build(&setup, device)?;
     let mut batch = random_batches(setup.spec.vocab_size, setup.adapter_seed, 1, 2, 8).remove(0);
     for (row, &id) in batch.ids.iter_mut().zip(ids.iter().cycle()) {
         row[1] = id;
@@ -46,53 +64,60 @@ pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device
     let mut losses = Vec::new();
     for step in 0..8 {
         match t.train_step(std::slice::from_ref(&batch)) {
-            Err(_) if step == 0 && !rows_trainable => return Ok(()), // refused: allowed when frozen
-            Err(e) => return fail(format!("step {step} failed: {e}")),
+            Err(Error::UntrainedTokens { ids: named }) if step == 0 && !rows_trainable => {
+                if ids.iter().all(|i| named.contains(i)) {
+                    return Ok(()); // the typed refusal, naming the planted ids
+                }
+                return fail("wrong_refusal", format!("refused naming {named:?}, but the planted ids are {ids:?}"));
+            }
+            Err(Error::NonFinite { what, value, step: s }) => {
+                return fail("non_finite", format!("optimizer step {s}: {what} {value}"))
+            }
+            Err(e) if !rows_trainable && step == 0 => {
+                return fail("wrong_refusal", format!("frozen rows: step 0 failed with an untyped error: {e}"))
+            }
+            Err(e) => return fail("step_failed", format!("step {step} failed: {e}")),
             Ok(r) if !r.loss.is_finite() || !r.grad_norm.is_finite() => {
-                return fail(format!("step {step}: loss {} grad norm {}", r.loss, r.grad_norm))
+                return fail("non_finite", format!("step {step}: loss {} grad norm {}", r.loss, r.grad_norm))
             }
             Ok(r) => losses.push(r.loss),
         }
     }
     for (name, v) in t.trainable() {
         if v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
-            return fail(format!("trainable `{name}` became non-finite"));
+            return fail("non_finite", format!("trainable `{name}` became non-finite"));
         }
     }
     if rows_trainable {
         let (before, after) = (losses[0], losses[losses.len() - 1]);
         if after >= before {
-            return fail(format!("loss on data with untrained tokens did not fall: {before:.4} → {after:.4}"));
+            return fail(
+                "no_descent",
+                format!("loss on data with untrained tokens did not fall: {before:.4} → {after:.4}"),
+            );
         }
-    } else if let Some((_, embed)) = t.frozen().into_iter().find(|(n, _)| n == "model.embed_tokens.weight") {
-        let still = zero_rows(&embed, crate::train::untrained::DEFAULT_THRESHOLD)?;
-        if ids.iter().any(|i| still.contains(i)) {
-            return fail(format!(
-                "trained on untrained tokens {ids:?} with frozen embeddings without refusing or fixing the rows"
-            ));
+        return Ok(());
+    }
+    // Frozen and not refused: the rows must have been fixed, in the embedding and in an
+    // untied head alike (a tied head is the embedding).
+    let frozen = t.frozen();
+    let mut seen = 0;
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let Some((_, m)) = frozen.iter().find(|(n, _)| n == name) else { continue };
+        seen += 1;
+        let still = zero_rows(m, crate::train::untrained::DEFAULT_THRESHOLD)?;
+        if let Some(id) = ids.iter().find(|i| still.contains(i)) {
+            return fail(
+                "not_fixed",
+                format!("trained on untrained token {id} with frozen `{name}` without refusing or fixing its row"),
+            );
         }
+    }
+    if seen == 0 {
+        return fail(
+            "not_fixed",
+            "frozen rows, no refusal, and no embed_tokens/lm_head among the frozen tensors".into(),
+        );
     }
     Ok(())
-}
-
-/// Run P2 for every adapter kind (frozen rows: LoRA, QLoRA; trainable rows: full embeddings).
-pub fn untrained_tokens<T: Trainer>(
-    factory: &impl Fn(&Setup, &Device) -> Result<T>,
-    device: &Device,
-    cfg: &PropConfig,
-) -> PropOutcome {
-    let mut cases = 0;
-    for kind in AdapterKind::ALL {
-        let needs = Capabilities {
-            quant4: kind == AdapterKind::QLora,
-            train_embeddings: kind == AdapterKind::FullEmbeddings,
-            ..Capabilities::none()
-        };
-        match run(factory, device, needs, arb_setup(kind, 1), cfg, check) {
-            PropOutcome::Passed { cases: c } => cases += c,
-            PropOutcome::Skipped(_) => {}
-            failed => return failed,
-        }
-    }
-    PropOutcome::Passed { cases }
 }

@@ -1,32 +1,53 @@
-//! P3 — save → load in a fresh trainer gives bitwise identical eval logits, identical seeded
-//! samples and identical trainable tensors; the 4-bit configuration and compute dtype travel
-//! with the checkpoint. Bitwise because the same computation runs on the same values: any
-//! difference means something was not saved, or was restored differently.
+//! P3 — save → load in a fresh subject, built from the directory alone (no setup, no 4-bit,
+//! LoRA or training config), gives bitwise identical eval logits, seeded samples and trainable
+//! tensors, and one more optimizer step after the reload equals the same step in the run that
+//! never stopped: the 4-bit config with its original and compute dtypes, the adapter, the
+//! optimizer moments, the schedule position and the RNG state all travel with the checkpoint.
+//! Bitwise because the same computation runs on the same values: any difference means
+//! something was not saved, or was restored differently.
 
 use candle_core::Device;
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::runner::{run, PropConfig, PropOutcome};
+use crate::props::catalogue::{Body, Property, ALL_DTYPES};
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
-use crate::strategy::{arb_setup, random_batches, AdapterKind};
-use crate::subject::{Capabilities, Setup, Trainer};
+use crate::strategy::{random_batches, AdapterKind};
+use crate::subject::{Capabilities, Factory, Setup, Trainer};
 
 const ID: &str = "P3/save_reload_bitwise";
 
-fn fail(detail: String) -> Check {
-    Err(Violation { property: ID, detail }.into())
+/// The catalogue entry.
+pub const PROPERTY: Property = Property {
+    id: "P3",
+    test_name: "p3_save_reload_bitwise",
+    title: "save -> load bitwise, resume bitwise",
+    invariant: "save, then load from the directory alone: eval logits, seeded samples and trainable tensors \
+                identical; one more step after the reload == the same step without the reload (4-bit config and \
+                dtypes, optimizer moments, schedule and RNG state travel)",
+    tolerance: "bitwise in every dtype (same computation, same values)",
+    kinds: &AdapterKind::ALL,
+    dtypes: &ALL_DTYPES,
+    needs: Capabilities { save_load: true, ..Capabilities::none() },
+    grad_accum: 1,
+    filter: None,
+    body: Body::Trainer(check),
+};
+
+fn fail(code: &'static str, detail: String) -> Check {
+    Err(Violation::new(ID, code, detail).into())
 }
 
 /// A scratch directory removed on drop.
-struct Scratch(std::path::PathBuf);
+pub struct Scratch(pub std::path::PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Self> {
+    /// A new empty directory under the system temp dir, named after `what`.
+    pub fn new(what: &str) -> Result<Self> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         let p = std::env::temp_dir().join(format!(
-            "tunecheck-p3-{}-{}",
+            "tunecheck-{what}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
@@ -41,50 +62,42 @@ impl Drop for Scratch {
     }
 }
 
-/// Check P3 on one setup.
-pub fn check<T: Trainer>(factory: &impl Fn(&Setup, &Device) -> Result<T>, device: &Device, setup: &Setup) -> Check {
-    let mut t = factory(setup, device)?;
-    let data = random_batches(setup.spec.vocab_size, setup.adapter_seed, 2, 2, 8);
-    t.train_step(&data[..1])?;
-    let dir = Scratch::new()?;
-    t.save(&dir.0)?;
-    let u = T::load(setup, device, &dir.0)?;
-    let ids = data[1].ids_tensor(device)?;
-    let (a, b) = (t.logits(&ids, Mode::Eval)?, u.logits(&ids, Mode::Eval)?);
-    if !bitwise_equal(&a, &b)? {
-        return fail(format!("eval logits differ after reload: rel L2 {:.3e}", rel_l2(&a, &b)?));
-    }
-    let prompt = ids.narrow(1, 0, 1)?;
-    let (sa, sb) = (t.sample(&prompt, 4, 7)?, u.sample(&prompt, 4, 7)?);
-    if sa != sb {
-        return fail(format!("seeded samples differ after reload: {sa:?} vs {sb:?}"));
-    }
-    let (ta, tb) = (t.trainable(), u.trainable());
+fn same_trainables(a: &dyn Trainer, b: &dyn Trainer, code: &'static str, when: &str) -> Check {
+    let (ta, tb) = (a.trainable(), b.trainable());
     if ta.len() != tb.len() {
-        return fail(format!("{} trainable tensors before, {} after reload", ta.len(), tb.len()));
+        return fail(code, format!("{} trainable tensors vs {} {when}", ta.len(), tb.len()));
     }
     for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
-        if na != nb || !bitwise_equal(va, vb)? {
-            return fail(format!("trainable tensor `{na}` differs after reload"));
+        if na != nb {
+            return fail(code, format!("trainable `{na}` is `{nb}` {when}"));
+        }
+        if !bitwise_equal(va, vb)? {
+            return fail(code, format!("trainable `{na}` differs {when}: rel L2 {:.3e}", rel_l2(vb, va)?));
         }
     }
     Ok(())
 }
 
-/// Run P3 for every adapter kind.
-pub fn save_reload<T: Trainer>(
-    factory: &impl Fn(&Setup, &Device) -> Result<T>,
-    device: &Device,
-    cfg: &PropConfig,
-) -> PropOutcome {
-    let mut cases = 0;
-    for kind in AdapterKind::ALL {
-        let needs = Capabilities { save_load: true, quant4: kind == AdapterKind::QLora, ..Capabilities::none() };
-        match run(factory, device, needs, arb_setup(kind, 1), cfg, check) {
-            PropOutcome::Passed { cases: c } => cases += c,
-            PropOutcome::Skipped(why) => return PropOutcome::Skipped(why),
-            failed => return failed,
-        }
+/// Check P3 on one setup.
+pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
+    let mut t = f.build(setup, device)?;
+    let data = random_batches(setup.spec.vocab_size, setup.adapter_seed, 3, 2, 8);
+    t.train_step(&data[..1])?;
+    let dir = Scratch::new("p3")?;
+    t.save(&dir.0)?;
+    let mut u = f.load(device, &dir.0)?;
+    let ids = data[1].ids_tensor(device)?;
+    let (a, b) = (t.logits(&ids, Mode::Eval)?, u.logits(&ids, Mode::Eval)?);
+    if !bitwise_equal(&a, &b)? {
+        return fail("logits_differ", format!("eval logits differ after reload: rel L2 {:.3e}", rel_l2(&b, &a)?));
     }
-    PropOutcome::Passed { cases }
+    let prompt = ids.narrow(1, 0, 1)?;
+    let (sa, sb) = (t.sample(&prompt, 4, 7)?, u.sample(&prompt, 4, 7)?);
+    if sa != sb {
+        return fail("samples_differ", format!("seeded samples differ after reload: {sa:?} vs {sb:?}"));
+    }
+    same_trainables(t.as_ref(), u.as_ref(), "trainable_differ", "after reload")?;
+    t.train_step(&data[2..3])?;
+    u.train_step(&data[2..3])?;
+    same_trainables(t.as_ref(), u.as_ref(), "resume_differs", "after one more step (reloaded vs uninterrupted)")
 }

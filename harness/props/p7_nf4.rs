@@ -8,9 +8,35 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::error::Result;
-use crate::props::runner::{PropConfig, PropOutcome};
+use crate::props::catalogue::{Body, Property};
+use crate::props::runner::{FailReason, PropConfig, Verdict};
 use crate::quant::blockwise::error_bound;
 use crate::quant::{QuantType, Quantized4};
+
+/// The catalogue entry (tunecheck's quantizer; [`nf4_round_trip`] takes any other).
+pub const PROPERTY: Property = Property {
+    id: "P7",
+    test_name: "p7_nf4_round_trip",
+    title: "nf4/fp4 round trip, bitsandbytes bytes",
+    invariant: "block error bound; quant∘dequant idempotent; bitsandbytes' packed bytes and absmax reproduced",
+    tolerance: "exact bytes; error ≤ half the widest code gap × block absmax",
+    kinds: &[],
+    dtypes: &[],
+    needs: crate::subject::Capabilities::none(),
+    grad_accum: 1,
+    filter: None,
+    body: Body::Kernels(|cfg| nf4_round_trip(crate::quant::quantize, cfg)),
+};
+
+fn violated(code: &str, detail: String) -> Verdict {
+    Verdict::Failed {
+        reason: FailReason::Violated { property: "P7".into(), code: code.into() },
+        detail: format!("P7/nf4 violated [{code}]: {detail}"),
+        minimal: serde_json::Value::Null,
+        cases_run: 0,
+        replay: None,
+    }
+}
 
 /// A 4-bit quantizer: values, shape, code, blocksize, double quantization.
 pub type Quantizer = fn(&[f32], &[usize], QuantType, usize, bool) -> Result<Quantized4>;
@@ -84,13 +110,25 @@ pub fn matches_bitsandbytes(quantize: Quantizer) -> std::result::Result<(), Stri
     Ok(())
 }
 
-/// Run P7 against `quantize`.
-pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> PropOutcome {
+/// Run P7 against `quantize` (8 × `cfg.cases` random vectors from `cfg.seed`).
+pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> Verdict {
     if let Err(detail) = matches_bitsandbytes(quantize) {
-        return PropOutcome::Failed { detail: format!("P7/nf4 violated: {detail}"), minimal: serde_json::Value::Null };
+        return violated("bitsandbytes_bytes", detail);
     }
-    let cases = cfg.effective_cases().max(1) * 8;
-    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let cases = match cfg.effective_cases() {
+        Ok(c) => c * 8,
+        Err(e) => {
+            return Verdict::Failed {
+                reason: FailReason::Config,
+                detail: e,
+                minimal: serde_json::Value::Null,
+                cases_run: 0,
+                replay: None,
+            }
+        }
+    };
+    let config = Config { cases, failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     let strategy = (1usize..300, prop_oneof![Just(32usize), Just(64), Just(128)], any::<bool>(), any::<bool>())
         .prop_flat_map(|(n, bs, nf4, dq)| (proptest::collection::vec(-50f32..50f32, n), Just(bs), Just(nf4), Just(dq)));
     let result = runner.run(&strategy, |(x, bs, nf4, dq)| {
@@ -117,8 +155,8 @@ pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> PropOutcome {
         Ok(())
     });
     match result {
-        Ok(()) => PropOutcome::Passed { cases },
-        Err(e) => PropOutcome::Failed { detail: format!("P7/nf4 violated: {e}"), minimal: serde_json::Value::Null },
+        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
+        Err(e) => violated("round_trip", e.to_string()),
     }
 }
 

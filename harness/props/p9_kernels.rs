@@ -14,9 +14,28 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use crate::props::runner::{PropConfig, PropOutcome};
+use crate::props::catalogue::{Body, Property};
+use crate::props::runner::{FailReason, PropConfig, Verdict};
 use crate::quant::kernels::{dequantize_f32_into, matmul_nn, matmul_nt, Isa, Prec, Q4View, Rounding};
 use crate::quant::{quantize, QuantType, Quantized4};
+
+/// The catalogue entry (tunecheck's fastest kernels on this CPU; [`kernels_match_oracle`]
+/// takes any other implementation).
+pub const PROPERTY: Property = Property {
+    id: "P9",
+    test_name: "p9_kernels_match_oracle",
+    title: "fast 4-bit kernels == reference",
+    invariant: "random shapes, blocksizes 32–4096, NF4/FP4, nested scales, every weight rounding (original then \
+                compute dtype): dequantize equal; `x·Wᵀ` and `g·W` close to an f64 product; a row's result \
+                independent of the batch",
+    tolerance: "dequantize bitwise; products 1e-5·Σ|w·x| (f32 accumulation); batch rows bitwise",
+    kinds: &[],
+    dtypes: &[],
+    needs: crate::subject::Capabilities::none(),
+    grad_accum: 1,
+    filter: None,
+    body: Body::Kernels(|cfg| kernels_match_oracle(&crate::quant::kernels::Isa::best(), cfg)),
+};
 
 /// The three operations under test.
 pub trait Q4Kernels: Sync {
@@ -153,13 +172,18 @@ pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError
     check_close("g·W", &dx, &want, &mag)
 }
 
-/// Run P9 against `kernels`.
-pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> PropOutcome {
-    let cases = cfg.effective_cases().max(1) * 8;
+/// Run P9 against `kernels` (8 × `cfg.cases` random cases from `cfg.seed`).
+pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdict {
+    let failed =
+        |reason, detail: String, minimal| Verdict::Failed { reason, detail, minimal, cases_run: 0, replay: None };
+    let cases = match cfg.effective_cases() {
+        Ok(c) => c * 8,
+        Err(e) => return failed(FailReason::Config, e, serde_json::Value::Null),
+    };
     let config = Config { cases, failure_persistence: None, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     match runner.run(&arb_kernel_case(), |c| check_case(kernels, &c)) {
-        Ok(()) => PropOutcome::Passed { cases },
+        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
         Err(TestError::Fail(why, c)) => {
             let minimal = serde_json::json!({
                 "rows": c.q.shape[0],
@@ -170,14 +194,19 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> PropOu
                 "input_rows": c.m,
                 "rounding": format!("{:?}", c.round.0),
             });
-            PropOutcome::Failed {
-                detail: format!("P9/{} violated: {why}; minimal case {minimal}", kernels.name()),
+            let code = match why.message() {
+                m if m.starts_with("dequantize") => "dequantize",
+                m if m.starts_with("row") => "batch_row",
+                _ => "product",
+            };
+            failed(
+                FailReason::Violated { property: "P9".into(), code: code.into() },
+                format!("P9/{} violated [{code}]: {why}; minimal case {minimal}", kernels.name()),
                 minimal,
-            }
+            )
         }
-        Err(e) => PropOutcome::Failed {
-            detail: format!("P9/{} could not run: {e}", kernels.name()),
-            minimal: serde_json::Value::Null,
-        },
+        Err(e) => {
+            failed(FailReason::Error, format!("P9/{} could not run: {e}", kernels.name()), serde_json::Value::Null)
+        }
     }
 }

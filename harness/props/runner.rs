@@ -1,77 +1,201 @@
-//! Running a property over a strategy of setups against a subject factory: a seeded proptest
-//! run that shrinks failures, persists them next to the caller's source file, and reports
-//! the minimal counterexample.
+//! The one runner of every trainer property: a seeded proptest per (property, adapter kind)
+//! over [`arb_setup`], shrinking failures to the smallest setup, persisting them next to the
+//! caller's source file, and returning an honest [`Verdict`]: the cases that actually ran,
+//! every skip with its reason, and a failure with its typed reason and a replay line.
+//!
+//! Rules: zero executed cases is a failure, never a pass; `PROPTEST_CASES=0` is an error;
+//! with `strict` any skip is a failure. The same `seed` gives the same cases for every
+//! property, so `tunecheck check --seed S` replays all of them.
 
-use candle_core::Device;
-use proptest::strategy::Strategy;
+use std::cell::Cell;
+
+use candle_core::{DType, Device};
+use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{
     Config, FileFailurePersistence, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
 };
+use serde::Serialize;
 
-use crate::error::Result;
-use crate::props::{Check, Failure};
-use crate::subject::{Capabilities, Setup, Trainer};
+use crate::props::catalogue::{Body, Property};
+use crate::props::Failure;
+use crate::spec::Family;
+use crate::strategy::{arb_setup, AdapterKind};
+use crate::subject::{Capabilities, Factory, Setup};
 
 /// How a property run is configured.
 #[derive(Debug, Clone)]
 pub struct PropConfig {
-    /// Cases to try (`PROPTEST_CASES` overrides when set).
+    /// Cases to run per adapter kind (`PROPTEST_CASES` overrides when set).
     pub cases: u32,
     /// Seed of the case generator.
     pub seed: u64,
     /// The caller's source file (`file!()`), for proptest's regression file; `None` keeps
     /// failures in memory only.
     pub source_file: Option<&'static str>,
+    /// Turn every skip into a failure (`--strict`, `TUNECHECK_STRICT=1`).
+    pub strict: bool,
+    /// Model families the setups are drawn from (shrinking toward the first).
+    pub families: Vec<Family>,
+    /// Shrinking steps after a failure (0: report the first failing case as found).
+    pub max_shrink_iters: u32,
 }
 
 impl Default for PropConfig {
     fn default() -> Self {
-        PropConfig { cases: 8, seed: 0, source_file: None }
+        PropConfig {
+            cases: 4,
+            seed: 0,
+            source_file: None,
+            strict: false,
+            families: Family::ALL.to_vec(),
+            max_shrink_iters: 256,
+        }
     }
 }
 
 impl PropConfig {
-    /// The case count after `PROPTEST_CASES`.
-    pub fn effective_cases(&self) -> u32 {
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(self.cases)
-    }
-}
-
-/// The result of a property run.
-#[derive(Debug, Clone)]
-pub enum PropOutcome {
-    /// Every case held.
-    Passed {
-        /// Cases run.
-        cases: u32,
-    },
-    /// Skipped: the subject lacks a needed capability (or a device is missing).
-    Skipped(String),
-    /// A (shrunk) counterexample.
-    Failed {
-        /// What was violated, with numbers.
-        detail: String,
-        /// The minimal setup's `config.json` and other knobs, as JSON.
-        minimal: serde_json::Value,
-    },
-}
-
-impl PropOutcome {
-    /// True unless failed.
-    pub fn ok(&self) -> bool {
-        !matches!(self, PropOutcome::Failed { .. })
-    }
-
-    /// Panic with a report on failure; print a skip message on skip.
-    pub fn assert(&self, property: &str) {
-        match self {
-            PropOutcome::Passed { .. } => {}
-            PropOutcome::Skipped(why) => eprintln!("SKIPPED {property}: {why}"),
-            PropOutcome::Failed { detail, minimal } => panic!(
-                "{property} failed: {detail}\nminimal case: {}\nreplay: PROPTEST_CASES=... cargo test {property}",
-                serde_json::to_string_pretty(minimal).unwrap_or_default()
-            ),
+    /// The case count after `PROPTEST_CASES`; zero or an unreadable value is an error.
+    pub fn effective_cases(&self) -> Result<u32, String> {
+        let cases = match std::env::var("PROPTEST_CASES") {
+            Ok(v) => v.trim().parse::<u32>().map_err(|_| format!("PROPTEST_CASES=`{v}` is not a whole number"))?,
+            Err(_) => self.cases,
+        };
+        if cases == 0 {
+            return Err("zero cases requested (PROPTEST_CASES=0 or --cases 0): a property that runs no case has \
+                        not been checked"
+                .into());
         }
+        Ok(cases)
+    }
+
+    /// `strict` also when `TUNECHECK_STRICT=1` is set.
+    pub fn with_env_strict(mut self) -> Self {
+        self.strict |= std::env::var("TUNECHECK_STRICT").is_ok_and(|v| v == "1");
+        self
+    }
+}
+
+/// Why a property failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FailReason {
+    /// The invariant does not hold: property id and the clause that broke.
+    Violated {
+        /// Property id (`P3`).
+        property: String,
+        /// The clause (`logits_differ`, ...).
+        code: String,
+    },
+    /// The subject or the check returned an error instead of an answer.
+    Error,
+    /// No case ran (nothing executed is not a pass).
+    NoCases,
+    /// The run was configured so that nothing can run (`PROPTEST_CASES=0`, ...).
+    Config,
+    /// Something was skipped under `--strict`.
+    Strict,
+}
+
+/// The result of running one property.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every case that ran held; `skipped` lists what did not run and why.
+    Passed {
+        /// Cases that actually ran.
+        cases_run: u32,
+        /// Adapter kinds, dtypes or capabilities not exercised, each with its reason.
+        skipped: Vec<String>,
+    },
+    /// Nothing could run, for this reason.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+    /// A (shrunk) counterexample, or a run that could not count as a pass.
+    Failed {
+        /// Why, typed.
+        reason: FailReason,
+        /// The violation or error of the minimal case, with numbers.
+        detail: String,
+        /// The minimal setup's `config.json`, adapter and training knobs (null when none).
+        minimal: serde_json::Value,
+        /// Cases run before the failure (including the failing one).
+        cases_run: u32,
+        /// A command that reproduces this failure (`None` when the subject is not reachable
+        /// from the command line).
+        replay: Option<String>,
+    },
+}
+
+impl Verdict {
+    /// True only for a pass (a skip is not a pass).
+    pub fn passed(&self) -> bool {
+        matches!(self, Verdict::Passed { .. })
+    }
+
+    /// True for a failure.
+    pub fn failed(&self) -> bool {
+        matches!(self, Verdict::Failed { .. })
+    }
+
+    /// Cases that actually ran.
+    pub fn cases_run(&self) -> u32 {
+        match self {
+            Verdict::Passed { cases_run, .. } | Verdict::Failed { cases_run, .. } => *cases_run,
+            Verdict::Skipped { .. } => 0,
+        }
+    }
+
+    /// Every skip, for reports.
+    pub fn skips(&self) -> Vec<String> {
+        match self {
+            Verdict::Passed { skipped, .. } => skipped.clone(),
+            Verdict::Skipped { reason } => vec![reason.clone()],
+            Verdict::Failed { .. } => Vec::new(),
+        }
+    }
+
+    /// `pass`, `skip` or `FAIL`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Verdict::Passed { skipped, .. } if skipped.is_empty() => "pass",
+            Verdict::Passed { .. } => "pass*",
+            Verdict::Skipped { .. } => "skip",
+            Verdict::Failed { .. } => "FAIL",
+        }
+    }
+
+    /// True when this is a violation of `property` (and of clause `code`, when given).
+    pub fn violates(&self, property: &str, code: Option<&str>) -> bool {
+        match self {
+            Verdict::Failed { reason: FailReason::Violated { property: p, code: c }, .. } => {
+                p == property && code.is_none_or(|want| want == c)
+            }
+            _ => false,
+        }
+    }
+
+    /// For `#[test]`s: panic on failure with the report (a skip fails under `strict` through
+    /// the runner); print every skip so that it is seen.
+    pub fn assert(&self, test: &str) {
+        for s in self.skips() {
+            eprintln!("SKIPPED {test}: {s}");
+        }
+        if let Verdict::Failed { detail, minimal, replay, cases_run, .. } = self {
+            panic!(
+                "{test} failed after {cases_run} case(s): {detail}\nminimal case: {}\nreplay: {}",
+                serde_json::to_string_pretty(minimal).unwrap_or_default(),
+                replay.as_deref().unwrap_or("rerun this test (the failing case is persisted beside it)")
+            );
+        }
+        if let Verdict::Passed { cases_run, .. } = self {
+            eprintln!("{test}: {cases_run} case(s) passed");
+        }
+    }
+
+    fn failed_with(reason: FailReason, detail: impl Into<String>) -> Self {
+        Verdict::Failed { reason, detail: detail.into(), minimal: serde_json::Value::Null, cases_run: 0, replay: None }
     }
 }
 
@@ -89,61 +213,184 @@ pub fn describe(s: &Setup) -> serde_json::Value {
     })
 }
 
-/// Run `check` on subjects built by `factory` over `strategy`, shrinking failures. A check
-/// may return [`Failure::Error`] wrapping an `Unsupported` message to skip.
-pub fn run<T, F, S>(
-    factory: &F,
-    device: &Device,
-    needs: Capabilities,
-    strategy: S,
-    cfg: &PropConfig,
-    check: impl Fn(&F, &Device, &Setup) -> Check,
-) -> PropOutcome
-where
-    T: Trainer,
-    F: Fn(&Setup, &Device) -> Result<T>,
-    S: Strategy<Value = Setup>,
-{
-    // Capability check on a probe subject.
-    let mut probe_rng = TestRunner::new_with_rng(Config::default(), seeded(cfg.seed));
-    if let Ok(tree) = strategy.new_tree(&mut probe_rng) {
-        use proptest::strategy::ValueTree;
-        let setup = tree.current();
-        match factory(&setup, device) {
-            Ok(t) => {
-                if let Some(missing) = lacking(t.capabilities(), needs) {
-                    return PropOutcome::Skipped(format!("the subject does not declare `{missing}`"));
+/// The capabilities an adapter kind needs.
+pub fn kind_needs(kind: AdapterKind, grad_accum: usize) -> Capabilities {
+    Capabilities {
+        quant4: kind == AdapterKind::QLora,
+        train_embeddings: kind == AdapterKind::FullEmbeddings,
+        grad_accum: grad_accum > 1,
+        ..Capabilities::none()
+    }
+}
+
+/// The replay command for `prop` against `factory`.
+pub fn replay_line(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Option<String> {
+    let args = factory.replay_args()?;
+    let strict = if cfg.strict { " --strict" } else { "" };
+    Some(format!(
+        "tunecheck check --property {} --device {} --cases {} --seed {}{strict}{}{args}",
+        prop.id,
+        crate::device::name(device),
+        cfg.cases,
+        cfg.seed,
+        if args.is_empty() { "" } else { " " },
+    ))
+}
+
+/// Run trainer property `prop` against subjects from `factory` on `device`.
+pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Verdict {
+    let cases = match cfg.effective_cases() {
+        Ok(c) => c,
+        Err(e) => return Verdict::failed_with(FailReason::Config, e),
+    };
+    let (check, device) = match &prop.body {
+        Body::Trainer(c) => (*c, device.clone()),
+        Body::CrossDevice(c) => match crate::device::cuda_or_skip(prop.id) {
+            Some(gpu) => (*c, gpu),
+            None => return strict_or(cfg, "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into()),
+        },
+        Body::Kernels(run) => return finish(cfg, run(&PropConfig { cases, ..cfg.clone() })),
+    };
+    let caps = factory.capabilities();
+    if let Some(missing) = caps.lacking(&prop.needs) {
+        return strict_or(cfg, format!("the subject does not declare `{missing}`"));
+    }
+    let mut skipped = Vec::new();
+    let dtypes: Vec<DType> = prop
+        .dtypes
+        .iter()
+        .copied()
+        .filter(|&d| {
+            let ok = caps.supports_dtype(d);
+            if !ok {
+                skipped.push(format!("{}: the subject does not declare `{}`", dtype_word(d), dtype_word(d)));
+            }
+            ok
+        })
+        .collect();
+    let mut cases_run = 0u32;
+    if !dtypes.is_empty() {
+        for &kind in prop.kinds {
+            if let Some(missing) = caps.lacking(&kind_needs(kind, prop.grad_accum)) {
+                skipped.push(format!("{}: the subject does not declare `{missing}`", kind.name()));
+                continue;
+            }
+            let counter = Cell::new(0u32);
+            // Shrinking keeps the kind of the first failure: a smaller setup that fails a
+            // different clause (or errors) is not a smaller example of *this* failure.
+            let first: std::cell::RefCell<Option<String>> = Default::default();
+            if cfg.families.is_empty() {
+                return Verdict::failed_with(FailReason::Config, "no model family to draw setups from");
+            }
+            let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), cfg.families.clone());
+            let filter = prop.filter;
+            let strategy = strategy.prop_filter("the property's precondition", move |s| filter.is_none_or(|f| f(s)));
+            let persistence = cfg.source_file.map(|_| {
+                Box::new(FileFailurePersistence::WithSource("proptest-regressions"))
+                    as Box<dyn proptest::test_runner::FailurePersistence>
+            });
+            let config = Config {
+                cases,
+                source_file: cfg.source_file,
+                failure_persistence: persistence,
+                max_shrink_iters: cfg.max_shrink_iters,
+                ..Config::default()
+            };
+            let mut runner = TestRunner::new_with_rng(config, seeded(sub_seed(cfg.seed, prop.id, kind)));
+            let result = runner.run(&strategy, |setup| {
+                counter.set(counter.get() + 1);
+                match check(factory, &device, &setup) {
+                    Ok(()) => Ok(()),
+                    Err(f) => {
+                        let key = failure_key(&f);
+                        let mut first = first.borrow_mut();
+                        match first.as_deref() {
+                            Some(k) if k != key => Ok(()),
+                            _ => {
+                                *first = Some(key);
+                                Err(TestCaseError::fail(f.to_string()))
+                            }
+                        }
+                    }
+                }
+            });
+            match result {
+                Ok(()) => cases_run += cases,
+                Err(TestError::Fail(_, setup)) => {
+                    // Re-run the minimal case for its typed reason (the check is deterministic).
+                    let (reason, detail) = match check(factory, &device, &setup) {
+                        Err(Failure::Violated(v)) => (
+                            FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() },
+                            v.to_string(),
+                        ),
+                        Err(Failure::Error(e)) => (FailReason::Error, format!("{} error: {e}", prop.id)),
+                        Ok(()) => (
+                            FailReason::Error,
+                            format!("{}: the shrunk case failed once and passed when re-run (nondeterminism)", prop.id),
+                        ),
+                    };
+                    return Verdict::Failed {
+                        reason,
+                        detail,
+                        minimal: describe(&setup),
+                        cases_run: cases_run + cases.min(counter.get()),
+                        replay: replay_line(prop, factory, &device, cfg),
+                    };
+                }
+                Err(TestError::Abort(why)) => {
+                    return Verdict::Failed {
+                        reason: FailReason::NoCases,
+                        detail: format!("{} ({}): aborted: {why}", prop.id, kind.name()),
+                        minimal: serde_json::Value::Null,
+                        cases_run,
+                        replay: replay_line(prop, factory, &device, cfg),
+                    };
                 }
             }
-            Err(e) => return PropOutcome::Skipped(format!("the subject could not be built: {e}")),
         }
     }
-    let cases = cfg.effective_cases();
-    let persistence = cfg.source_file.map(|_| {
-        Box::new(FileFailurePersistence::WithSource("proptest-regressions"))
-            as Box<dyn proptest::test_runner::FailurePersistence>
-    });
-    let config = Config {
-        cases,
-        source_file: cfg.source_file,
-        failure_persistence: persistence,
-        max_shrink_iters: 256,
-        ..Config::default()
+    finish(cfg, Verdict::Passed { cases_run, skipped })
+}
+
+/// What kind of failure `f` is: the violated property and clause, or `error`.
+fn failure_key(f: &Failure) -> String {
+    match f {
+        Failure::Violated(v) => format!("{}/{}", v.id(), v.code),
+        Failure::Error(_) => "error".into(),
+    }
+}
+
+fn strict_or(cfg: &PropConfig, reason: String) -> Verdict {
+    finish(cfg, Verdict::Skipped { reason })
+}
+
+/// The last rules: zero cases run is a failure; under `strict` any skip is one.
+fn finish(cfg: &PropConfig, v: Verdict) -> Verdict {
+    let v = match v {
+        Verdict::Passed { cases_run: 0, skipped } if skipped.is_empty() => {
+            return Verdict::failed_with(FailReason::NoCases, "no case ran")
+        }
+        Verdict::Passed { cases_run: 0, skipped } => Verdict::Skipped { reason: skipped.join("; ") },
+        other => other,
     };
-    let mut runner = TestRunner::new_with_rng(config, seeded(cfg.seed));
-    let result = runner.run(&strategy, |setup| {
-        check(factory, device, &setup).map_err(|f| match f {
-            Failure::Violated(v) => TestCaseError::fail(v.to_string()),
-            Failure::Error(e) => TestCaseError::fail(format!("error: {e}")),
-        })
-    });
-    match result {
-        Ok(()) => PropOutcome::Passed { cases },
-        Err(TestError::Fail(why, setup)) => PropOutcome::Failed { detail: why.to_string(), minimal: describe(&setup) },
-        Err(TestError::Abort(why)) => {
-            PropOutcome::Failed { detail: format!("aborted: {why}"), minimal: serde_json::Value::Null }
-        }
+    let skips = v.skips();
+    if cfg.strict && !v.failed() && !skips.is_empty() {
+        return Verdict::failed_with(FailReason::Strict, format!("--strict: skipped: {}", skips.join("; ")));
     }
+    v
+}
+
+fn dtype_word(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// The seed of one (property, kind) sub-run: the same for every run with `seed`.
+fn sub_seed(seed: u64, prop: &str, kind: AdapterKind) -> u64 {
+    seed ^ crate::weights::fnv1a64(format!("{prop}/{}", kind.name()).as_bytes())
 }
 
 /// The proptest RNG for a property seed (ChaCha, so runs replay).
@@ -153,15 +400,11 @@ pub fn seeded(seed: u64) -> TestRng {
     TestRng::from_seed(RngAlgorithm::ChaCha, &key)
 }
 
-fn lacking(have: Capabilities, need: Capabilities) -> Option<&'static str> {
-    [
-        (need.kv_cache && !have.kv_cache, "kv_cache"),
-        (need.save_load && !have.save_load, "save_load"),
-        (need.quant4 && !have.quant4, "quant4"),
-        (need.grad_accum && !have.grad_accum, "grad_accum"),
-        (need.train_embeddings && !have.train_embeddings, "train_embeddings"),
-    ]
-    .into_iter()
-    .find(|(missing, _)| *missing)
-    .map(|(_, name)| name)
+/// The first setup `prop` would draw for `kind` with `seed` (for probes and tests).
+pub fn first_setup(prop: &Property, kind: AdapterKind, seed: u64) -> Option<Setup> {
+    let mut runner = TestRunner::new_with_rng(Config::default(), seeded(sub_seed(seed, prop.id, kind)));
+    arb_setup(kind, prop.grad_accum, prop.dtypes.to_vec(), Family::ALL.to_vec())
+        .new_tree(&mut runner)
+        .ok()
+        .map(|t| t.current())
 }

@@ -1,39 +1,107 @@
-//! Trainer checkpoints: the adapter as a PEFT directory plus `trainer_state.json` (optimizer
-//! step, schedule step, epoch) and `optimizer.safetensors` (AdamW moments), so a run resumed
-//! from a checkpoint continues bitwise like one that never stopped. Every file is atomic.
+//! Trainer checkpoints that stand on their own: the adapter as a PEFT directory (which records
+//! the base's 4-bit configuration), the base model as a Hugging Face checkpoint in `base/`
+//! (its `config.json` carries the original dtype), `optimizer.safetensors` (AdamW moments) and
+//! `trainer_state.json` (optimizer step, schedule step, epoch, the training configuration and
+//! the dropout stream's position). [`load`] needs nothing but the directory, and a run resumed
+//! from it continues bitwise like one that never stopped. The save is one transaction.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use candle_core::Device;
+use serde_json::{json, Map, Value};
 
+use crate::adapt::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::peft;
 use crate::io::st::{write_safetensors, StFile};
-use crate::train::trainer::RefTrainer;
+use crate::spec::{dtype_name, parse_dtype};
+use crate::train::optim::{AdamWConfig, Schedule};
+use crate::train::trainer::{EvalStrategy, RefTrainer, TrainConfig, TrainFaults};
+use crate::train::untrained::UntrainedPolicy;
 
 /// The trainer state file name.
 pub const STATE: &str = "trainer_state.json";
 /// The optimizer moments file name.
 pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// The base model's sub-directory.
+pub const BASE: &str = "base";
 
-/// Save the adapter, optimizer moments and progress of `tr` into `dir`.
+/// Save the base, adapter, optimizer moments, configuration and progress of `tr` into `dir`.
 pub fn save(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
     crate::io::atomic::transaction(|| save_inner(tr, dir, base_model))
 }
 
 fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
     peft::save(dir, tr.lora(), tr.params(), tr.quant(), base_model)?;
-    write_safetensors(&dir.join(OPTIMIZER), &tr.optimizer().state_tensors())?;
+    crate::io::hf::save(&dir.join(BASE), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
+    let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors() };
+    write_safetensors(&dir.join(OPTIMIZER), &moments)?;
     let (schedule_step, epoch) = tr.progress();
     let state = json!({
         "optimizer_step": tr.optimizer().step,
         "schedule_step": schedule_step,
         "epoch": epoch,
+        "dropout_word_pos": tr.model().dropout_word_pos().to_string(),
+        "train_config": config_to_json(tr.config()),
     });
     let bytes = serde_json::to_vec_pretty(&state).map_err(|e| Error::Msg(e.to_string()))?;
     write_atomic(&dir.join(STATE), &bytes)
+}
+
+/// What a faulty reload does differently (mutants only; all off by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReloadFaults {
+    /// Quantize the base with this configuration instead of the recorded one.
+    pub quant: Option<QuantConfig>,
+    /// Keep the recorded 4-bit configuration but compute in this dtype.
+    pub compute_dtype: Option<candle_core::DType>,
+    /// Load the base in this dtype instead of the one its `config.json` records.
+    pub base_dtype: Option<candle_core::DType>,
+}
+
+/// Load a trainer saved by [`save`] from `dir` alone, onto `device`.
+pub fn load(device: &Device, dir: &Path) -> Result<RefTrainer> {
+    load_with(device, dir, TrainFaults::default(), ReloadFaults::default())
+}
+
+/// [`load`] with planted bugs (mutants only).
+pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: ReloadFaults) -> Result<RefTrainer> {
+    let base = crate::io::hf::load(&dir.join(BASE), device, reload.base_dtype)?;
+    if base.quant.is_some() {
+        return Err(Error::file(&dir.join(BASE), "the saved base must be dense (its 4-bit config is in the adapter)"));
+    }
+    let adapter = peft::read(dir)?;
+    let cfg_path = dir.join(peft::CONFIG);
+    let mut quant = match adapter.base_quant {
+        Some(q) => q,
+        None => {
+            return Err(Error::Config {
+                file: Some(cfg_path),
+                field: peft::QUANT_KEY.into(),
+                msg: "missing: a trainer checkpoint records the base's quantization (null when dense)".into(),
+            })
+        }
+    };
+    if let Some(q) = reload.quant {
+        quant = quant.map(|_| q);
+    }
+    if let (Some(d), Some(q)) = (reload.compute_dtype, quant.as_mut()) {
+        q.compute_dtype = d;
+    }
+    let st_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
+    let root = Fields::new(&v, &st_path, "")?;
+    let cfg = config_from_json(&Fields::new(root.get("train_config")?, &st_path, "train_config.")?)?;
+    let lora = crate::adapt::LoraConfig { init: crate::adapt::lora::LoraInit::Default, ..adapter.lora.clone() };
+    let mut tr = RefTrainer::build(&base.spec, &base.weights, &lora, quant, cfg, 0, faults)?;
+    restore_values(&mut tr, dir, &adapter.tensors)?;
+    let pos: u128 =
+        root.str("dropout_word_pos")?.parse().map_err(|_| root.bad("dropout_word_pos", "not an integer"))?;
+    tr.model().set_dropout_word_pos(pos);
+    Ok(tr)
 }
 
 /// Restore adapter values, optimizer moments and progress saved by [`save`] into `tr`,
@@ -58,18 +126,16 @@ pub fn resume(tr: &mut RefTrainer, dir: &Path) -> Result<()> {
             });
         }
     }
-    crate::adapt::attach::load_values(tr.params(), &adapter.tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
+    restore_values(tr, dir, &adapter.tensors)
+}
+
+fn restore_values(tr: &mut RefTrainer, dir: &Path, tensors: &BTreeMap<String, candle_core::Tensor>) -> Result<()> {
+    crate::adapt::attach::load_values(tr.params(), tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
     let st_path = dir.join(STATE);
     let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
-    let field = |k: &str| -> Result<usize> {
-        v.get(k).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| Error::Config {
-            file: Some(st_path.clone()),
-            field: k.into(),
-            msg: "missing or not a non-negative integer".into(),
-        })
-    };
-    let (opt_step, schedule_step, epoch) = (field("optimizer_step")?, field("schedule_step")?, field("epoch")?);
+    let f = Fields::new(&v, &st_path, "")?;
+    let (opt_step, schedule_step, epoch) = (f.usize("optimizer_step")?, f.usize("schedule_step")?, f.usize("epoch")?);
     let opt = StFile::open(&dir.join(OPTIMIZER))?;
     let device = tr.model().device().clone();
     let mut moments = BTreeMap::new();
@@ -79,4 +145,118 @@ pub fn resume(tr: &mut RefTrainer, dir: &Path) -> Result<()> {
     tr.optimizer_mut().restore(opt_step, &moments)?;
     tr.set_progress(schedule_step, epoch);
     Ok(())
+}
+
+/// The training configuration as `trainer_state.json` records it.
+pub fn config_to_json(c: &TrainConfig) -> Value {
+    json!({
+        "learning_rate": c.optim.lr,
+        "adam_beta1": c.optim.beta1,
+        "adam_beta2": c.optim.beta2,
+        "adam_epsilon": c.optim.eps,
+        "weight_decay": c.optim.weight_decay,
+        "warmup_steps": c.schedule.warmup_steps,
+        "total_steps": c.schedule.total_steps,
+        "min_lr_ratio": c.schedule.min_ratio,
+        "max_grad_norm": c.max_grad_norm,
+        "gradient_accumulation_steps": c.grad_accum,
+        "num_train_epochs": c.epochs,
+        "eval_strategy": match c.eval {
+            EvalStrategy::No => json!("no"),
+            EvalStrategy::Epoch => json!("epoch"),
+            EvalStrategy::Steps(n) => json!({"steps": n}),
+        },
+        "master_dtype": dtype_name(c.master_dtype),
+        "untrained_tokens": match c.untrained {
+            UntrainedPolicy::Refuse => "refuse",
+            UntrainedPolicy::FixMean => "fix_mean",
+        },
+        "seed": c.seed,
+    })
+}
+
+/// Parse [`config_to_json`]'s object; every field is required and typed.
+fn config_from_json(f: &Fields) -> Result<TrainConfig> {
+    let eval = match f.get("eval_strategy")? {
+        Value::String(s) if s == "no" => EvalStrategy::No,
+        Value::String(s) if s == "epoch" => EvalStrategy::Epoch,
+        Value::Object(o) => match o.get("steps").and_then(Value::as_u64) {
+            Some(n) => EvalStrategy::Steps(n as usize),
+            None => return Err(f.bad("eval_strategy", "expected \"no\", \"epoch\" or {\"steps\": N}")),
+        },
+        _ => return Err(f.bad("eval_strategy", "expected \"no\", \"epoch\" or {\"steps\": N}")),
+    };
+    let untrained = match f.str("untrained_tokens")? {
+        "refuse" => UntrainedPolicy::Refuse,
+        "fix_mean" => UntrainedPolicy::FixMean,
+        other => return Err(f.bad("untrained_tokens", &format!("`{other}` is not refuse or fix_mean"))),
+    };
+    let master = f.str("master_dtype")?;
+    Ok(TrainConfig {
+        optim: AdamWConfig {
+            lr: f.f64("learning_rate")?,
+            beta1: f.f64("adam_beta1")?,
+            beta2: f.f64("adam_beta2")?,
+            eps: f.f64("adam_epsilon")?,
+            weight_decay: f.f64("weight_decay")?,
+        },
+        schedule: Schedule {
+            warmup_steps: f.usize("warmup_steps")?,
+            total_steps: f.usize("total_steps")?,
+            min_ratio: f.f64("min_lr_ratio")?,
+        },
+        max_grad_norm: match f.get("max_grad_norm")? {
+            Value::Null => None,
+            v => Some(v.as_f64().ok_or_else(|| f.bad("max_grad_norm", "not a number or null"))?),
+        },
+        grad_accum: f.usize("gradient_accumulation_steps")?,
+        epochs: f.usize("num_train_epochs")?,
+        eval,
+        master_dtype: parse_dtype(master)
+            .ok_or_else(|| f.bad("master_dtype", &format!("`{master}` is not float32, bfloat16 or float16")))?,
+        untrained,
+        seed: f.u64("seed")?,
+    })
+}
+
+/// Typed access to a JSON object's fields; errors name the file and the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    file: &'a Path,
+    prefix: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn new(v: &'a Value, file: &'a Path, prefix: &'a str) -> Result<Self> {
+        let obj = v.as_object().ok_or_else(|| Error::Config {
+            file: Some(file.to_path_buf()),
+            field: if prefix.is_empty() { "(root)".into() } else { prefix.trim_end_matches('.').into() },
+            msg: "not a JSON object".into(),
+        })?;
+        Ok(Fields { obj, file, prefix })
+    }
+
+    fn bad(&self, field: &str, msg: &str) -> Error {
+        Error::Config { file: Some(self.file.to_path_buf()), field: format!("{}{field}", self.prefix), msg: msg.into() }
+    }
+
+    fn get(&self, k: &str) -> Result<&'a Value> {
+        self.obj.get(k).ok_or_else(|| self.bad(k, "missing"))
+    }
+
+    fn str(&self, k: &str) -> Result<&'a str> {
+        self.get(k)?.as_str().ok_or_else(|| self.bad(k, "not a string"))
+    }
+
+    fn f64(&self, k: &str) -> Result<f64> {
+        self.get(k)?.as_f64().ok_or_else(|| self.bad(k, "not a number"))
+    }
+
+    fn u64(&self, k: &str) -> Result<u64> {
+        self.get(k)?.as_u64().ok_or_else(|| self.bad(k, "not a non-negative integer"))
+    }
+
+    fn usize(&self, k: &str) -> Result<usize> {
+        Ok(self.u64(k)? as usize)
+    }
 }

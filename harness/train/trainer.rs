@@ -78,6 +78,16 @@ pub struct TrainFaults {
     pub skip_eval: bool,
     /// Train on untrained tokens with frozen embeddings without refusing or fixing them.
     pub ignore_untrained: bool,
+    /// Restart the learning-rate schedule (warmup and cosine) at every epoch boundary.
+    pub restart_schedule_at_epoch: bool,
+    /// In [`RefTrainer::fit`], a partial accumulation window at the end of an epoch is divided
+    /// by the configured number of micro-batches instead of its own tokens (transformers'
+    /// last-window bug): that step's gradient shrinks by `len / grad_accum`.
+    pub partial_window_over_k: bool,
+    /// Save no optimizer moments (the step count is saved): a resumed run restarts Adam.
+    pub skip_optimizer_state: bool,
+    /// Leave trainable all-zero token rows as they are (no fix to the mean) before training.
+    pub keep_zero_rows: bool,
 }
 
 /// Trainer configuration.
@@ -144,6 +154,9 @@ pub struct History {
 /// The reference trainer.
 pub struct RefTrainer {
     spec: ArchSpec,
+    /// The base weights as given (before any fix or quantization): saved with checkpoints so
+    /// that a load needs nothing but the directory.
+    base: Weights,
     model: Transformer,
     params: Params,
     opt: AdamW,
@@ -184,9 +197,24 @@ impl RefTrainer {
         cfg: TrainConfig,
         adapter_seed: u64,
     ) -> Result<Self> {
+        Self::build(spec, weights, lora, quant, cfg, adapter_seed, TrainFaults::default())
+    }
+
+    /// [`RefTrainer::new`] with planted bugs (mutants only); faults that act while building
+    /// (`keep_zero_rows`) need them here.
+    pub fn build(
+        spec: &ArchSpec,
+        weights: &Weights,
+        lora: &LoraConfig,
+        quant: Option<QuantConfig>,
+        cfg: TrainConfig,
+        adapter_seed: u64,
+        faults: TrainFaults,
+    ) -> Result<Self> {
         if cfg.grad_accum == 0 {
             return Err(Error::field("grad_accum", "must be at least 1"));
         }
+        let base = weights.clone();
         let mut weights = weights.clone();
         let found = untrained::detect(&weights, untrained::DEFAULT_THRESHOLD)?;
         // Trainable token rows that start at exactly zero are not safe either: a zero
@@ -195,7 +223,8 @@ impl RefTrainer {
         // overflows f32 to inf/NaN at the first step (found by P2). Fix them first, as when
         // asked to.
         let rows_trainable = lora.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "lm_head");
-        let untrained = if cfg.untrained == UntrainedPolicy::FixMean || (rows_trainable && !found.is_empty()) {
+        let fix = cfg.untrained == UntrainedPolicy::FixMean || (rows_trainable && !faults.keep_zero_rows);
+        let untrained = if fix && !found.is_empty() {
             untrained::fix_mean(&mut weights, &found)?;
             Vec::new()
         } else {
@@ -213,6 +242,7 @@ impl RefTrainer {
         let params = attach(&mut model, lora, adapter_seed, cfg.master_dtype)?;
         Ok(RefTrainer {
             spec: spec.clone(),
+            base,
             model,
             params,
             opt: AdamW::new(cfg.optim),
@@ -222,8 +252,42 @@ impl RefTrainer {
             untrained,
             schedule_step: 0,
             epoch: 0,
-            faults: TrainFaults::default(),
+            faults,
         })
+    }
+
+    /// The planted bugs (all off outside mutants).
+    pub fn faults(&self) -> TrainFaults {
+        self.faults
+    }
+
+    /// The base weights as given to [`RefTrainer::new`].
+    pub fn base_weights(&self) -> &Weights {
+        &self.base
+    }
+
+    /// Frozen tensors by name, as stored: the embedding and head when not trained, dense
+    /// projections, and a 4-bit base's packed codes and block scales.
+    pub fn frozen(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let trained: Vec<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
+        if !trained.contains(&"model.embed_tokens.weight") {
+            out.push(("model.embed_tokens.weight".to_string(), self.model.embed().clone()));
+        }
+        for (path, lin) in self.model.linears() {
+            let name = format!("{path}.weight");
+            if trained.contains(&name.as_str()) {
+                continue;
+            }
+            match &lin.base {
+                Base::Dense(w) => out.push((name, w.clone())),
+                Base::Quant4(q) => {
+                    out.push((format!("{name}.scales"), q.packed.scales.clone()));
+                    out.push((name, q.packed.packed.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Plant trainer bugs (mutants only).
@@ -311,11 +375,7 @@ impl RefTrainer {
         for b in batches {
             let found = untrained::occurring(&self.untrained, &b.ids);
             if !found.is_empty() {
-                return Err(Error::Msg(format!(
-                    "the batch contains untrained tokens {found:?} (all-zero rows of embed_tokens/lm_head) while \
-                     embed_tokens and lm_head are frozen: their gradients cannot fix them. Make embed_tokens/lm_head \
-                     trainable (modules_to_save), fix the rows (UntrainedPolicy::FixMean), or remove the tokens"
-                )));
+                return Err(Error::UntrainedTokens { ids: found });
             }
         }
         Ok(())
@@ -362,16 +422,25 @@ impl RefTrainer {
 
     /// One optimizer step over `micro` (its micro-batches are accumulated).
     pub fn train_step(&mut self, micro: &[Batch]) -> Result<StepReport> {
+        self.step_scaled(micro, 1.0)
+    }
+
+    fn step_scaled(&mut self, micro: &[Batch], scale: f64) -> Result<StepReport> {
         let (mut grads, loss, tokens) = self.gradients(micro, Mode::Train)?;
+        if scale != 1.0 {
+            for g in grads.values_mut() {
+                *g = (&*g * scale)?;
+            }
+        }
         if !loss.is_finite() {
-            return Err(Error::Msg(format!("non-finite loss {loss} at step {}", self.opt.step)));
+            return Err(Error::NonFinite { what: "loss", value: loss, step: self.opt.step });
         }
         let grad_norm = match self.cfg.max_grad_norm {
             Some(m) => clip(&mut grads, m)?,
             None => crate::train::optim::global_norm(&grads)?,
         };
         if !grad_norm.is_finite() {
-            return Err(Error::Msg(format!("non-finite gradient norm at step {}", self.opt.step)));
+            return Err(Error::NonFinite { what: "gradient norm", value: grad_norm, step: self.opt.step });
         }
         let lr = self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step);
         self.opt.apply(&self.params, &grads, lr)?;
@@ -407,8 +476,13 @@ impl RefTrainer {
             if epoch > start_epoch && self.faults.reset_at_epoch {
                 self.opt.reset();
             }
+            if epoch > start_epoch && self.faults.restart_schedule_at_epoch {
+                self.schedule_step = 0;
+            }
             for chunk in train.chunks(self.cfg.grad_accum) {
-                let r = self.train_step(chunk)?;
+                let short = chunk.len() < self.cfg.grad_accum && self.faults.partial_window_over_k;
+                let scale = if short { chunk.len() as f64 / self.cfg.grad_accum as f64 } else { 1.0 };
+                let r = self.step_scaled(chunk, scale)?;
                 h.train.push((self.opt.step, epoch, r.loss));
                 if let EvalStrategy::Steps(n) = self.cfg.eval {
                     if n > 0 && self.opt.step.is_multiple_of(n) && !self.faults.skip_eval {

@@ -1,0 +1,185 @@
+//! The property catalogue: one [`Property`] descriptor per invariant (id, test name, the
+//! invariant and its tolerances in words, the adapter kinds, dtypes and capabilities it needs,
+//! and the check). Everything else comes from here: `conformance!` stamps one test per entry
+//! (through [`for_each_property!`](crate::for_each_property)), `tunecheck check` runs every entry, the mutant
+//! matrix names entries, and the README's property table is [`markdown_table`] (a test keeps
+//! it in sync). A new property is one file with its `PROPERTY` constant plus one line in
+//! `for_each_property!`.
+
+use candle_core::{DType, Device};
+
+use crate::props::runner::{PropConfig, Verdict};
+use crate::props::Check;
+use crate::strategy::AdapterKind;
+use crate::subject::{Capabilities, Factory, Setup};
+
+/// A trainer check: one setup, subjects from the factory, on a device.
+pub type TrainerCheck = fn(&dyn Factory, &Device, &Setup) -> Check;
+
+/// What a property runs against.
+#[derive(Clone, Copy)]
+pub enum Body {
+    /// Subjects of the factory on the device under test.
+    Trainer(TrainerCheck),
+    /// Subjects on the CPU and on a CUDA device (the check gets the CUDA device); skipped
+    /// without one.
+    CrossDevice(TrainerCheck),
+    /// tunecheck's own 4-bit quantizer and kernels (no trainer involved).
+    Kernels(fn(&PropConfig) -> Verdict),
+}
+
+/// One property.
+#[derive(Clone, Copy)]
+pub struct Property {
+    /// Short id (`P1`).
+    pub id: &'static str,
+    /// Test function name stamped by `conformance!` (`p1_eval_train_equivalence`).
+    pub test_name: &'static str,
+    /// Short title for the `check` table.
+    pub title: &'static str,
+    /// The invariant in words.
+    pub invariant: &'static str,
+    /// Its tolerances per dtype, with why.
+    pub tolerance: &'static str,
+    /// Adapter kinds it exercises.
+    pub kinds: &'static [AdapterKind],
+    /// Model dtypes it draws (shrinking toward the first).
+    pub dtypes: &'static [DType],
+    /// Capabilities it needs whatever the kind (`save_load`, ...).
+    pub needs: Capabilities,
+    /// Micro-batches per optimizer step in its setups.
+    pub grad_accum: usize,
+    /// Setups it cannot judge (a precondition), filtered out before running.
+    pub filter: Option<fn(&Setup) -> bool>,
+    /// The check.
+    pub body: Body,
+}
+
+impl std::fmt::Debug for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Property({})", self.id)
+    }
+}
+
+/// Every model dtype, f32 first (what shrinking walks toward).
+pub const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+/// Half precision only.
+pub const HALF_DTYPES: [DType; 2] = [DType::BF16, DType::F16];
+
+/// Calls `$callback! { [extra tokens] test_name => path::TO::PROPERTY, ... }` with every
+/// catalogue entry (the one list of properties; [`CATALOGUE`] and `conformance!` are made
+/// from it). `$callback` is a macro name in scope at the call site.
+#[macro_export]
+macro_rules! for_each_property {
+    ($callback:ident $(, $($extra:tt)*)?) => {
+        $callback! {
+            [$($($extra)*)?]
+            p1_eval_train_equivalence => $crate::props::p1_modes::PROPERTY,
+            p2_untrained_tokens => $crate::props::p2_untrained::PROPERTY,
+            p3_save_reload_bitwise => $crate::props::p3_reload::PROPERTY,
+            p4_descent_and_epochs => $crate::props::p4_descent::PROPERTY,
+            p5_accumulation_equivalence => $crate::props::p5_accumulation::PROPERTY,
+            p6_cpu_vs_cuda => $crate::props::p6_devices::PROPERTY,
+            p7_nf4_round_trip => $crate::props::p7_nf4::PROPERTY,
+            p8_gradients_reach_and_correct => $crate::props::p8_gradients::PROPERTY,
+            p9_kernels_match_oracle => $crate::props::p9_kernels::PROPERTY,
+            p11_no_precision_stall => $crate::props::p11_precision::PROPERTY,
+        }
+    };
+}
+
+macro_rules! catalogue_table {
+    ([] $($test:ident => $prop:path),* $(,)?) => {
+        /// Every property, in report order.
+        pub static CATALOGUE: &[&Property] = &[$(&$prop),*];
+        /// The test name each entry is stamped under by `conformance!`, in catalogue order.
+        pub static STAMPED_NAMES: &[&str] = &[$(stringify!($test)),*];
+    };
+}
+crate::for_each_property!(catalogue_table);
+
+/// The property with id `id`.
+pub fn by_id(id: &str) -> Option<&'static Property> {
+    CATALOGUE.iter().copied().find(|p| p.id.eq_ignore_ascii_case(id))
+}
+
+/// Which subjects a property judges, for tables.
+pub fn subject_word(p: &Property) -> &'static str {
+    match p.body {
+        Body::Trainer(_) => "trainer",
+        Body::CrossDevice(_) => "trainer, CPU vs CUDA",
+        Body::Kernels(_) => "tunecheck's 4-bit kernels",
+    }
+}
+
+/// The README's property table (the README holds it between markers; a test compares).
+pub fn markdown_table() -> String {
+    let mut s = String::from(
+        "| id | test (`conformance!`) | invariant | tolerance (why) | kinds · dtypes | mutants it must catch |\n\
+         |----|------|-----------|-----------------|----------------|-----------------------|\n",
+    );
+    for p in CATALOGUE {
+        let kinds = if p.kinds.is_empty() {
+            "—".to_string()
+        } else {
+            p.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        };
+        let dtypes = p
+            .dtypes
+            .iter()
+            .map(|d| match d {
+                DType::BF16 => "bf16",
+                DType::F16 => "f16",
+                _ => "f32",
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        let mutants = crate::mutants::catalogue()
+            .iter()
+            .filter(|m| m.caught_by == p.id)
+            .map(|m| format!("`{}`", m.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} · {} | {} |\n",
+            p.id,
+            p.test_name,
+            p.invariant,
+            p.tolerance,
+            kinds,
+            if dtypes.is_empty() { "—".into() } else { dtypes },
+            if mutants.is_empty() { "— (needs a GPU)".to_string() } else { mutants }
+        ));
+    }
+    s
+}
+
+/// Run catalogue entry `p` against `factory` on `device`.
+pub fn run(p: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Verdict {
+    crate::props::runner::run(p, factory, device, cfg)
+}
+
+/// The body of one `conformance!` test: run `p` against `factory` on the named device
+/// (skipped with a message when absent), strict under `TUNECHECK_STRICT=1`, and panic with
+/// the report on failure.
+#[doc(hidden)]
+pub fn conformance_test(p: &Property, factory: &dyn Factory, device: &str, source_file: &'static str) {
+    let cfg =
+        PropConfig { cases: 4, seed: 0, source_file: Some(source_file), ..PropConfig::default() }.with_env_strict();
+    let device = match p.body {
+        // Not about the device under test: run once, in the `cpu` module.
+        Body::CrossDevice(_) | Body::Kernels(_) if device != "cpu" => {
+            eprintln!("{}: runs in the cpu module", p.test_name);
+            return;
+        }
+        Body::CrossDevice(_) | Body::Kernels(_) => Some(Device::Cpu),
+        _ => crate::device::for_test(device),
+    };
+    let Some(device) = device else {
+        if cfg.strict {
+            panic!("{}: TUNECHECK_STRICT=1 and the device is missing", p.test_name);
+        }
+        return;
+    };
+    run(p, factory, &device, &cfg).assert(p.test_name);
+}
