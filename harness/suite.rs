@@ -182,6 +182,7 @@ pub fn run_forward(device: &Device, family: Family, prop: ModelProperty, opts: &
     let rng = crate::props::runner::seeded(opts.seed);
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, rng);
+    crate::props::runner::pin_thread_count();
     let ran = std::cell::Cell::new(0u32);
     let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
         ran.set(ran.get() + 1);
