@@ -168,11 +168,13 @@ pub enum TrainerBug {
     FusedQkNorms,
     /// P11: master weights (and so the updates) held in bf16.
     HalfPrecisionMaster,
+    /// P12: RMSNorm's `mean(x²)` in fp16, which overflows on Gemma-sized activations.
+    NormVarianceInHalf,
 }
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 17] = [
+    pub const ALL: [TrainerBug; 18] = [
         TrainerBug::EvalFastPathWrongNorm,
         TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
@@ -190,6 +192,7 @@ impl TrainerBug {
         TrainerBug::FusedLastLayerNorms,
         TrainerBug::FusedQkNorms,
         TrainerBug::HalfPrecisionMaster,
+        TrainerBug::NormVarianceInHalf,
     ];
 
     /// Short id.
@@ -212,6 +215,7 @@ impl TrainerBug {
             TrainerBug::FusedLastLayerNorms => "fused_norm_one_layer",
             TrainerBug::FusedQkNorms => "fused_qk_norms_gemma3",
             TrainerBug::HalfPrecisionMaster => "half_precision_master",
+            TrainerBug::NormVarianceInHalf => "fp16_norm_variance_overflow",
         }
     }
 
@@ -245,6 +249,7 @@ impl TrainerBug {
             }
             TrainerBug::FusedQkNorms => "Gemma 3 q/k norms fused without backward",
             TrainerBug::HalfPrecisionMaster => "bf16 master weights: small updates round away (constant eval loss)",
+            TrainerBug::NormVarianceInHalf => "RMSNorm squares fp16 activations: Gemma's scaled activations overflow",
         }
     }
 
@@ -264,6 +269,7 @@ impl TrainerBug {
             TrainerBug::PerMicroBatchMean => "P5",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedLastLayerNorms | TrainerBug::FusedQkNorms => "P8",
             TrainerBug::HalfPrecisionMaster => "P11",
+            TrainerBug::NormVarianceInHalf => "P12",
         }
     }
 
@@ -286,6 +292,7 @@ impl TrainerBug {
             TrainerBug::FusedLastLayerNorms => "gradient_mismatch",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedQkNorms => return None,
             TrainerBug::HalfPrecisionMaster => "stall",
+            TrainerBug::NormVarianceInHalf => return None,
         })
     }
 
@@ -305,6 +312,7 @@ impl TrainerBug {
             TrainerBug::FusedRmsNorm => Faults { fused_rms_norm: true, ..Faults::default() },
             TrainerBug::FusedLastLayerNorms => Faults { fused_last_layer_norms: true, ..Faults::default() },
             TrainerBug::FusedQkNorms => Faults { fused_qk_norms: true, ..Faults::default() },
+            TrainerBug::NormVarianceInHalf => Faults { norm_variance_in_half: true, ..Faults::default() },
             _ => Faults::default(),
         }
     }

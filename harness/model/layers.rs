@@ -24,12 +24,14 @@ pub struct RmsNorm {
     pub(crate) fused: bool,
     /// Planted bug (mutants only): no epsilon under the square root.
     pub(crate) no_eps: bool,
+    /// Planted bug (mutants only): `mean(x²)` in the input dtype (fp16 overflows past 256).
+    pub(crate) variance_in_input_dtype: bool,
 }
 
 impl RmsNorm {
     /// A norm with `weight`, `eps` and the Gemma `(1 + w)` convention when `one_plus`.
     pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
-        RmsNorm { weight, eps, one_plus, fused: false, no_eps: false }
+        RmsNorm { weight, eps, one_plus, fused: false, no_eps: false, variance_in_input_dtype: false }
     }
 
     /// The same norm in the other family's convention (a planted bug for mutants).
@@ -46,7 +48,11 @@ impl Module for RmsNorm {
         }
         let in_dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let var = if self.variance_in_input_dtype {
+            x.sqr()?.mean_keepdim(D::Minus1)?.to_dtype(DType::F32)?
+        } else {
+            xf.sqr()?.mean_keepdim(D::Minus1)?
+        };
         let eps = if self.no_eps { 0.0 } else { self.eps };
         let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
         if self.one_plus {

@@ -103,6 +103,9 @@ pub struct Faults {
     /// Every RMSNorm divides by `√mean(x²)` without epsilon: an all-zero input (an untrained
     /// token's embedding) becomes 0/0 = NaN.
     pub norm_without_eps: bool,
+    /// Every RMSNorm squares its input in the model dtype: in fp16, |x| > 256 overflows to inf
+    /// and the norm returns zeros (Gemma's scaled activations reach hundreds).
+    pub norm_variance_in_half: bool,
 }
 
 /// The synthetic (or loaded) model.
@@ -226,24 +229,29 @@ impl Transformer {
         self.faults = faults;
         let fused = faults.fused_rms_norm;
         let no_eps = faults.norm_without_eps;
+        let half_var = faults.norm_variance_in_half;
         self.norm.fused = fused;
         self.norm.no_eps = no_eps;
+        self.norm.variance_in_input_dtype = half_var;
         let last = self.layers.len().saturating_sub(1);
         for (i, l) in self.layers.iter_mut().enumerate() {
             let layer_fused = fused || (faults.fused_last_layer_norms && i == last);
             for n in [&mut l.input_norm, &mut l.post_attn_norm] {
                 n.fused = layer_fused;
                 n.no_eps = no_eps;
+                n.variance_in_input_dtype = half_var;
             }
             if let Some((a, b)) = &mut l.ff_norms {
                 for n in [a, b] {
                     n.fused = layer_fused;
                     n.no_eps = no_eps;
+                    n.variance_in_input_dtype = half_var;
                 }
             }
             for n in [&mut l.attn.q_norm, &mut l.attn.k_norm].into_iter().flatten() {
                 n.fused = layer_fused || faults.fused_qk_norms;
                 n.no_eps = no_eps;
+                n.variance_in_input_dtype = half_var;
             }
         }
     }

@@ -84,6 +84,7 @@ macro_rules! for_each_property {
             p8_gradients_reach_and_correct => $crate::props::p8_gradients::PROPERTY,
             p9_kernels_match_oracle => $crate::props::p9_kernels::PROPERTY,
             p11_no_precision_stall => $crate::props::p11_precision::PROPERTY,
+            p12_half_precision_range => $crate::props::p12_half_range::PROPERTY,
         }
     };
 }

@@ -5,6 +5,7 @@ pub mod catalogue;
 pub mod compare;
 pub mod forward;
 pub mod p11_precision;
+pub mod p12_half_range;
 pub mod p1_modes;
 pub mod p2_untrained;
 pub mod p3_reload;
