@@ -150,6 +150,8 @@ pub enum TrainerBug {
     ReloadBaseDtype,
     /// P3: the optimizer moments are not saved; a resumed run restarts Adam.
     OptimizerStateNotSaved,
+    /// P3: a fit resumed mid-epoch starts the epoch again (the data position is lost).
+    ResumeRestartsEpoch,
     /// P4: optimizer state reset at every epoch boundary.
     ResetAtEpoch,
     /// P4: learning-rate schedule restarted at every epoch boundary.
@@ -174,7 +176,7 @@ pub enum TrainerBug {
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 18] = [
+    pub const ALL: [TrainerBug; 19] = [
         TrainerBug::EvalFastPathWrongNorm,
         TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
@@ -183,6 +185,7 @@ impl TrainerBug {
         TrainerBug::ReloadComputeDtype,
         TrainerBug::ReloadBaseDtype,
         TrainerBug::OptimizerStateNotSaved,
+        TrainerBug::ResumeRestartsEpoch,
         TrainerBug::ResetAtEpoch,
         TrainerBug::ScheduleRestartAtEpoch,
         TrainerBug::PartialWindowOverK,
@@ -206,6 +209,7 @@ impl TrainerBug {
             TrainerBug::ReloadComputeDtype => "reload_ignores_compute_dtype",
             TrainerBug::ReloadBaseDtype => "reload_ignores_base_dtype",
             TrainerBug::OptimizerStateNotSaved => "optimizer_state_not_saved",
+            TrainerBug::ResumeRestartsEpoch => "resume_restarts_epoch",
             TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
             TrainerBug::ScheduleRestartAtEpoch => "schedule_restart_at_epoch",
             TrainerBug::PartialWindowOverK => "short_window_over_k",
@@ -236,6 +240,7 @@ impl TrainerBug {
             TrainerBug::ReloadComputeDtype => "reload ignores the recorded bnb_4bit_compute_dtype (bf16 always)",
             TrainerBug::ReloadBaseDtype => "reload loads the base in f32 whatever torch_dtype was saved",
             TrainerBug::OptimizerStateNotSaved => "checkpoint without optimizer moments: resume restarts Adam",
+            TrainerBug::ResumeRestartsEpoch => "resume from a mid-epoch checkpoint repeats the epoch's first batches",
             TrainerBug::ResetAtEpoch => "optimizer state reset at the epoch boundary (the 0.07 -> 4.83 spike)",
             TrainerBug::ScheduleRestartAtEpoch => "learning-rate schedule restarted at every epoch (warmup again)",
             TrainerBug::PartialWindowOverK => {
@@ -261,7 +266,8 @@ impl TrainerBug {
             TrainerBug::ReloadWithDefaultQuant
             | TrainerBug::ReloadComputeDtype
             | TrainerBug::ReloadBaseDtype
-            | TrainerBug::OptimizerStateNotSaved => "P3",
+            | TrainerBug::OptimizerStateNotSaved
+            | TrainerBug::ResumeRestartsEpoch => "P3",
             TrainerBug::ResetAtEpoch
             | TrainerBug::ScheduleRestartAtEpoch
             | TrainerBug::PartialWindowOverK
@@ -284,6 +290,7 @@ impl TrainerBug {
                 "logits_differ"
             }
             TrainerBug::OptimizerStateNotSaved => "resume_differs",
+            TrainerBug::ResumeRestartsEpoch => "resume_mid_epoch",
             TrainerBug::ResetAtEpoch | TrainerBug::ScheduleRestartAtEpoch | TrainerBug::PartialWindowOverK => {
                 "epoch_boundary"
             }
@@ -323,6 +330,7 @@ impl TrainerBug {
             TrainerBug::IgnoreUntrained => f.ignore_untrained = true,
             TrainerBug::ZeroRowsNormWithoutEps => f.keep_zero_rows = true,
             TrainerBug::OptimizerStateNotSaved => f.skip_optimizer_state = true,
+            TrainerBug::ResumeRestartsEpoch => f.resume_restarts_epoch = true,
             TrainerBug::ResetAtEpoch => f.reset_at_epoch = true,
             TrainerBug::ScheduleRestartAtEpoch => f.restart_schedule_at_epoch = true,
             TrainerBug::PartialWindowOverK => f.partial_window_over_k = true,

@@ -98,6 +98,22 @@ impl Capabilities {
     }
 }
 
+/// How far [`Trainer::fit`] trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FitPlan {
+    /// Train until this many epochs are complete (counting those of earlier calls).
+    pub epochs: usize,
+    /// Stop after this many optimizer steps of this call.
+    pub max_steps: Option<usize>,
+}
+
+impl FitPlan {
+    /// `epochs` complete epochs, no step limit.
+    pub fn epochs(epochs: usize) -> Self {
+        FitPlan { epochs, max_steps: None }
+    }
+}
+
 /// Everything a property asks a subject to be built from.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -162,12 +178,15 @@ pub trait Trainer {
     /// Save everything needed to continue or serve into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
 
-    /// Train `epochs` passes over `train`, one optimizer step per `grad_accum` micro-batches
-    /// of the setup the subject was built from (the last window of an epoch may be short),
-    /// returning the loss of every step and the eval loss at the end of every epoch (on
-    /// `eval`, when not empty). This is the subject's own loop (schedulers, epoch boundaries,
-    /// eval hooks): that loop is what the epoch-boundary property checks.
-    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History>;
+    /// Train until `plan.epochs` passes over `train` are complete, one optimizer step per
+    /// `grad_accum` micro-batches of the setup the subject was built from (the last window of
+    /// an epoch may be short), returning the loss of every step and the eval loss at the end of
+    /// every epoch (on `eval`, when not empty). With `plan.max_steps`, stop after that many
+    /// steps of this call, possibly mid-epoch; a later call — on this subject or on one loaded
+    /// from its checkpoint — continues with the next batch of that epoch. This is the
+    /// subject's own loop (schedulers, epoch boundaries, eval hooks, resume): that loop is
+    /// what the epoch-boundary and resume clauses check.
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], plan: FitPlan) -> Result<crate::train::History>;
 
     /// Seeded sampling of `new_tokens` tokens (temperature 1) after each row of `prompt`.
     fn sample(&self, prompt: &Tensor, new_tokens: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
@@ -309,8 +328,8 @@ impl Trainer for RefTrainer {
         crate::train::checkpoint::save(self, dir, "tunecheck-synthetic")
     }
 
-    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> Result<crate::train::History> {
-        self.set_epochs(epochs, if eval.is_empty() { EvalStrategy::No } else { EvalStrategy::Epoch });
-        RefTrainer::fit(self, train, eval)
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], plan: FitPlan) -> Result<crate::train::History> {
+        self.set_epochs(plan.epochs, if eval.is_empty() { EvalStrategy::No } else { EvalStrategy::Epoch });
+        RefTrainer::fit_until(self, train, eval, plan.max_steps)
     }
 }

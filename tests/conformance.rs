@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use tunecheck::subject::{factory, reference, Capabilities, Setup, Trainer};
+use tunecheck::subject::{factory, reference, Capabilities, FitPlan, Setup, Trainer};
 use tunecheck::train::{Batch, History, RefTrainer, StepReport};
 use tunecheck::Mode;
 
@@ -50,8 +50,8 @@ impl Trainer for OutsideTrainer {
     fn save(&self, dir: &Path) -> tunecheck::Result<()> {
         self.0.save(dir)
     }
-    fn fit(&mut self, train: &[Batch], eval: &[Batch], epochs: usize) -> tunecheck::Result<History> {
-        Trainer::fit(&mut self.0, train, eval, epochs)
+    fn fit(&mut self, train: &[Batch], eval: &[Batch], plan: FitPlan) -> tunecheck::Result<History> {
+        Trainer::fit(&mut self.0, train, eval, plan)
     }
 }
 

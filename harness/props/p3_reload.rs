@@ -1,8 +1,11 @@
 //! P3 — save → load in a fresh subject, built from the directory alone (no setup, no 4-bit,
 //! LoRA or training config), gives bitwise identical eval logits, seeded samples and trainable
 //! tensors, and one more optimizer step after the reload equals the same step in the run that
-//! never stopped: the 4-bit config with its original and compute dtypes, the adapter, the
-//! optimizer moments, the schedule position and the RNG state all travel with the checkpoint.
+//! never stopped; and a `fit` stopped in the middle of an epoch, saved, loaded and fitted to the
+//! end equals the fit that never stopped (the position inside the epoch travels too: no batch
+//! seen twice or skipped). The 4-bit config with its original and compute dtypes, the adapter,
+//! the optimizer moments, the schedule and data position and the RNG state all travel with
+//! the checkpoint.
 //! Bitwise because the same computation runs on the same values: any difference means
 //! something was not saved, or was restored differently.
 
@@ -13,7 +16,7 @@ use crate::model::Mode;
 use crate::props::catalogue::{Body, Property, ALL_DTYPES};
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup, Trainer};
+use crate::subject::{Capabilities, Factory, FitPlan, Setup, Trainer};
 
 const ID: &str = "P3/save_reload_bitwise";
 
@@ -23,8 +26,9 @@ pub const PROPERTY: Property = Property {
     test_name: "p3_save_reload_bitwise",
     title: "save -> load bitwise, resume bitwise",
     invariant: "save, then load from the directory alone: eval logits, seeded samples and trainable tensors \
-                identical; one more step after the reload == the same step without the reload (4-bit config and \
-                dtypes, optimizer moments, schedule and RNG state travel)",
+                identical; one more step after the reload == the same step without the reload; a fit stopped \
+                mid-epoch, reloaded and finished == the uninterrupted fit (4-bit config and dtypes, optimizer \
+                moments, schedule, data position and RNG state travel)",
     tolerance: "bitwise in every dtype (same computation, same values)",
     kinds: &AdapterKind::ALL,
     dtypes: &ALL_DTYPES,
@@ -99,5 +103,39 @@ pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
     same_trainables(t.as_ref(), u.as_ref(), "trainable_differ", "after reload")?;
     t.train_step(&data[2..3])?;
     u.train_step(&data[2..3])?;
-    same_trainables(t.as_ref(), u.as_ref(), "resume_differs", "after one more step (reloaded vs uninterrupted)")
+    same_trainables(t.as_ref(), u.as_ref(), "resume_differs", "after one more step (reloaded vs uninterrupted)")?;
+    resume_mid_epoch(f, device, setup)
+}
+
+/// Batches per epoch and the step after which the interrupted fit stops (inside epoch 2).
+const EPOCH_BATCHES: usize = 4;
+const STOP_AFTER: usize = 6;
+
+/// A fit over 2 epochs stopped after [`STOP_AFTER`] steps, saved, loaded and finished equals
+/// the fit that never stopped.
+fn resume_mid_epoch(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
+    let k = setup.train.grad_accum.max(1);
+    let data = random_batches(setup.spec.vocab_size, setup.adapter_seed ^ 0x5eed, EPOCH_BATCHES * k, 2, 8);
+    let mut straight = f.build(setup, device)?;
+    let whole = straight.fit(&data, &[], FitPlan::epochs(2))?;
+    let mut first = f.build(setup, device)?;
+    first.fit(&data, &[], FitPlan { epochs: 2, max_steps: Some(STOP_AFTER) })?;
+    let dir = Scratch::new("p3-mid-epoch")?;
+    first.save(&dir.0)?;
+    drop(first);
+    let mut second = f.load(device, &dir.0)?;
+    let rest = second.fit(&data, &[], FitPlan::epochs(2))?;
+    let want = whole.train.len().saturating_sub(STOP_AFTER);
+    if rest.train.len() != want {
+        return fail(
+            "resume_mid_epoch",
+            format!(
+                "a fit stopped after {STOP_AFTER} of {} steps and resumed from its checkpoint took {} more steps, \
+                 not {want}: batches of the interrupted epoch were repeated or skipped",
+                whole.train.len(),
+                rest.train.len()
+            ),
+        );
+    }
+    same_trainables(straight.as_ref(), second.as_ref(), "resume_mid_epoch", "after a mid-epoch stop, reload and finish")
 }

@@ -11,7 +11,7 @@ use candle_core::Device;
 use crate::props::catalogue::{Body, Property, ALL_DTYPES};
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
 use crate::strategy::AdapterKind;
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::subject::{Capabilities, Factory, FitPlan, Setup};
 use crate::train::{Batch, IGNORE};
 
 const ID: &str = "P4/descent_and_epochs";
@@ -90,7 +90,7 @@ pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
     let data = successor_batches(setup.spec.vocab_size, setup.adapter_seed, 8);
     let eval = &data[..2];
     let mut t = f.build(setup, device)?;
-    let h = t.fit(&data, eval, 2)?;
+    let h = t.fit(&data, eval, FitPlan::epochs(2))?;
     if h.eval.len() != 2 {
         return fail("eval_missing", format!("asked for eval at each of 2 epochs, got {} eval losses", h.eval.len()));
     }

@@ -1,8 +1,8 @@
 //! Trainer checkpoints that stand on their own: the adapter as a PEFT directory (which records
 //! the base's 4-bit configuration), the base model as a Hugging Face checkpoint in `base/`
 //! (its `config.json` carries the original dtype), `optimizer.safetensors` (AdamW moments) and
-//! `trainer_state.json` (optimizer step, schedule step, epoch, the training configuration and
-//! the dropout stream's position). [`load`] needs nothing but the directory, and a run resumed
+//! `trainer_state.json` (optimizer step, schedule step, epoch and the position inside it, the
+//! training configuration and the dropout stream's position). [`load`] needs nothing but the directory, and a run resumed
 //! from it continues bitwise like one that never stopped. The save is one transaction.
 
 use std::collections::BTreeMap;
@@ -43,6 +43,7 @@ fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
         "optimizer_step": tr.optimizer().step,
         "schedule_step": schedule_step,
         "epoch": epoch,
+        "window_in_epoch": tr.window_in_epoch(),
         "dropout_word_pos": tr.model().dropout_word_pos().to_string(),
         "train_config": config_to_json(tr.config()),
     });
@@ -144,6 +145,7 @@ fn restore_values(tr: &mut RefTrainer, dir: &Path, tensors: &BTreeMap<String, ca
     }
     tr.optimizer_mut().restore(opt_step, &moments)?;
     tr.set_progress(schedule_step, epoch);
+    tr.set_window_in_epoch(f.usize("window_in_epoch")?);
     Ok(())
 }
 

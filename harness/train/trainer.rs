@@ -88,6 +88,10 @@ pub struct TrainFaults {
     pub skip_optimizer_state: bool,
     /// Leave trainable all-zero token rows as they are (no fix to the mean) before training.
     pub keep_zero_rows: bool,
+    /// A fit resumed in the middle of an epoch starts that epoch again from its first batch
+    /// (the position inside the epoch is not restored): the batches before the stop are seen
+    /// twice.
+    pub resume_restarts_epoch: bool,
 }
 
 /// Trainer configuration.
@@ -167,6 +171,9 @@ pub struct RefTrainer {
     /// Steps since the schedule last started (equal to the optimizer step unless reset).
     schedule_step: usize,
     epoch: usize,
+    /// Accumulation windows of the current epoch already trained (a fit stopped mid-epoch
+    /// resumes after them, as transformers skips the batches it has seen).
+    window_in_epoch: usize,
     faults: TrainFaults,
 }
 
@@ -252,6 +259,7 @@ impl RefTrainer {
             untrained,
             schedule_step: 0,
             epoch: 0,
+            window_in_epoch: 0,
             faults,
         })
     }
@@ -356,6 +364,16 @@ impl RefTrainer {
     pub fn set_progress(&mut self, schedule_step: usize, epoch: usize) {
         self.schedule_step = schedule_step;
         self.epoch = epoch;
+    }
+
+    /// Accumulation windows of the current epoch already trained.
+    pub fn window_in_epoch(&self) -> usize {
+        self.window_in_epoch
+    }
+
+    /// Restore the position inside the current epoch.
+    pub fn set_window_in_epoch(&mut self, w: usize) {
+        self.window_in_epoch = w;
     }
 
     /// Untrained token ids still present in the base (empty after a mean fix).
@@ -467,11 +485,19 @@ impl RefTrainer {
     /// micro-batches), evaluating on `eval` per the strategy. Asking for evaluation without
     /// eval data is an error, not a silent no-op.
     pub fn fit(&mut self, train: &[Batch], eval: &[Batch]) -> Result<History> {
+        self.fit_until(train, eval, None)
+    }
+
+    /// [`RefTrainer::fit`], stopping after `max_steps` optimizer steps in this call (possibly
+    /// in the middle of an epoch). A later call, on this trainer or on one loaded from its
+    /// checkpoint, continues with the next window of the same epoch.
+    pub fn fit_until(&mut self, train: &[Batch], eval: &[Batch], max_steps: Option<usize>) -> Result<History> {
         if self.cfg.eval != EvalStrategy::No && eval.is_empty() {
             return Err(Error::Msg("an eval strategy is set but the eval set is empty".into()));
         }
         let mut h = History::default();
         let start_epoch = self.epoch;
+        let mut steps = 0;
         for epoch in start_epoch..self.cfg.epochs {
             if epoch > start_epoch && self.faults.reset_at_epoch {
                 self.opt.reset();
@@ -479,10 +505,16 @@ impl RefTrainer {
             if epoch > start_epoch && self.faults.restart_schedule_at_epoch {
                 self.schedule_step = 0;
             }
-            for chunk in train.chunks(self.cfg.grad_accum) {
+            let skip = if self.faults.resume_restarts_epoch { 0 } else { self.window_in_epoch };
+            for (w, chunk) in train.chunks(self.cfg.grad_accum).enumerate().skip(skip) {
+                if max_steps.is_some_and(|m| steps >= m) {
+                    return Ok(h);
+                }
                 let short = chunk.len() < self.cfg.grad_accum && self.faults.partial_window_over_k;
                 let scale = if short { chunk.len() as f64 / self.cfg.grad_accum as f64 } else { 1.0 };
                 let r = self.step_scaled(chunk, scale)?;
+                steps += 1;
+                self.window_in_epoch = w + 1;
                 h.train.push((self.opt.step, epoch, r.loss));
                 if let EvalStrategy::Steps(n) = self.cfg.eval {
                     if n > 0 && self.opt.step.is_multiple_of(n) && !self.faults.skip_eval {
@@ -491,6 +523,7 @@ impl RefTrainer {
                 }
             }
             self.epoch = epoch + 1;
+            self.window_in_epoch = 0;
             if self.cfg.eval == EvalStrategy::Epoch && !self.faults.skip_eval {
                 h.eval.push((self.opt.step, self.eval_loss(eval)?));
             }
