@@ -6,8 +6,8 @@
 use candle_core::DType;
 
 use crate::model::Faults;
+use crate::props::forward::ModelProperty;
 use crate::spec::Family;
-use crate::suite::ModelProperty;
 use crate::train::checkpoint::ReloadFaults;
 use crate::train::trainer::TrainFaults;
 
@@ -80,8 +80,7 @@ pub struct MutantInfo {
     pub name: &'static str,
     /// The real-world bug it reproduces.
     pub bug: &'static str,
-    /// Catalogue id of the property that must catch it (`P3`, or `forward` for the model
-    /// properties).
+    /// Catalogue id of the property that must catch it (`P3`, `F1`, ...).
     pub caught_by: &'static str,
     /// The violated clause expected.
     pub code: Option<&'static str>,
@@ -96,7 +95,7 @@ pub fn catalogue() -> Vec<MutantInfo> {
         .map(|m| MutantInfo {
             name: m.name,
             bug: m.bug,
-            caught_by: "forward",
+            caught_by: m.caught_by.id(),
             code: None,
             subject: MutantSubject::Forward(m),
         })

@@ -1,68 +1,23 @@
-//! The suite behind `tunecheck check`: the forward-pass properties per family (seeded proptest
-//! over each family's specs), then every catalogue property against a subject factory (the
-//! reference, or a named mutant), each reported as a row with an honest [`Verdict`], the
+//! The suite behind `tunecheck check`: every catalogue property — the forward properties of
+//! tunecheck's model once per family, the others against a subject factory (the reference, or
+//! a named mutant) — each reported as a row with an honest [`Verdict`], the
 //! cases that actually ran, every skip with its reason, and a replay line that reproduces a
 //! failure; and the mutant matrix, where each mutant must be caught by its property for the
 //! expected reason.
 
 use candle_core::Device;
-use proptest::strategy::Strategy;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde::Serialize;
 
-use crate::model::{Faults, Transformer};
+use crate::model::Faults;
 use crate::mutants::{MutantInfo, MutantSubject};
 use crate::props::catalogue::{self, Property, CATALOGUE};
-use crate::props::runner::{FailReason, PropConfig, Verdict};
-use crate::props::{self, Check, Failure};
-use crate::spec::{ArchSpec, Family};
-use crate::strategy::{arb_batch, arb_family};
+use crate::props::runner::{PropConfig, Verdict};
+use crate::props::Failure;
+use crate::spec::Family;
 use crate::subject::{Factory, Reference};
-use crate::weights;
 
-/// A property the suite runs on a model and a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelProperty {
-    /// Two forwards bitwise equal; train == eval without dropout.
-    Deterministic,
-    /// Logits at t independent of tokens after t.
-    Causal,
-    /// Cached decode == full forward; identical greedy generations.
-    KvCache,
-}
-
-impl ModelProperty {
-    /// Every property, in report order.
-    pub const ALL: [ModelProperty; 3] = [ModelProperty::Deterministic, ModelProperty::Causal, ModelProperty::KvCache];
-
-    /// Short name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelProperty::Deterministic => "deterministic (train == eval, bitwise)",
-            ModelProperty::Causal => "causal (future tokens ignored, bitwise)",
-            ModelProperty::KvCache => "kv-cache decode == full forward",
-        }
-    }
-
-    /// Short id for JSON and test names.
-    pub fn id(self) -> &'static str {
-        match self {
-            ModelProperty::Deterministic => "deterministic",
-            ModelProperty::Causal => "causal",
-            ModelProperty::KvCache => "kv_cache",
-        }
-    }
-
-    /// Check this property on `model` with `ids`.
-    pub fn check(self, model: &Transformer, ids: &[Vec<u32>]) -> Check {
-        let s = ids.first().map_or(0, Vec::len);
-        match self {
-            ModelProperty::Deterministic => props::forward::deterministic_and_mode_free(model, ids),
-            ModelProperty::Causal => props::forward::causal(model, ids, s / 2),
-            ModelProperty::KvCache => props::forward::kv_cache_matches(model, ids, s.div_ceil(2), 3),
-        }
-    }
-}
+pub use crate::props::forward::ModelProperty;
 
 /// One row of the report.
 #[derive(Debug, Clone, Serialize)]
@@ -105,8 +60,8 @@ impl Options {
         Options { cases, seed, families: Family::ALL.to_vec(), properties: Vec::new(), strict: false, mutant: None }
     }
 
-    fn wants(&self, id: &str) -> bool {
-        self.properties.is_empty() || self.properties.iter().any(|p| p.eq_ignore_ascii_case(id))
+    fn wants(&self, p: &Property) -> bool {
+        self.properties.is_empty() || self.properties.iter().any(|w| catalogue::selects(w, p))
     }
 
     /// Cases per adapter kind for the trainer properties.
@@ -145,76 +100,13 @@ impl Options {
     }
 }
 
-fn case_strategy(f: Family) -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
-    arb_family(f).prop_flat_map(|spec| {
-        let v = spec.vocab_size;
-        (proptest::strategy::Just(spec), arb_batch(v, 2, 10), 0u64..1_000_000)
-    })
-}
-
-fn run_case(
-    prop: ModelProperty,
-    device: &Device,
-    spec: &ArchSpec,
-    ids: &[Vec<u32>],
-    seed: u64,
-    faults: Faults,
-) -> Check {
-    let w = weights::generate(spec, seed, device)?;
-    let model = Transformer::from_weights(spec, &w)?.with_faults(faults);
-    prop.check(&model, ids)
-}
-
-/// Run one forward property over seeded cases of `family`, shrinking any failure.
+/// Run one forward property over seeded cases of `family` (with `faults` planted, for
+/// mutants), shrinking any failure; the replay line is filled in.
 pub fn run_forward(device: &Device, family: Family, prop: ModelProperty, opts: &Options, faults: Faults) -> Verdict {
-    let cases = match (PropConfig { cases: opts.cases, ..PropConfig::default() }).effective_cases() {
-        Ok(c) => c,
-        Err(e) => {
-            return Verdict::Failed {
-                reason: FailReason::Config,
-                detail: e,
-                minimal: serde_json::Value::Null,
-                cases_run: 0,
-                replay: None,
-            }
-        }
-    };
-    let rng = crate::props::runner::seeded(opts.seed);
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    crate::props::runner::pin_thread_count();
-    let ran = std::cell::Cell::new(0u32);
-    let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
-        ran.set(ran.get() + 1);
-        run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
-    });
-    let replay = Some(opts.replay("forward", device, Some(family)));
-    match result {
-        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
-        Err(TestError::Fail(_, (spec, ids, w_seed))) => {
-            let (reason, detail) = match run_case(prop, device, &spec, &ids, w_seed, faults) {
-                Err(Failure::Violated(v)) => {
-                    (FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() }, v.to_string())
-                }
-                Err(Failure::Error(e)) => (FailReason::Error, format!("error: {e}")),
-                Ok(()) => (FailReason::Error, "the shrunk case passed when re-run (nondeterminism)".to_string()),
-            };
-            Verdict::Failed {
-                reason,
-                detail,
-                minimal: serde_json::json!({"config": spec.to_config_json(), "weight_seed": w_seed, "ids": ids}),
-                cases_run: ran.get().min(cases),
-                replay,
-            }
-        }
-        Err(TestError::Abort(why)) => Verdict::Failed {
-            reason: FailReason::NoCases,
-            detail: format!("aborted: {why}"),
-            minimal: serde_json::Value::Null,
-            cases_run: 0,
-            replay,
-        },
-    }
+    let cfg = PropConfig { cases: opts.cases, families: vec![family], ..opts.prop_config() };
+    let mut v = crate::props::forward::run_family(prop, family, device, &cfg, faults);
+    set_replay(&mut v, opts.replay(prop.id(), device, Some(family)));
+    v
 }
 
 /// Run catalogue property `p` against `factory` with the suite's options.
@@ -230,29 +122,28 @@ pub fn run_catalogue(p: &Property, factory: &dyn Factory, device: &Device, opts:
     v
 }
 
-/// Run the forward properties for every family, then every catalogue property against the
-/// reference; `progress` is told each row. Only the properties in `opts.properties` when set.
+/// Run every catalogue property (or those in `opts.properties`) against the reference: the
+/// forward properties one row per family, the rest one row each; `progress` is told each row.
 pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> Vec<Row> {
     let mut out = Vec::new();
     let mut push = |row: Row| {
         progress(&row);
         out.push(row);
     };
-    if opts.wants("forward") {
-        for &family in &opts.families {
-            for prop in ModelProperty::ALL {
+    for p in CATALOGUE.iter().filter(|p| opts.wants(p)) {
+        if let catalogue::Body::Forward(prop) = p.body {
+            for &family in &opts.families {
                 push(Row {
                     family: family.to_string(),
-                    property: prop.id(),
-                    title: prop.name(),
+                    property: p.id,
+                    title: p.title,
                     device: crate::device::name(device),
-                    subject: "reference model".into(),
+                    subject: subject_name(p, &Reference),
                     verdict: run_forward(device, family, prop, opts, Faults::default()),
                 });
             }
+            continue;
         }
-    }
-    for p in CATALOGUE.iter().filter(|p| opts.wants(p.id)) {
         push(Row {
             family: "all".into(),
             property: p.id,
@@ -265,9 +156,19 @@ pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> V
     out
 }
 
+/// Rows [`run`] produces for `opts` (for progress counters).
+pub fn row_count(opts: &Options) -> usize {
+    CATALOGUE
+        .iter()
+        .filter(|p| opts.wants(p))
+        .map(|p| if matches!(p.body, catalogue::Body::Forward(_)) { opts.families.len() } else { 1 })
+        .sum()
+}
+
 fn subject_name(p: &Property, f: &dyn Factory) -> String {
     match p.body {
         catalogue::Body::Kernels(_) => "tunecheck kernels".into(),
+        catalogue::Body::Forward(_) => "tunecheck model".into(),
         _ => f.name(),
     }
 }
@@ -296,8 +197,7 @@ pub fn run_mutant(m: &MutantInfo, device: &Device, opts: &Options) -> MutantRow 
     let opts = Options { mutant: Some(m.name.to_string()), ..opts.clone() };
     let (family, verdict) = match m.subject {
         MutantSubject::Forward(f) => {
-            let o = Options { families: vec![f.family], ..opts.clone() };
-            (f.family.to_string(), run_forward(device, f.family, f.caught_by, &o, f.faults))
+            (f.family.to_string(), run_forward(device, f.family, f.caught_by, &opts, f.faults))
         }
         MutantSubject::Trainer(bug) => {
             let p = catalogue::by_id(bug.caught_by()).expect("a mutant names a catalogue property");
@@ -349,10 +249,7 @@ pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&Mu
 /// property produces, which must fail.
 pub fn run_as_subject(m: &MutantInfo, device: &Device, opts: &Options) -> Vec<Row> {
     let row = run_mutant(m, device, opts);
-    let title = match m.subject {
-        MutantSubject::Forward(f) => f.caught_by.name(),
-        _ => catalogue::by_id(m.caught_by).map_or(m.caught_by, |p| p.title),
-    };
+    let title = catalogue::by_id(m.caught_by).map_or(m.caught_by, |p| p.title);
     vec![Row {
         family: row.family,
         property: m.caught_by,
@@ -376,13 +273,13 @@ fn pad(s: &str, width: usize) -> String {
 pub fn table(rows: &[Row]) -> String {
     let title_w = rows.iter().map(|r| r.title.chars().count()).max().unwrap_or(8).max(8);
     let mut s =
-        format!("{} {} {} {:>6}  {}\n", pad("family", 8), pad("id", 13), pad("property", title_w), "cases", "result");
-    s.push_str(&format!("{}\n", "-".repeat(8 + 1 + 13 + 1 + title_w + 1 + 6 + 2 + 6)));
+        format!("{} {} {} {:>6}  {}\n", pad("family", 8), pad("id", 4), pad("property", title_w), "cases", "result");
+    s.push_str(&format!("{}\n", "-".repeat(8 + 1 + 4 + 1 + title_w + 1 + 6 + 2 + 6)));
     for r in rows {
         s.push_str(&format!(
             "{} {} {} {:>6}  {}\n",
             pad(&r.family, 8),
-            pad(r.property, 13),
+            pad(r.property, 4),
             pad(r.title, title_w),
             r.verdict.cases_run(),
             r.verdict.word()

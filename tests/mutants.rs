@@ -19,7 +19,7 @@ fn every_forward_mutant_is_caught_with_a_minimal_counterexample() {
         assert!(reference.passed(), "{}: reference fails {:?}: {reference:?}", m.name, m.caught_by);
         let o = run_forward(&Device::Cpu, m.family, m.caught_by, &opts, m.faults);
         assert!(
-            o.violates("forward", None),
+            o.violates(m.caught_by.id(), None),
             "mutant {} was not caught by {:?} for a violation: {o:?}",
             m.name,
             m.caught_by

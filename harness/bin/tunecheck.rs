@@ -41,7 +41,7 @@ enum Cmd {
         /// Only these families (llama, gemma, gemma2, gemma3); repeatable. Default: all.
         #[arg(long)]
         family: Vec<String>,
-        /// Only these properties (forward, P1, P2, ...); repeatable. Default: all.
+        /// Only these properties (F1, P1, P2, ..., or `forward` for F1-F3); repeatable. Default: all.
         #[arg(long)]
         property: Vec<String>,
         /// Fail on any skip (a skipped adapter kind, dtype, capability or device).
@@ -329,7 +329,7 @@ fn check(a: CheckArgs) -> ExitCode {
         families = Family::ALL.to_vec();
     }
     for p in &a.properties {
-        if !p.eq_ignore_ascii_case("forward") && tunecheck::props::catalogue::by_id(p).is_none() {
+        if !tunecheck::props::catalogue::CATALOGUE.iter().any(|e| tunecheck::props::catalogue::selects(p, e)) {
             let ids: Vec<&str> = tunecheck::props::catalogue::CATALOGUE.iter().map(|p| p.id).collect();
             return usage(format!("unknown property `{p}` (forward, {})", ids.join(", ")));
         }
@@ -378,11 +378,7 @@ fn check(a: CheckArgs) -> ExitCode {
     let rows = match &named {
         Some(m) => suite::run_as_subject(m, &device, &opts),
         None => {
-            let total = if a.properties.is_empty() {
-                opts.families.len() * suite::ModelProperty::ALL.len() + tunecheck::props::catalogue::CATALOGUE.len()
-            } else {
-                a.properties.len()
-            };
+            let total = suite::row_count(&opts);
             let mut done = 0;
             suite::run(&device, &opts, |r: &suite::Row| {
                 done += 1;

@@ -26,6 +26,8 @@ pub enum Body {
     CrossDevice(TrainerCheck),
     /// tunecheck's own 4-bit quantizer and kernels (no trainer involved).
     Kernels(fn(&PropConfig) -> Verdict),
+    /// tunecheck's own model, per family (no trainer involved).
+    Forward(crate::props::forward::ModelProperty),
 }
 
 /// One property.
@@ -61,6 +63,11 @@ impl std::fmt::Debug for Property {
     }
 }
 
+/// Which catalogue ids a `--property` word selects: an id, or `forward` for F1–F3.
+pub fn selects(word: &str, p: &Property) -> bool {
+    p.id.eq_ignore_ascii_case(word) || (word.eq_ignore_ascii_case("forward") && matches!(p.body, Body::Forward(_)))
+}
+
 /// Every model dtype, f32 first (what shrinking walks toward).
 pub const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 /// Half precision only.
@@ -74,6 +81,9 @@ macro_rules! for_each_property {
     ($callback:ident $(, $($extra:tt)*)?) => {
         $callback! {
             [$($($extra)*)?]
+            f1_forward_deterministic => $crate::props::forward::DETERMINISTIC,
+            f2_forward_causal => $crate::props::forward::CAUSAL,
+            f3_forward_kv_cache => $crate::props::forward::KV_CACHE,
             p1_eval_train_equivalence => $crate::props::p1_modes::PROPERTY,
             p2_untrained_tokens => $crate::props::p2_untrained::PROPERTY,
             p3_save_reload_bitwise => $crate::props::p3_reload::PROPERTY,
@@ -110,6 +120,7 @@ pub fn subject_word(p: &Property) -> &'static str {
         Body::Trainer(_) => "trainer",
         Body::CrossDevice(_) => "trainer, CPU vs CUDA",
         Body::Kernels(_) => "tunecheck's 4-bit kernels",
+        Body::Forward(_) => "tunecheck's model, per family",
     }
 }
 
@@ -121,7 +132,7 @@ pub fn markdown_table() -> String {
     );
     for p in CATALOGUE {
         let kinds = if p.kinds.is_empty() {
-            "—".to_string()
+            subject_word(p).to_string()
         } else {
             p.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
         };
@@ -169,11 +180,11 @@ pub fn conformance_test(p: &Property, factory: &dyn Factory, device: &str, sourc
         PropConfig { cases: 4, seed: 0, source_file: Some(source_file), ..PropConfig::default() }.with_env_strict();
     let device = match p.body {
         // Not about the device under test: run once, in the `cpu` module.
-        Body::CrossDevice(_) | Body::Kernels(_) if device != "cpu" => {
+        Body::CrossDevice(_) | Body::Kernels(_) | Body::Forward(_) if device != "cpu" => {
             eprintln!("{}: runs in the cpu module", p.test_name);
             return;
         }
-        Body::CrossDevice(_) | Body::Kernels(_) => Some(Device::Cpu),
+        Body::CrossDevice(_) | Body::Kernels(_) | Body::Forward(_) => Some(Device::Cpu),
         _ => crate::device::for_test(device),
     };
     let Some(device) = device else {

@@ -1,17 +1,199 @@
-//! Forward-pass invariants of a model: determinism, train == eval without dropout, causality,
-//! and KV-cache decode == full forward (with identical greedy generations).
+//! Forward-pass invariants of tunecheck's own model, per family (catalogue entries F1–F3):
+//! determinism and train == eval without dropout, causality, and KV-cache decode == full
+//! forward (with identical greedy generations); each a seeded proptest over one family's specs,
+//! a batch and a weight seed, shrunk to the smallest model.
 //!
 //! Tolerances: the same computation on the same path must be bitwise identical in any dtype
 //! (candle's CPU kernels are deterministic; see DESIGN §7). The cached decode runs different
 //! matmul shapes, so its rounding differs: f32 gets 1e-5 relative L2 (the transformers anchor
 //! for different paths), bf16 2e-2 and f16 5e-3.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use proptest::strategy::Strategy;
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use crate::error::Result;
 use crate::model::generate::{greedy_cached, greedy_uncached};
-use crate::model::{Mode, Transformer};
-use crate::props::{bitwise_equal, rel_l2, Check, Violation};
+use crate::model::{Faults, Mode, Transformer};
+use crate::props::catalogue::{Body, Property};
+use crate::props::runner::{FailReason, PropConfig, Verdict};
+use crate::props::{bitwise_equal, rel_l2, Check, Failure, Violation};
+use crate::spec::{ArchSpec, Family};
+use crate::strategy::{arb_batch, arb_family};
+use crate::subject::Capabilities;
+
+/// A forward property of the model, run per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelProperty {
+    /// Two forwards bitwise equal; train == eval without dropout.
+    Deterministic,
+    /// Logits at t independent of tokens after t.
+    Causal,
+    /// Cached decode == full forward; identical greedy generations.
+    KvCache,
+}
+
+impl ModelProperty {
+    /// Every property, in report order.
+    pub const ALL: [ModelProperty; 3] = [ModelProperty::Deterministic, ModelProperty::Causal, ModelProperty::KvCache];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        self.property().title
+    }
+
+    /// Catalogue id (`F1`, `F2`, `F3`).
+    pub fn id(self) -> &'static str {
+        self.property().id
+    }
+
+    /// The catalogue entry.
+    pub fn property(self) -> &'static Property {
+        match self {
+            ModelProperty::Deterministic => &DETERMINISTIC,
+            ModelProperty::Causal => &CAUSAL,
+            ModelProperty::KvCache => &KV_CACHE,
+        }
+    }
+
+    /// Check this property on `model` with `ids`.
+    pub fn check(self, model: &Transformer, ids: &[Vec<u32>]) -> Check {
+        let s = ids.first().map_or(0, Vec::len);
+        match self {
+            ModelProperty::Deterministic => deterministic_and_mode_free(model, ids),
+            ModelProperty::Causal => causal(model, ids, s / 2),
+            ModelProperty::KvCache => kv_cache_matches(model, ids, s.div_ceil(2), 3),
+        }
+    }
+}
+
+const fn forward_entry(
+    id: &'static str,
+    test_name: &'static str,
+    title: &'static str,
+    invariant: &'static str,
+    tolerance: &'static str,
+    p: ModelProperty,
+) -> Property {
+    Property {
+        id,
+        test_name,
+        title,
+        invariant,
+        tolerance,
+        kinds: &[],
+        dtypes: &[DType::F32],
+        needs: Capabilities::none(),
+        grad_accum: 1,
+        filter: None,
+        body: Body::Forward(p),
+    }
+}
+
+/// F1: determinism.
+pub const DETERMINISTIC: Property = forward_entry(
+    "F1",
+    "f1_forward_deterministic",
+    "deterministic (train == eval, bitwise)",
+    "tunecheck's model, per family: two eval forwards bitwise equal; train == eval without dropout",
+    "bitwise (same computation)",
+    ModelProperty::Deterministic,
+);
+/// F2: causality.
+pub const CAUSAL: Property = forward_entry(
+    "F2",
+    "f2_forward_causal",
+    "causal (future tokens ignored, bitwise)",
+    "tunecheck's model, per family: logits at t unchanged (bitwise) when the tokens after t change",
+    "bitwise",
+    ModelProperty::Causal,
+);
+/// F3: KV cache.
+pub const KV_CACHE: Property = forward_entry(
+    "F3",
+    "f3_forward_kv_cache",
+    "kv-cache decode == full forward",
+    "tunecheck's model, per family: prefill then one token at a time from the KV cache == the full forward; \
+     greedy generation identical with and without the cache",
+    "rel L2 f32 1e-5 (other matmul shapes); tokens equal",
+    ModelProperty::KvCache,
+);
+
+fn case_strategy(f: Family) -> impl Strategy<Value = (ArchSpec, Vec<Vec<u32>>, u64)> {
+    arb_family(f).prop_flat_map(|spec| {
+        let v = spec.vocab_size;
+        (proptest::strategy::Just(spec), arb_batch(v, 2, 10), 0u64..1_000_000)
+    })
+}
+
+fn run_case(
+    prop: ModelProperty,
+    device: &Device,
+    spec: &ArchSpec,
+    ids: &[Vec<u32>],
+    seed: u64,
+    faults: Faults,
+) -> Check {
+    let w = crate::weights::generate(spec, seed, device)?;
+    let model = Transformer::from_weights(spec, &w)?.with_faults(faults);
+    prop.check(&model, ids)
+}
+
+/// Run forward property `prop` over `cfg.cases` seeded cases of `family` (on a model with
+/// `faults` planted, for mutants), shrinking any failure to the smallest model.
+pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &PropConfig, faults: Faults) -> Verdict {
+    let failed = |reason, detail: String| Verdict::Failed {
+        reason,
+        detail,
+        minimal: serde_json::Value::Null,
+        cases_run: 0,
+        replay: None,
+    };
+    let cases = match cfg.effective_cases() {
+        Ok(c) => c,
+        Err(e) => return failed(FailReason::Config, e),
+    };
+    crate::props::runner::pin_thread_count();
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
+    let ran = std::cell::Cell::new(0u32);
+    let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
+        ran.set(ran.get() + 1);
+        run_case(prop, device, &spec, &ids, w_seed, faults).map_err(|f| TestCaseError::fail(f.to_string()))
+    });
+    match result {
+        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
+        Err(TestError::Fail(_, (spec, ids, w_seed))) => {
+            let (reason, detail) = match run_case(prop, device, &spec, &ids, w_seed, faults) {
+                Err(Failure::Violated(v)) => {
+                    (FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() }, v.to_string())
+                }
+                Err(Failure::Error(e)) => (FailReason::Error, format!("error: {e}")),
+                Ok(()) => (FailReason::Error, "the shrunk case passed when re-run (nondeterminism)".to_string()),
+            };
+            Verdict::Failed {
+                reason,
+                detail,
+                minimal: serde_json::json!({"config": spec.to_config_json(), "weight_seed": w_seed, "ids": ids, "family": family.to_string()}),
+                cases_run: ran.get().min(cases),
+                replay: None,
+            }
+        }
+        Err(TestError::Abort(why)) => failed(FailReason::NoCases, format!("aborted: {why}")),
+    }
+}
+
+/// Run forward property `prop` for every family of `cfg.families`; the first failure stops.
+pub fn run(prop: ModelProperty, device: &Device, cfg: &PropConfig, faults: Faults) -> Verdict {
+    let mut cases_run = 0;
+    for &family in &cfg.families {
+        match run_family(prop, family, device, cfg, faults) {
+            Verdict::Passed { cases_run: c, .. } => cases_run += c,
+            other => return other,
+        }
+    }
+    Verdict::Passed { cases_run, skipped: Vec::new() }
+}
 
 /// Relative-L2 tolerance between two different computation paths in `dtype`.
 pub fn path_tolerance(dtype: DType) -> f64 {
@@ -38,7 +220,7 @@ pub fn deterministic_and_mode_free(model: &Transformer, ids: &[Vec<u32>]) -> Che
     let b = model.forward(&x, Mode::Eval)?;
     if !bitwise_equal(&a, &b)? {
         return Err(Violation {
-            property: "forward/deterministic",
+            property: "F1/deterministic",
             code: "deterministic",
             detail: format!("two eval forwards differ (rel L2 {:.3e})", rel_l2(&a, &b)?),
         }
@@ -49,7 +231,7 @@ pub fn deterministic_and_mode_free(model: &Transformer, ids: &[Vec<u32>]) -> Che
         let t = model.forward(&x, Mode::Train)?;
         if !bitwise_equal(&t, &a)? {
             return Err(Violation {
-                property: "forward/train_eq_eval",
+                property: "F1/deterministic",
                 code: "train_eq_eval",
                 detail: format!("dropout is 0 but train and eval logits differ (rel L2 {:.3e})", rel_l2(&t, &a)?),
             }
@@ -74,7 +256,7 @@ pub fn causal(model: &Transformer, ids: &[Vec<u32>], t: usize) -> Check {
     let b = model.forward(&ids_tensor(model, &changed)?, Mode::Eval)?.narrow(1, 0, t + 1)?;
     if !bitwise_equal(&a, &b)? {
         return Err(Violation {
-            property: "forward/causal",
+            property: "F2/causal",
             code: "causal",
             detail: format!(
                 "logits at positions 0..={t} changed when tokens after {t} changed (rel L2 {:.3e})",
@@ -104,7 +286,7 @@ pub fn kv_cache_matches(model: &Transformer, ids: &[Vec<u32>], split: usize, new
     let err = rel_l2(&cached, &full)?;
     if err.is_nan() || err > tol {
         return Err(Violation {
-            property: "forward/kv_cache",
+            property: "F3/kv_cache",
             code: "kv_cache",
             detail: format!("cached decode (prefill {split} of {s}) vs full forward: rel L2 {err:.3e} > {tol:.0e}"),
         }
@@ -115,7 +297,7 @@ pub fn kv_cache_matches(model: &Transformer, ids: &[Vec<u32>], split: usize, new
         let b = greedy_uncached(model, &x, new_tokens)?;
         if a != b {
             return Err(Violation {
-                property: "forward/kv_cache_generate",
+                property: "F3/kv_cache",
                 code: "kv_cache_generate",
                 detail: format!("greedy tokens differ: cached {a:?} vs uncached {b:?}"),
             }

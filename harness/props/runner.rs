@@ -267,6 +267,9 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             None => return strict_or(cfg, "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into()),
         },
         Body::Kernels(run) => return finish(cfg, run(&PropConfig { cases, ..cfg.clone() })),
+        Body::Forward(p) => {
+            return finish(cfg, crate::props::forward::run(*p, device, cfg, crate::model::Faults::default()))
+        }
     };
     let caps = factory.capabilities();
     if let Some(missing) = caps.lacking(&prop.needs) {
