@@ -6,14 +6,12 @@
 //! expected reason.
 
 use candle_core::Device;
-use proptest::test_runner::TestCaseError;
 use serde::Serialize;
 
 use crate::model::Faults;
 use crate::mutants::{MutantInfo, MutantSubject};
 use crate::props::catalogue::{self, Property, CATALOGUE};
 use crate::props::runner::{PropConfig, Verdict};
-use crate::props::Failure;
 use crate::spec::Family;
 use crate::subject::{Factory, Reference};
 
@@ -69,24 +67,38 @@ impl Options {
         self.cases.div_ceil(4).max(2)
     }
 
-    /// The `tunecheck check` line that replays property `id` (with `family` for forward ones).
-    pub fn replay(&self, id: &str, device: &Device, family: Option<Family>) -> String {
+    /// The `tunecheck check` line that replays property `id` against the subject named by
+    /// `subject_args` (`--mutant NAME`, or empty for the reference): the same cases, seed,
+    /// families (`family` for a forward row) and strictness.
+    pub fn replay_with(&self, id: &str, device: &Device, family: Option<Family>, subject_args: &str) -> String {
         let mut s = format!(
             "tunecheck check --property {id} --device {} --cases {} --seed {}",
             crate::device::name(device),
             self.cases,
             self.seed
         );
-        if let Some(f) = family {
+        let families = match family {
+            Some(f) => vec![f],
+            None if self.families.len() < Family::ALL.len() => self.families.clone(),
+            None => Vec::new(),
+        };
+        for f in families {
             s.push_str(&format!(" --family {f}"));
         }
         if self.strict {
             s.push_str(" --strict");
         }
-        if let Some(m) = &self.mutant {
-            s.push_str(&format!(" --mutant {m}"));
+        if !subject_args.is_empty() {
+            s.push(' ');
+            s.push_str(subject_args);
         }
         s
+    }
+
+    /// [`Options::replay_with`] for the reference or the mutant named in the options.
+    pub fn replay(&self, id: &str, device: &Device, family: Option<Family>) -> String {
+        let args = self.mutant.as_ref().map(|m| format!("--mutant {m}")).unwrap_or_default();
+        self.replay_with(id, device, family, &args)
     }
 
     fn prop_config(&self) -> PropConfig {
@@ -117,7 +129,8 @@ pub fn run_catalogue(p: &Property, factory: &dyn Factory, device: &Device, opts:
     };
     let mut v = catalogue::run(p, factory, device, &cfg);
     if let Verdict::Failed { replay, .. } = &mut v {
-        *replay = Some(opts.replay(p.id, device, None));
+        // Only a subject the command line can rebuild has a replay line.
+        *replay = factory.replay_args().map(|args| opts.replay_with(p.id, device, None, &args));
     }
     v
 }
@@ -386,10 +399,4 @@ pub fn summarize(v: &serde_json::Value) -> Option<String> {
         }
         None => model,
     })
-}
-
-impl From<Failure> for TestCaseError {
-    fn from(f: Failure) -> Self {
-        TestCaseError::fail(f.to_string())
-    }
 }

@@ -110,7 +110,7 @@ fn quantization_matches_bitsandbytes() {
             }
         }
         // Dequantization. bitsandbytes' native CPU dequantize uses the wrong block scale when
-        // the last dimension is not a multiple of the blocksize (DESIGN §7), so it is the oracle
+        // the last dimension is not a multiple of the blocksize, so it is the oracle
         // only where it is; elsewhere the oracle is the formula code[q]·absmax applied to
         // bitsandbytes' own state.
         let bnb = f32s(&f, &format!("{name}.dequant"));

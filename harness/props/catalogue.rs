@@ -193,5 +193,12 @@ pub fn conformance_test(p: &Property, factory: &dyn Factory, device: &str, sourc
         }
         return;
     };
-    run(p, factory, &device, &cfg).assert(p.test_name);
+    let mut v = run(p, factory, &device, &cfg);
+    if let Verdict::Failed { replay, .. } = &mut v {
+        *replay = Some(format!(
+            "cargo test {} (proptest replays the persisted failing case first; PROPTEST_CASES as in this run)",
+            p.test_name
+        ));
+    }
+    v.assert(p.test_name);
 }

@@ -4,9 +4,9 @@
 //! a batch and a weight seed, shrunk to the smallest model.
 //!
 //! Tolerances: the same computation on the same path must be bitwise identical in any dtype
-//! (candle's CPU kernels are deterministic; see DESIGN §7). The cached decode runs different
-//! matmul shapes, so its rounding differs: f32 gets 1e-5 relative L2 (the transformers anchor
-//! for different paths), bf16 2e-2 and f16 5e-3.
+//! (candle's CPU kernels are deterministic: no atomics, a fixed reduction order). The cached
+//! decode runs different matmul shapes, so its rounding differs: f32 gets 1e-5 relative L2
+//! (the transformers anchor for different paths), bf16 2e-2 and f16 5e-3.
 
 use candle_core::{DType, Device, Tensor};
 use proptest::strategy::Strategy;

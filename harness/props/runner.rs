@@ -122,8 +122,8 @@ pub enum Verdict {
         minimal: serde_json::Value,
         /// Cases run before the failure (including the failing one).
         cases_run: u32,
-        /// A command that reproduces this failure (`None` when the subject is not reachable
-        /// from the command line).
+        /// A command that reproduces this failure, filled in by whoever knows how the run was
+        /// started (`tunecheck check`, a `conformance!` test); `None` from [`run`] itself.
         replay: Option<String>,
     },
 }
@@ -223,20 +223,6 @@ pub fn kind_needs(kind: AdapterKind, grad_accum: usize) -> Capabilities {
     }
 }
 
-/// The replay command for `prop` against `factory`.
-pub fn replay_line(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Option<String> {
-    let args = factory.replay_args()?;
-    let strict = if cfg.strict { " --strict" } else { "" };
-    Some(format!(
-        "tunecheck check --property {} --device {} --cases {} --seed {}{strict}{}{args}",
-        prop.id,
-        crate::device::name(device),
-        cfg.cases,
-        cfg.seed,
-        if args.is_empty() { "" } else { " " },
-    ))
-}
-
 /// Pin candle's thread count for this process (to the value candle itself would choose) by
 /// setting `RAYON_NUM_THREADS` when it is unset. candle 0.11 reads that variable on every
 /// matmul and, when it is absent, works the default out again from `/proc` and `/sys` — about
@@ -288,6 +274,9 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             ok
         })
         .collect();
+    if cfg.families.is_empty() {
+        return Verdict::failed_with(FailReason::Config, "no model family to draw setups from");
+    }
     let mut cases_run = 0u32;
     if !dtypes.is_empty() {
         for &kind in prop.kinds {
@@ -299,9 +288,6 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             // Shrinking keeps the kind of the first failure: a smaller setup that fails a
             // different clause (or errors) is not a smaller example of *this* failure.
             let first: std::cell::RefCell<Option<String>> = Default::default();
-            if cfg.families.is_empty() {
-                return Verdict::failed_with(FailReason::Config, "no model family to draw setups from");
-            }
             let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), cfg.families.clone());
             let filter = prop.filter;
             let strategy = strategy.prop_filter("the property's precondition", move |s| filter.is_none_or(|f| f(s)));
@@ -354,7 +340,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                         detail,
                         minimal: describe(&setup),
                         cases_run: cases_run + cases.min(counter.get()),
-                        replay: replay_line(prop, factory, &device, cfg),
+                        replay: None,
                     };
                 }
                 Err(TestError::Abort(why)) => {
@@ -363,7 +349,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                         detail: format!("{} ({}): aborted: {why}", prop.id, kind.name()),
                         minimal: serde_json::Value::Null,
                         cases_run,
-                        replay: replay_line(prop, factory, &device, cfg),
+                        replay: None,
                     };
                 }
             }
