@@ -302,6 +302,17 @@ impl TrainerBug {
         })
     }
 
+    /// The only adapter kinds where the bug exists, when it is specific to some (a 4-bit
+    /// reload bug needs a 4-bit base).
+    pub fn kinds(self) -> Option<Vec<crate::strategy::AdapterKind>> {
+        match self {
+            TrainerBug::ReloadWithDefaultQuant | TrainerBug::ReloadComputeDtype | TrainerBug::ReloadBaseDtype => {
+                Some(vec![crate::strategy::AdapterKind::QLora])
+            }
+            _ => None,
+        }
+    }
+
     /// The only family where the bug exists, when it is specific to one.
     pub fn family(self) -> Option<Family> {
         match self {

@@ -214,13 +214,18 @@ pub fn run_mutant(m: &MutantInfo, device: &Device, opts: &Options) -> MutantRow 
         }
         MutantSubject::Trainer(bug) => {
             let p = catalogue::by_id(bug.caught_by()).expect("a mutant names a catalogue property");
-            // Run where the real bug happens (e.g. Gemma 3's q/k norms exist only there).
+            // Run where the real bug happens (Gemma 3's q/k norms exist only there; a 4-bit
+            // reload bug needs a 4-bit base).
             let opts = match bug.family() {
                 Some(f) => Options { families: vec![f], ..opts.clone() },
                 None => opts.clone(),
             };
             let family = bug.family().map_or("all".to_string(), |f| f.to_string());
-            (family, run_catalogue(p, &crate::mutants::Mutant(bug), device, &opts))
+            let mut cfg = opts.prop_config();
+            cfg.kinds = bug.kinds();
+            let mut v = catalogue::run(p, &crate::mutants::Mutant(bug), device, &cfg);
+            set_replay(&mut v, opts.replay(p.id, device, None));
+            (family, v)
         }
         MutantSubject::SwappedNibbles => {
             let cfg = PropConfig { cases: opts.cases, ..opts.prop_config() };

@@ -154,7 +154,13 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         Err(e) => return failed(FailReason::Config, e),
     };
     crate::props::runner::pin_thread_count();
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
+    let config = Config {
+        cases,
+        source_file: cfg.source_file,
+        failure_persistence: cfg.persistence(),
+        max_shrink_iters: 4096,
+        ..Config::default()
+    };
     let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     let ran = std::cell::Cell::new(0u32);
     let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {

@@ -127,7 +127,8 @@ pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> Verdict {
             }
         }
     };
-    let config = Config { cases, failure_persistence: None, ..Config::default() };
+    let config =
+        Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     let strategy = (1usize..300, prop_oneof![Just(32usize), Just(64), Just(128)], any::<bool>(), any::<bool>())
         .prop_flat_map(|(n, bs, nf4, dq)| (proptest::collection::vec(-50f32..50f32, n), Just(bs), Just(nf4), Just(dq)));

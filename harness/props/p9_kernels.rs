@@ -180,7 +180,8 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdic
         Ok(c) => c * 8,
         Err(e) => return failed(FailReason::Config, e, serde_json::Value::Null),
     };
-    let config = Config { cases, failure_persistence: None, ..Config::default() };
+    let config =
+        Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
     match runner.run(&arb_kernel_case(), |c| check_case(kernels, &c)) {
         Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },

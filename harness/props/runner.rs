@@ -38,6 +38,8 @@ pub struct PropConfig {
     pub families: Vec<Family>,
     /// Shrinking steps after a failure (0: report the first failing case as found).
     pub max_shrink_iters: u32,
+    /// Only these adapter kinds of each property (`None`: all of them).
+    pub kinds: Option<Vec<AdapterKind>>,
 }
 
 impl Default for PropConfig {
@@ -49,6 +51,7 @@ impl Default for PropConfig {
             strict: false,
             families: Family::ALL.to_vec(),
             max_shrink_iters: 256,
+            kinds: None,
         }
     }
 }
@@ -66,6 +69,14 @@ impl PropConfig {
                 .into());
         }
         Ok(cases)
+    }
+
+    /// The proptest failure persistence for this configuration: beside `source_file` when set.
+    pub fn persistence(&self) -> Option<Box<dyn proptest::test_runner::FailurePersistence>> {
+        self.source_file.map(|_| {
+            Box::new(FileFailurePersistence::WithSource("proptest-regressions"))
+                as Box<dyn proptest::test_runner::FailurePersistence>
+        })
     }
 
     /// `strict` also when `TUNECHECK_STRICT=1` is set.
@@ -279,7 +290,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     }
     let mut cases_run = 0u32;
     if !dtypes.is_empty() {
-        for &kind in prop.kinds {
+        for &kind in prop.kinds.iter().filter(|k| cfg.kinds.as_ref().is_none_or(|only| only.contains(k))) {
             if let Some(missing) = caps.lacking(&kind_needs(kind, prop.grad_accum)) {
                 skipped.push(format!("{}: the subject does not declare `{missing}`", kind.name()));
                 continue;
@@ -291,14 +302,10 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), cfg.families.clone());
             let filter = prop.filter;
             let strategy = strategy.prop_filter("the property's precondition", move |s| filter.is_none_or(|f| f(s)));
-            let persistence = cfg.source_file.map(|_| {
-                Box::new(FileFailurePersistence::WithSource("proptest-regressions"))
-                    as Box<dyn proptest::test_runner::FailurePersistence>
-            });
             let config = Config {
                 cases,
                 source_file: cfg.source_file,
-                failure_persistence: persistence,
+                failure_persistence: cfg.persistence(),
                 max_shrink_iters: cfg.max_shrink_iters,
                 ..Config::default()
             };
