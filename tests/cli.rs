@@ -133,6 +133,13 @@ fn strict_fails_on_a_skip_and_zero_cases_is_an_error() {
         assert_eq!(o.status.code(), Some(1), "{text}");
         assert!(text.contains("--strict: skipped: no CUDA device"), "{text}");
     }
+    // With TUNECHECK_REQUIRE_CUDA=1 a missing GPU is a failure with the reason, not a panic.
+    if !has_gpu() {
+        let o = bin().args(["check", "--property", "P6"]).env("TUNECHECK_REQUIRE_CUDA", "1").output().unwrap();
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        assert!(text.contains("CUDA required by TUNECHECK_REQUIRE_CUDA=1 but unavailable"), "{text}");
+    }
     let o = bin().args(["check", "--cases", "0"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("runs nothing"));

@@ -259,9 +259,19 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     };
     let (check, device) = match &prop.body {
         Body::Trainer(c) => (*c, device.clone()),
-        Body::CrossDevice(c) => match crate::device::cuda_or_skip(prop.id) {
-            Some(gpu) => (*c, gpu),
-            None => return strict_or(cfg, "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into()),
+        Body::CrossDevice(c) => match crate::device::cuda() {
+            Ok(gpu) => (*c, gpu),
+            Err(why) if crate::device::cuda_required() => {
+                return Verdict::failed_with(
+                    FailReason::Config,
+                    format!(
+                        "{}: CUDA required by {}=1 but unavailable: {why}",
+                        prop.id,
+                        crate::device::REQUIRE_CUDA_ENV
+                    ),
+                )
+            }
+            Err(_) => return strict_or(cfg, "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into()),
         },
         Body::Kernels(run) => return finish(cfg, run(&PropConfig { cases, ..cfg.clone() })),
         Body::Forward(p) => {
