@@ -1,7 +1,7 @@
 //! The `Trainer` trait: what another framework implements so that every tunecheck property
 //! runs against *its* model and trainer. The built-in [`RefTrainer`] implements it (and must
-//! pass everything); each mutant implements it with one planted bug (and must fail exactly
-//! its property).
+//! pass everything); each trainer mutant is the reference with one planted bug (and must fail
+//! its property, in the expected clause).
 //!
 //! A property builds subjects through a [`Factory`], a value: `build(&Setup, &Device)` makes a
 //! fresh subject from a setup chosen by the property (spec, seeded base weights on the host,
