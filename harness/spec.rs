@@ -652,6 +652,16 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The short name of a dtype in tunecheck's reports and flags (`f32`, `bf16`, `f16`, `f64`).
+pub fn short_dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
 fn rope_scaling_json(s: &RopeScaling) -> Value {
     match *s {
         RopeScaling::None => Value::Null,

@@ -131,20 +131,6 @@ pub struct Setup {
     pub adapter_seed: u64,
 }
 
-impl Setup {
-    /// The capabilities this setup needs.
-    pub fn needs(&self) -> Capabilities {
-        Capabilities {
-            quant4: self.quant.is_some(),
-            grad_accum: self.train.grad_accum > 1,
-            train_embeddings: !self.lora.modules_to_save.is_empty(),
-            bf16: self.spec.dtype == DType::BF16,
-            f16: self.spec.dtype == DType::F16,
-            ..Capabilities::none()
-        }
-    }
-}
-
 /// A model + trainer under test (object-safe: properties hold `Box<dyn Trainer>`).
 pub trait Trainer {
     /// Logits `[batch, seq, vocab]` for ids `[batch, seq]` in `mode`.

@@ -127,7 +127,7 @@ pub fn run_catalogue(p: &Property, factory: &dyn Factory, device: &Device, opts:
         catalogue::Body::Kernels(_) => PropConfig { cases: opts.cases, ..opts.prop_config() },
         _ => opts.prop_config(),
     };
-    let mut v = catalogue::run(p, factory, device, &cfg);
+    let mut v = crate::props::runner::run(p, factory, device, &cfg);
     if let Verdict::Failed { replay, .. } = &mut v {
         // Only a subject the command line can rebuild has a replay line.
         *replay = factory.replay_args().map(|args| opts.replay_with(p.id, device, None, &args));
@@ -223,7 +223,7 @@ pub fn run_mutant(m: &MutantInfo, device: &Device, opts: &Options) -> MutantRow 
             let family = bug.family().map_or("all".to_string(), |f| f.to_string());
             let mut cfg = opts.prop_config();
             cfg.kinds = bug.kinds();
-            let mut v = catalogue::run(p, &crate::mutants::Mutant(bug), device, &cfg);
+            let mut v = crate::props::runner::run(p, &crate::mutants::Mutant(bug), device, &cfg);
             set_replay(&mut v, opts.replay(p.id, device, None));
             (family, v)
         }

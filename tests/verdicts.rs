@@ -121,6 +121,10 @@ fn the_same_seed_gives_the_same_cases_for_every_property() {
 #[test]
 fn catalogue_ids_and_stamped_names_are_unique_and_in_step() {
     assert_eq!(CATALOGUE.len(), STAMPED_NAMES.len());
+    for p in CATALOGUE {
+        let words = [p.id, p.test_name, p.title, p.invariant, p.tolerance];
+        assert!(words.iter().all(|w| !w.is_empty()), "{p:?} keeps an empty word of Property::trainer");
+    }
     for (p, name) in CATALOGUE.iter().zip(STAMPED_NAMES) {
         assert_eq!(p.test_name, *name, "the conformance! test name is the descriptor's");
     }

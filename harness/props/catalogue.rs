@@ -57,6 +57,28 @@ pub struct Property {
     pub body: Body,
 }
 
+impl Property {
+    /// A trainer property over `check` with the common defaults — every adapter kind, every
+    /// dtype, no extra capability, one micro-batch per step, no precondition — for struct
+    /// update: `Property { id, test_name, title, invariant, tolerance, ..Property::trainer(check) }`
+    /// (the words are left empty here; the catalogue test rejects an entry that keeps them).
+    pub const fn trainer(check: TrainerCheck) -> Property {
+        Property {
+            id: "",
+            test_name: "",
+            title: "",
+            invariant: "",
+            tolerance: "",
+            kinds: &AdapterKind::ALL,
+            dtypes: &ALL_DTYPES,
+            needs: Capabilities::none(),
+            grad_accum: 1,
+            filter: None,
+            body: Body::Trainer(check),
+        }
+    }
+}
+
 impl std::fmt::Debug for Property {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Property({})", self.id)
@@ -136,16 +158,7 @@ pub fn markdown_table() -> String {
         } else {
             p.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
         };
-        let dtypes = p
-            .dtypes
-            .iter()
-            .map(|d| match d {
-                DType::BF16 => "bf16",
-                DType::F16 => "f16",
-                _ => "f32",
-            })
-            .collect::<Vec<_>>()
-            .join("/");
+        let dtypes = p.dtypes.iter().map(|&d| crate::spec::short_dtype_name(d)).collect::<Vec<_>>().join("/");
         let mutants = crate::mutants::catalogue()
             .iter()
             .filter(|m| m.caught_by == p.id)
@@ -164,11 +177,6 @@ pub fn markdown_table() -> String {
         ));
     }
     s
-}
-
-/// Run catalogue entry `p` against `factory` on `device`.
-pub fn run(p: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Verdict {
-    crate::props::runner::run(p, factory, device, cfg)
 }
 
 /// The body of one `conformance!` test: run `p` against `factory` on the named device
@@ -193,7 +201,7 @@ pub fn conformance_test(p: &Property, factory: &dyn Factory, device: &str, sourc
         }
         return;
     };
-    let mut v = run(p, factory, &device, &cfg);
+    let mut v = crate::props::runner::run(p, factory, &device, &cfg);
     if let Verdict::Failed { replay, .. } = &mut v {
         *replay = Some(format!(
             "cargo test {} (proptest replays the persisted failing case first; PROPTEST_CASES as in this run)",

@@ -17,7 +17,7 @@ use crate::model::generate::{greedy_cached, greedy_uncached};
 use crate::model::{Faults, Mode, Transformer};
 use crate::props::catalogue::{Body, Property};
 use crate::props::runner::{FailReason, PropConfig, Verdict};
-use crate::props::{bitwise_equal, rel_l2, Check, Failure, Violation};
+use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::spec::{ArchSpec, Family};
 use crate::strategy::{arb_batch, arb_family};
 use crate::subject::Capabilities;
@@ -142,16 +142,9 @@ fn run_case(
 /// Run forward property `prop` over `cfg.cases` seeded cases of `family` (on a model with
 /// `faults` planted, for mutants), shrinking any failure to the smallest model.
 pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &PropConfig, faults: Faults) -> Verdict {
-    let failed = |reason, detail: String| Verdict::Failed {
-        reason,
-        detail,
-        minimal: serde_json::Value::Null,
-        cases_run: 0,
-        replay: None,
-    };
     let cases = match cfg.effective_cases() {
         Ok(c) => c,
-        Err(e) => return failed(FailReason::Config, e),
+        Err(e) => return Verdict::failed_with(FailReason::Config, e),
     };
     crate::props::runner::pin_thread_count();
     let config = Config {
@@ -171,11 +164,8 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
         Err(TestError::Fail(_, (spec, ids, w_seed))) => {
             let (reason, detail) = match run_case(prop, device, &spec, &ids, w_seed, faults) {
-                Err(Failure::Violated(v)) => {
-                    (FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() }, v.to_string())
-                }
-                Err(Failure::Error(e)) => (FailReason::Error, format!("error: {e}")),
-                Ok(()) => (FailReason::Error, "the shrunk case passed when re-run (nondeterminism)".to_string()),
+                Err(f) => crate::props::runner::reason_of(&f, prop.id()),
+                Ok(()) => crate::props::runner::nondeterministic(prop.id()),
             };
             Verdict::Failed {
                 reason,
@@ -185,7 +175,7 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
                 replay: None,
             }
         }
-        Err(TestError::Abort(why)) => failed(FailReason::NoCases, format!("aborted: {why}")),
+        Err(TestError::Abort(why)) => Verdict::failed_with(FailReason::NoCases, format!("aborted: {why}")),
     }
 }
 

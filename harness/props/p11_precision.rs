@@ -10,10 +10,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::props::catalogue::{Body, Property, HALF_DTYPES};
+use crate::props::catalogue::{Property, HALF_DTYPES};
 use crate::props::{Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::strategy::random_batches;
+use crate::subject::{Factory, Setup};
 
 const ID: &str = "P11/precision_stall";
 
@@ -32,12 +32,8 @@ pub const PROPERTY: Property = Property {
     invariant: "bf16/f16 model, lr 1e-5, 8 AdamW steps on one batch: at least half of the elements with a gradient \
                 change in every trainable tensor (updates accumulate in f32 master weights, not in half precision)",
     tolerance: "exact count; ≥ 50 % of elements changed (f32 masters change ~100 %, bf16 masters ~0 % at this lr)",
-    kinds: &AdapterKind::ALL,
     dtypes: &HALF_DTYPES,
-    needs: Capabilities::none(),
-    grad_accum: 1,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 /// Of the elements with a non-zero gradient `g`, the fraction that differ between `a` and `b`

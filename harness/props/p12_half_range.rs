@@ -14,10 +14,10 @@ use candle_core::{DType, Device};
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::{Body, Property, HALF_DTYPES};
+use crate::props::catalogue::{Property, HALF_DTYPES};
 use crate::props::{rel_l2, within, Check, Violation};
 use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::subject::{Factory, Setup};
 
 const ID: &str = "P12/half_precision_range";
 
@@ -34,10 +34,7 @@ pub const PROPERTY: Property = Property {
     tolerance: "rel L2 vs the f32 build: f16 2e-2, bf16 1e-1 (activation rounding over a few layers)",
     kinds: &[AdapterKind::Lora, AdapterKind::QLora],
     dtypes: &HALF_DTYPES,
-    needs: Capabilities::none(),
-    grad_accum: 1,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 /// Relative-L2 bound of eval logits in `dtype` against the f32 build.

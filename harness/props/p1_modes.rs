@@ -8,11 +8,11 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::forward::path_tolerance;
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::strategy::random_batches;
+use crate::subject::{Factory, Setup};
 
 const ID: &str = "P1/eval_train_equivalence";
 
@@ -25,12 +25,7 @@ pub const PROPERTY: Property = Property {
                 train's is not (checked first, on its own); KV-cache decode == full forward; greedy decode identical",
     tolerance: "train/eval bitwise in every dtype (same path); KV cache rel L2 f32 1e-5, bf16 2e-2, f16 5e-3 \
                 (other matmul shapes)",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
-    needs: Capabilities::none(),
-    grad_accum: 1,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 fn fail(code: &'static str, detail: String) -> Check {

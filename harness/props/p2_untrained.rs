@@ -7,10 +7,10 @@
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::{Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::strategy::random_batches;
+use crate::subject::{Factory, Setup};
 use crate::train::untrained::zero_rows;
 
 const ID: &str = "P2/untrained_tokens";
@@ -24,12 +24,7 @@ pub const PROPERTY: Property = Property {
                 the ids, or rows fixed in both matrices; trainable rows → finite losses, gradients and parameters, \
                 and the loss falls over 8 steps",
     tolerance: "exact (finite / non-zero rows / strictly lower loss) in every dtype",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
-    needs: Capabilities::none(),
-    grad_accum: 1,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 fn fail(code: &'static str, detail: String) -> Check {

@@ -13,9 +13,9 @@ use candle_core::Device;
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
+use crate::strategy::random_batches;
 use crate::subject::{Capabilities, Factory, FitPlan, Setup, Trainer};
 
 const ID: &str = "P3/save_reload_bitwise";
@@ -30,12 +30,8 @@ pub const PROPERTY: Property = Property {
                 mid-epoch, reloaded and finished == the uninterrupted fit (4-bit config and dtypes, optimizer \
                 moments, schedule, data position and RNG state travel)",
     tolerance: "bitwise in every dtype (same computation, same values)",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
     needs: Capabilities { save_load: true, ..Capabilities::none() },
-    grad_accum: 1,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 fn fail(code: &'static str, detail: String) -> Check {

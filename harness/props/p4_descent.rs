@@ -8,10 +8,9 @@
 
 use candle_core::Device;
 
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
-use crate::strategy::AdapterKind;
-use crate::subject::{Capabilities, Factory, FitPlan, Setup};
+use crate::subject::{Factory, FitPlan, Setup};
 use crate::train::{Batch, IGNORE};
 
 const ID: &str = "P4/descent_and_epochs";
@@ -30,12 +29,8 @@ pub const PROPERTY: Property = Property {
                 an eval loss per epoch, moving ≥ 1e-5 relative; fit == the same steps one by one (no reset at the \
                 boundary, short last window normalised by its own tokens)",
     tolerance: "bitwise for fit vs steps (same steps, same values); descent strict; eval change ≥ 1e-5 relative (~100 f32 ulps)",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
-    needs: Capabilities::none(),
     grad_accum: GRAD_ACCUM,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 fn fail(code: &'static str, detail: String) -> Check {

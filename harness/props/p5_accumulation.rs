@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::{rel_l2, within, Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::strategy::random_batches;
+use crate::subject::{Factory, Setup};
 use crate::train::{Batch, IGNORE};
 
 const ID: &str = "P5/accumulation_equivalence";
@@ -34,12 +34,8 @@ pub const PROPERTY: Property = Property {
                 and per tensor; gradients independent of row order and padding",
     tolerance: "rel L2 ≤ clamp(20 × measured row-order/padding floor, anchor, cap); global anchor..cap f32 \
                 1e-5..2e-3, bf16 1e-2..8e-2, f16 2e-3..3e-2; per tensor cap f32 5e-2, bf16 3e-1, f16 2e-1",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
-    needs: Capabilities::none(),
     grad_accum: 3,
-    filter: None,
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 /// (anchor, global cap, per-tensor cap) of the relative L2 error for `dtype`.

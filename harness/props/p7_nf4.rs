@@ -29,13 +29,10 @@ pub const PROPERTY: Property = Property {
 };
 
 fn violated(code: &str, detail: String) -> Verdict {
-    Verdict::Failed {
-        reason: FailReason::Violated { property: "P7".into(), code: code.into() },
-        detail: format!("P7/nf4 violated [{code}]: {detail}"),
-        minimal: serde_json::Value::Null,
-        cases_run: 0,
-        replay: None,
-    }
+    Verdict::failed_with(
+        FailReason::Violated { property: "P7".into(), code: code.into() },
+        format!("P7/nf4 violated [{code}]: {detail}"),
+    )
 }
 
 /// A 4-bit quantizer: values, shape, code, blocksize, double quantization.
@@ -117,15 +114,7 @@ pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> Verdict {
     }
     let cases = match cfg.effective_cases() {
         Ok(c) => c * 8,
-        Err(e) => {
-            return Verdict::Failed {
-                reason: FailReason::Config,
-                detail: e,
-                minimal: serde_json::Value::Null,
-                cases_run: 0,
-                replay: None,
-            }
-        }
+        Err(e) => return Verdict::failed_with(FailReason::Config, e),
     };
     let config =
         Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };

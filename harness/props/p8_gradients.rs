@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
+use crate::props::catalogue::Property;
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
-use crate::strategy::{random_batches, AdapterKind};
-use crate::subject::{Capabilities, Factory, Setup};
+use crate::strategy::random_batches;
+use crate::subject::{Factory, Setup};
 use crate::train::Batch;
 
 const ID: &str = "P8/gradients";
@@ -35,14 +35,10 @@ pub const PROPERTY: Property = Property {
                 with the subject's values, f64 for dense bases); a step changes every trainable and no frozen tensor",
     tolerance: "per-tensor rel L2 vs the oracle: f32 1e-3, f16 1e-1, bf16 5e-1 (own rounding vs f64; measured worst \
                 1.0e-5, 3.3e-2, 2.9e-1); the rest exact",
-    kinds: &AdapterKind::ALL,
-    dtypes: &ALL_DTYPES,
-    needs: Capabilities::none(),
-    grad_accum: 1,
     // A window of 1 makes every key irrelevant (each query sees only itself, softmax = 1), so
     // k_proj's gradient is structurally zero there: not a batch that exercises it.
     filter: Some(|s| s.spec.sliding_window.is_none_or(|w| w >= 2)),
-    body: Body::Trainer(check),
+    ..Property::trainer(check)
 };
 
 /// Relative-L2 bound per tensor between a subject's gradient in `dtype` and the oracle's.

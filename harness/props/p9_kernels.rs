@@ -174,11 +174,9 @@ pub fn check_case(k: &dyn Q4Kernels, c: &KernelCase) -> Result<(), TestCaseError
 
 /// Run P9 against `kernels` (8 × `cfg.cases` random cases from `cfg.seed`).
 pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdict {
-    let failed =
-        |reason, detail: String, minimal| Verdict::Failed { reason, detail, minimal, cases_run: 0, replay: None };
     let cases = match cfg.effective_cases() {
         Ok(c) => c * 8,
-        Err(e) => return failed(FailReason::Config, e, serde_json::Value::Null),
+        Err(e) => return Verdict::failed_with(FailReason::Config, e),
     };
     let config =
         Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
@@ -200,14 +198,14 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdic
                 m if m.starts_with("row") => "batch_row",
                 _ => "product",
             };
-            failed(
-                FailReason::Violated { property: "P9".into(), code: code.into() },
-                format!("P9/{} violated [{code}]: {why}; minimal case {minimal}", kernels.name()),
+            Verdict::Failed {
+                reason: FailReason::Violated { property: "P9".into(), code: code.into() },
+                detail: format!("P9/{} violated [{code}]: {why}; minimal case {minimal}", kernels.name()),
                 minimal,
-            )
+                cases_run: 0,
+                replay: None,
+            }
         }
-        Err(e) => {
-            failed(FailReason::Error, format!("P9/{} could not run: {e}", kernels.name()), serde_json::Value::Null)
-        }
+        Err(e) => Verdict::failed_with(FailReason::Error, format!("P9/{} could not run: {e}", kernels.name())),
     }
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::props::catalogue::{Body, Property};
 use crate::props::Failure;
+use crate::spec::short_dtype_name;
 use crate::spec::Family;
 use crate::strategy::{arb_setup, AdapterKind};
 use crate::subject::{Capabilities, Factory, Setup};
@@ -205,7 +206,8 @@ impl Verdict {
         }
     }
 
-    fn failed_with(reason: FailReason, detail: impl Into<String>) -> Self {
+    /// A failure without a case (a configuration that cannot run, nothing run, ...).
+    pub fn failed_with(reason: FailReason, detail: impl Into<String>) -> Self {
         Verdict::Failed { reason, detail: detail.into(), minimal: serde_json::Value::Null, cases_run: 0, replay: None }
     }
 }
@@ -271,7 +273,14 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                     ),
                 )
             }
-            Err(_) => return strict_or(cfg, "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into()),
+            Err(_) => {
+                return finish(
+                    cfg,
+                    Verdict::Skipped {
+                        reason: "no CUDA device (TUNECHECK_REQUIRE_CUDA=1 makes this a failure)".into(),
+                    },
+                )
+            }
         },
         Body::Kernels(run) => return finish(cfg, run(&PropConfig { cases, ..cfg.clone() })),
         Body::Forward(p) => {
@@ -280,7 +289,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     };
     let caps = factory.capabilities();
     if let Some(missing) = caps.lacking(&prop.needs) {
-        return strict_or(cfg, format!("the subject does not declare `{missing}`"));
+        return finish(cfg, Verdict::Skipped { reason: format!("the subject does not declare `{missing}`") });
     }
     let mut skipped = Vec::new();
     let dtypes: Vec<DType> = prop
@@ -290,7 +299,11 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
         .filter(|&d| {
             let ok = caps.supports_dtype(d);
             if !ok {
-                skipped.push(format!("{}: the subject does not declare `{}`", dtype_word(d), dtype_word(d)));
+                skipped.push(format!(
+                    "{}: the subject does not declare `{}`",
+                    short_dtype_name(d),
+                    short_dtype_name(d)
+                ));
             }
             ok
         })
@@ -342,15 +355,8 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 Err(TestError::Fail(_, setup)) => {
                     // Re-run the minimal case for its typed reason (the check is deterministic).
                     let (reason, detail) = match check(factory, &device, &setup) {
-                        Err(Failure::Violated(v)) => (
-                            FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() },
-                            v.to_string(),
-                        ),
-                        Err(Failure::Error(e)) => (FailReason::Error, format!("{} error: {e}", prop.id)),
-                        Ok(()) => (
-                            FailReason::Error,
-                            format!("{}: the shrunk case failed once and passed when re-run (nondeterminism)", prop.id),
-                        ),
+                        Err(f) => reason_of(&f, prop.id),
+                        Ok(()) => nondeterministic(prop.id),
                     };
                     return Verdict::Failed {
                         reason,
@@ -375,16 +381,28 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     finish(cfg, Verdict::Passed { cases_run, skipped })
 }
 
+/// The typed reason and the detail of a check's failure on a (shrunk) case; `what` names the
+/// check in the detail of an error.
+pub fn reason_of(f: &Failure, what: &str) -> (FailReason, String) {
+    match f {
+        Failure::Violated(v) => {
+            (FailReason::Violated { property: v.id().to_string(), code: v.code.to_string() }, v.to_string())
+        }
+        Failure::Error(e) => (FailReason::Error, format!("{what} error: {e}")),
+    }
+}
+
+/// The reason when a shrunk case that failed passes on a re-run.
+pub fn nondeterministic(what: &str) -> (FailReason, String) {
+    (FailReason::Error, format!("{what}: the shrunk case failed once and passed when re-run (nondeterminism)"))
+}
+
 /// What kind of failure `f` is: the violated property and clause, or `error`.
 fn failure_key(f: &Failure) -> String {
     match f {
         Failure::Violated(v) => format!("{}/{}", v.id(), v.code),
         Failure::Error(_) => "error".into(),
     }
-}
-
-fn strict_or(cfg: &PropConfig, reason: String) -> Verdict {
-    finish(cfg, Verdict::Skipped { reason })
 }
 
 /// The last rules: zero cases run is a failure; under `strict` any skip is one.
@@ -401,14 +419,6 @@ fn finish(cfg: &PropConfig, v: Verdict) -> Verdict {
         return Verdict::failed_with(FailReason::Strict, format!("--strict: skipped: {}", skips.join("; ")));
     }
     v
-}
-
-fn dtype_word(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    }
 }
 
 /// The seed of one (property, kind) sub-run: the same for every run with `seed`.

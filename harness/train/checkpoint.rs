@@ -91,18 +91,21 @@ pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: Reloa
     if let (Some(d), Some(q)) = (reload.compute_dtype, quant.as_mut()) {
         q.compute_dtype = d;
     }
-    let st_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
+    let (st_path, v) = read_state(dir)?;
     let root = Fields::new(&v, &st_path, "")?;
     let cfg = config_from_json(&Fields::new(root.get("train_config")?, &st_path, "train_config.")?)?;
     let lora = crate::adapt::LoraConfig { init: crate::adapt::lora::LoraInit::Default, ..adapter.lora.clone() };
     let mut tr = RefTrainer::build(&base.spec, &base.weights, &lora, quant, cfg, 0, faults)?;
-    restore_values(&mut tr, dir, &adapter.tensors)?;
-    let pos: u128 =
-        root.str("dropout_word_pos")?.parse().map_err(|_| root.bad("dropout_word_pos", "not an integer"))?;
-    tr.model().set_dropout_word_pos(pos);
+    restore_values(&mut tr, dir, &adapter.tensors, &root)?;
     Ok(tr)
+}
+
+/// `trainer_state.json` of `dir`, parsed.
+fn read_state(dir: &Path) -> Result<(std::path::PathBuf, Value)> {
+    let st_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
+    let v = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
+    Ok((st_path, v))
 }
 
 /// Restore adapter values, optimizer moments and progress saved by [`save`] into `tr`,
@@ -127,15 +130,19 @@ pub fn resume(tr: &mut RefTrainer, dir: &Path) -> Result<()> {
             });
         }
     }
-    restore_values(tr, dir, &adapter.tensors)
+    let (st_path, v) = read_state(dir)?;
+    restore_values(tr, dir, &adapter.tensors, &Fields::new(&v, &st_path, "")?)
 }
 
-fn restore_values(tr: &mut RefTrainer, dir: &Path, tensors: &BTreeMap<String, candle_core::Tensor>) -> Result<()> {
+/// Load adapter values, optimizer moments, progress and the dropout stream's position (`f`:
+/// the parsed `trainer_state.json`) into `tr`.
+fn restore_values(
+    tr: &mut RefTrainer,
+    dir: &Path,
+    tensors: &BTreeMap<String, candle_core::Tensor>,
+    f: &Fields,
+) -> Result<()> {
     crate::adapt::attach::load_values(tr.params(), tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
-    let st_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
-    let f = Fields::new(&v, &st_path, "")?;
     let (opt_step, schedule_step, epoch) = (f.usize("optimizer_step")?, f.usize("schedule_step")?, f.usize("epoch")?);
     let opt = StFile::open(&dir.join(OPTIMIZER))?;
     let device = tr.model().device().clone();
@@ -146,6 +153,8 @@ fn restore_values(tr: &mut RefTrainer, dir: &Path, tensors: &BTreeMap<String, ca
     tr.optimizer_mut().restore(opt_step, &moments)?;
     tr.set_progress(schedule_step, epoch);
     tr.set_window_in_epoch(f.usize("window_in_epoch")?);
+    let pos: u128 = f.str("dropout_word_pos")?.parse().map_err(|_| f.bad("dropout_word_pos", "not an integer"))?;
+    tr.model().set_dropout_word_pos(pos);
     Ok(())
 }
 
