@@ -18,6 +18,8 @@
 //! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation;
 //! - [`io`]: Hugging Face checkpoints (single or sharded safetensors), atomic writes;
 //! - [`subject`]: the `Trainer` trait and the `Factory` value properties build subjects with;
+//! - [`process`]: trainers in other processes (transformers + PEFT, any language) behind the
+//!   same trait, through a versioned JSON-lines protocol;
 //! - [`props`]: the invariants, one file each, listed in [`props::catalogue`] and run by
 //!   [`props::runner`] with honest verdicts (cases run, skips with reasons, typed failures);
 //! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
@@ -34,6 +36,7 @@ pub mod inspect;
 pub mod io;
 pub mod model;
 pub mod mutants;
+pub mod process;
 pub mod props;
 pub mod quant;
 pub mod spec;

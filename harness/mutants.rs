@@ -88,6 +88,16 @@ pub struct MutantInfo {
     pub subject: MutantSubject,
 }
 
+impl MutantInfo {
+    /// The trainer bug, when this mutant is a trainer (a driver can serve it).
+    pub fn trainer_bug(&self) -> Option<TrainerBug> {
+        match self.subject {
+            MutantSubject::Trainer(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
 /// Every mutant, in report order: forward, trainer, then 4-bit.
 pub fn catalogue() -> Vec<MutantInfo> {
     let mut out: Vec<MutantInfo> = forward_mutants()

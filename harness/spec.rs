@@ -68,6 +68,17 @@ impl Family {
         }
     }
 
+    /// The short name used on the command line and in the driver protocol (`llama`, `gemma`,
+    /// `gemma2`, `gemma3`).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Gemma => "gemma",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+
     /// Parse a short name as used on the command line (`llama`, `gemma`, `gemma2`, `gemma3`).
     pub fn from_name(s: &str) -> Option<Family> {
         Family::from_model_type(&s.to_ascii_lowercase())

@@ -194,6 +194,12 @@ pub trait Factory {
     /// Optional abilities of the subjects it makes.
     fn capabilities(&self) -> Capabilities;
 
+    /// Every model family with `None` when supported, else the reason it is not (a family a
+    /// framework version lacks is skipped with that reason, never failed).
+    fn families(&self) -> Vec<(crate::spec::Family, Option<String>)> {
+        crate::spec::Family::ALL.iter().map(|&f| (f, None)).collect()
+    }
+
     /// A fresh subject for `setup` on `device`.
     fn build(&self, setup: &Setup, device: &Device) -> Result<Box<dyn Trainer>>;
 

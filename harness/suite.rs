@@ -169,6 +169,32 @@ pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> V
     out
 }
 
+/// Run every trainer property (or those in `opts.properties`) against an outside subject
+/// made by `factory` — a driver process, say — one row each. The forward and kernel
+/// properties judge tunecheck's own model and kernels, and P6 compares devices of tunecheck's
+/// own trainer, so they are not run; `progress` is told each row.
+pub fn run_subject(factory: &dyn Factory, device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> Vec<Row> {
+    let mut out = Vec::new();
+    for p in subject_properties(opts) {
+        let row = Row {
+            family: "all".into(),
+            property: p.id,
+            title: p.title,
+            device: crate::device::name(device),
+            subject: factory.name(),
+            verdict: run_catalogue(p, factory, device, opts),
+        };
+        progress(&row);
+        out.push(row);
+    }
+    out
+}
+
+/// The catalogue properties [`run_subject`] runs for `opts`.
+pub fn subject_properties(opts: &Options) -> Vec<&'static Property> {
+    CATALOGUE.iter().copied().filter(|p| opts.wants(p) && matches!(p.body, catalogue::Body::Trainer(_))).collect()
+}
+
 /// Rows [`run`] produces for `opts` (for progress counters).
 pub fn row_count(opts: &Options) -> usize {
     CATALOGUE

@@ -57,6 +57,26 @@ enum Cmd {
         /// line does); exits 1 when the property catches it.
         #[arg(long)]
         mutant: Option<String>,
+        /// Judge the trainer behind this driver command (the driver protocol, e.g.
+        /// "python harness/drivers/transformers_peft.py") instead of the reference: every
+        /// trainer property the driver can take; what it cannot is shown as skipped.
+        #[arg(long)]
+        trainer: Option<String>,
+        /// Seconds each driver operation may take before the driver is killed and the
+        /// property fails (default: $TUNECHECK_DRIVER_TIMEOUT, else 300).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Speak the driver protocol on stdin/stdout around the reference trainer (or a planted-bug
+    /// mutant): the Rust driver that tests the protocol, and an example for driver authors.
+    Driver {
+        /// Serve this trainer mutant instead of the reference.
+        #[arg(long)]
+        mutant: Option<String>,
+        /// Misbehave on purpose at the first request for an operation: OP:KIND with KIND one of
+        /// die, garbage, hang, bad_shape, error (for testing the protocol's failure handling).
+        #[arg(long)]
+        fault: Vec<String>,
     },
     /// Write a seeded synthetic checkpoint (config.json + model.safetensors) that transformers loads.
     Synth {
@@ -179,17 +199,22 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check { device, cases, seed, family, property, strict, json, mutants, mutant } => check(CheckArgs {
-            device,
-            cases,
-            seed,
-            families: family,
-            properties: property,
-            strict,
-            json,
-            mutants,
-            mutant,
-        }),
+        Cmd::Driver { mutant, fault } => driver(mutant.as_deref(), &fault),
+        Cmd::Check { device, cases, seed, family, property, strict, json, mutants, mutant, trainer, timeout } => {
+            check(CheckArgs {
+                device,
+                cases,
+                seed,
+                families: family,
+                properties: property,
+                strict,
+                json,
+                mutants,
+                mutant,
+                trainer,
+                timeout,
+            })
+        }
         Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype, json } => {
             set_json(json);
             report("quantize", quantize(&model, &out, &quant, blocksize, double_quant, &compute_dtype))
@@ -304,6 +329,42 @@ struct CheckArgs {
     json: bool,
     mutants: bool,
     mutant: Option<String>,
+    trainer: Option<String>,
+    timeout: Option<f64>,
+}
+
+fn driver(mutant: Option<&str>, faults: &[String]) -> ExitCode {
+    let faults: Result<Vec<_>, _> =
+        faults.iter().map(|f| f.parse::<tunecheck::process::serve::DriverFault>()).collect();
+    let faults = match faults {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tunecheck driver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match mutant {
+        None => tunecheck::process::serve::serve(&tunecheck::subject::Reference, faults),
+        Some(n) => match tunecheck::mutants::by_name(n).and_then(|m| m.trainer_bug()) {
+            Some(bug) => tunecheck::process::serve::serve(&tunecheck::mutants::Mutant(bug), faults),
+            None => {
+                let names: Vec<&str> = tunecheck::mutants::catalogue()
+                    .iter()
+                    .filter(|m| m.trainer_bug().is_some())
+                    .map(|m| m.name)
+                    .collect();
+                eprintln!("tunecheck driver: `{n}` is not a trainer mutant ({})", names.join(", "));
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunecheck driver: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn check(a: CheckArgs) -> ExitCode {
@@ -354,6 +415,45 @@ fn check(a: CheckArgs) -> ExitCode {
     };
     let start = std::time::Instant::now();
     let json = a.json;
+    if let Some(cmd) = &a.trainer {
+        if a.mutants || named.is_some() {
+            return usage(
+                "--trainer judges an outside trainer; it cannot be combined with --mutants or --mutant".into(),
+            );
+        }
+        if !device.is_cpu() {
+            return usage("--trainer runs where the driver runs; use --device cpu".into());
+        }
+        let timeout = match a.timeout {
+            Some(t) if t.is_finite() && t > 0.0 => std::time::Duration::from_secs_f64(t),
+            Some(t) => return usage(format!("--timeout {t}: not a positive number of seconds")),
+            None => match tunecheck::process::ProcessFactory::timeout_from_env() {
+                Ok(t) => t,
+                Err(e) => return usage(e.to_string()),
+            },
+        };
+        let factory = match tunecheck::process::ProcessFactory::start(cmd, timeout) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("tunecheck check: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if !json {
+            let h = factory.hello();
+            eprintln!("subject: {} {} via `{cmd}`", h.framework, h.version);
+        }
+        let total = suite::subject_properties(&opts).len();
+        let mut done = 0;
+        let rows = suite::run_subject(&factory, &device, &opts, |r: &suite::Row| {
+            done += 1;
+            if !json {
+                let t = start.elapsed().as_secs_f64();
+                eprintln!("[{done:>2}/{total}] {t:6.1}s  {:<14} {}", r.property, r.verdict.word());
+            }
+        });
+        return finish_rows(&rows, json);
+    }
     if a.mutants {
         let total = if named.is_some() { 1 } else { tunecheck::mutants::catalogue().len() };
         let mut done = 0;
@@ -389,10 +489,18 @@ fn check(a: CheckArgs) -> ExitCode {
             })
         }
     };
+    finish_rows(&rows, json)
+}
+
+fn finish_rows(rows: &[suite::Row], json: bool) -> ExitCode {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
     } else {
-        print!("{}", suite::table(&rows));
+        print!("{}", suite::table(rows));
+    }
+    if rows.is_empty() {
+        eprintln!("tunecheck check: no property was selected");
+        return ExitCode::from(1);
     }
     if rows.iter().all(|r| r.verdict.passed() || matches!(r.verdict, tunecheck::props::runner::Verdict::Skipped { .. }))
     {

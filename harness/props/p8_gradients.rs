@@ -74,6 +74,11 @@ pub fn oracle_gradients(
 
 /// Check P8 on one setup.
 pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
+    // No warmup: with transformers' schedule the first step of a warmup trains at lr 0, and
+    // the step below must move every trainable tensor.
+    let mut setup = setup.clone();
+    setup.train.schedule.warmup_steps = 0;
+    let setup = &setup;
     let mut t = f.build(setup, device)?;
     // Long enough rows that every position and layer is exercised.
     let batch = random_batches(setup.spec.vocab_size, setup.adapter_seed, 1, 3, 10);

@@ -311,8 +311,21 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     if cfg.families.is_empty() {
         return Verdict::failed_with(FailReason::Config, "no model family to draw setups from");
     }
+    let supported = factory.families();
+    let families: Vec<Family> = cfg
+        .families
+        .iter()
+        .copied()
+        .filter(|f| match supported.iter().find(|(g, _)| g == f) {
+            Some((_, Some(why))) => {
+                skipped.push(format!("{}: {why}", f.short_name()));
+                false
+            }
+            _ => true,
+        })
+        .collect();
     let mut cases_run = 0u32;
-    if !dtypes.is_empty() {
+    if !dtypes.is_empty() && !families.is_empty() {
         for &kind in prop.kinds.iter().filter(|k| cfg.kinds.as_ref().is_none_or(|only| only.contains(k))) {
             if let Some(missing) = caps.lacking(&kind_needs(kind, prop.grad_accum)) {
                 skipped.push(format!("{}: the subject does not declare `{missing}`", kind.name()));
@@ -322,7 +335,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             // Shrinking keeps the kind of the first failure: a smaller setup that fails a
             // different clause (or errors) is not a smaller example of *this* failure.
             let first: std::cell::RefCell<Option<String>> = Default::default();
-            let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), cfg.families.clone());
+            let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), families.clone());
             let filter = prop.filter;
             let strategy = strategy.prop_filter("the property's precondition", move |s| filter.is_none_or(|f| f(s)));
             let config = Config {

@@ -36,7 +36,7 @@ pub fn save(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
 fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
     peft::save(dir, tr.lora(), tr.params(), tr.quant(), base_model)?;
     crate::io::hf::save(&dir.join(BASE), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
-    let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors() };
+    let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors()? };
     write_safetensors(&dir.join(OPTIMIZER), &moments)?;
     let (schedule_step, epoch) = tr.progress();
     let state = json!({
@@ -144,13 +144,14 @@ fn restore_values(
 ) -> Result<()> {
     crate::adapt::attach::load_values(tr.params(), tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
     let (opt_step, schedule_step, epoch) = (f.usize("optimizer_step")?, f.usize("schedule_step")?, f.usize("epoch")?);
-    let opt = StFile::open(&dir.join(OPTIMIZER))?;
+    let opt_path = dir.join(OPTIMIZER);
+    let opt = StFile::open(&opt_path)?;
     let device = tr.model().device().clone();
     let mut moments = BTreeMap::new();
     for k in opt.names()? {
         moments.insert(k.clone(), opt.load(&k)?.to_device(&device)?);
     }
-    tr.optimizer_mut().restore(opt_step, &moments)?;
+    tr.optimizer_mut().restore(opt_step, &moments).map_err(|e| Error::Msg(format!("{}: {e}", opt_path.display())))?;
     tr.set_progress(schedule_step, epoch);
     tr.set_window_in_epoch(f.usize("window_in_epoch")?);
     let pos: u128 = f.str("dropout_word_pos")?.parse().map_err(|_| f.bad("dropout_word_pos", "not an integer"))?;
@@ -184,6 +185,12 @@ pub fn config_to_json(c: &TrainConfig) -> Value {
         },
         "seed": c.seed,
     })
+}
+
+/// Parse a training configuration written by [`config_to_json`] (read from `file`, named in
+/// errors); every field is required and typed.
+pub fn config_from_value(v: &Value, file: &Path) -> Result<TrainConfig> {
+    config_from_json(&Fields::new(v, file, "")?)
 }
 
 /// Parse [`config_to_json`]'s object; every field is required and typed.

@@ -121,7 +121,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             optim: AdamWConfig::default(),
-            schedule: Schedule { warmup_steps: 5, total_steps: 200, min_ratio: 0.1 },
+            schedule: Schedule { warmup_steps: 5, total_steps: 200, min_ratio: 0.0 },
             max_grad_norm: Some(1.0),
             grad_accum: 1,
             epochs: 1,

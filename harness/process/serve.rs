@@ -1,0 +1,323 @@
+//! The driver side of the protocol around any [`Factory`]: reads requests from stdin and
+//! answers on stdout. `tunecheck driver` serves the reference trainer (or a mutant) with it,
+//! so the protocol, [`ProcessTrainer`](crate::process::ProcessTrainer) and the failure
+//! handling are tested in `cargo test` without Python. [`DriverFault`]s make it misbehave on
+//! purpose (die, print garbage, hang, write wrong shapes) for those tests.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::io::st::write_safetensors;
+use crate::model::Mode;
+use crate::process::wire::{self, PREFIX};
+use crate::subject::{Factory, FitPlan, Setup, Trainer};
+
+/// A planted protocol failure: at the first request for `op`, do `kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverFault {
+    /// The operation (`build`, `step`, `logits`, ...).
+    pub op: String,
+    /// What to do.
+    pub kind: FaultKind,
+}
+
+/// Ways a driver can break the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Exit with status 3 without answering (after a line on stderr).
+    Die,
+    /// Answer with a line that is not JSON.
+    Garbage,
+    /// Never answer.
+    Hang,
+    /// Write the answer's tensor file with a wrong shape.
+    BadShape,
+    /// Answer `{"ok": false}` with a message.
+    Error,
+}
+
+impl std::str::FromStr for DriverFault {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (op, kind) = s.split_once(':').ok_or_else(|| Error::field("--fault", format!("`{s}` is not OP:KIND")))?;
+        let kind = match kind {
+            "die" => FaultKind::Die,
+            "garbage" => FaultKind::Garbage,
+            "hang" => FaultKind::Hang,
+            "bad_shape" => FaultKind::BadShape,
+            "error" => FaultKind::Error,
+            other => {
+                return Err(Error::field("--fault", format!("`{other}` is not die, garbage, hang, bad_shape or error")))
+            }
+        };
+        Ok(DriverFault { op: op.to_string(), kind })
+    }
+}
+
+/// Read the setup directory written by [`wire::write_setup`] back into a [`Setup`].
+pub fn read_setup(dir: &Path) -> Result<Setup> {
+    let ck = crate::io::hf::load(&dir.join("base"), &Device::Cpu, None)?;
+    let adapter = crate::io::peft::read(&dir.join("adapter"))?;
+    let path = dir.join("train.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+    let field = |k: &str| {
+        v.get(k).ok_or_else(|| Error::Config { file: Some(path.clone()), field: k.into(), msg: "missing".into() })
+    };
+    let quant = match field("quantization")? {
+        Value::Null => None,
+        q => Some(crate::adapt::QuantConfig::from_json(q)?),
+    };
+    let adapter_seed = field("adapter_seed")?.as_u64().ok_or_else(|| Error::Config {
+        file: Some(path.clone()),
+        field: "adapter_seed".into(),
+        msg: "not a non-negative integer".into(),
+    })?;
+    let train = crate::train::checkpoint::config_from_value(field("train")?, &path)?;
+    let mut lora = adapter.lora;
+    lora.init = match field("adapter_init")? {
+        Value::Null => crate::adapt::LoraInit::Default,
+        v => crate::adapt::LoraInit::NonZero(v.get("b_std").and_then(Value::as_f64).ok_or_else(|| Error::Config {
+            file: Some(path.clone()),
+            field: "adapter_init.b_std".into(),
+            msg: "missing or not a number".into(),
+        })? as f32),
+    };
+    Ok(Setup { spec: ck.spec, weights: ck.weights, lora, quant, train, adapter_seed })
+}
+
+/// Check that `subject` starts from the adapter values in `dir/adapter` (bitwise): a driver
+/// that rebuilds the initial adapter from the seed must arrive at the same tensors.
+fn check_initial_adapter(subject: &dyn Trainer, dir: &Path) -> Result<()> {
+    let adapter = crate::io::peft::read(&dir.join("adapter"))?;
+    let file = dir.join("adapter").join(crate::io::peft::WEIGHTS);
+    let trainable = subject.trainable();
+    if trainable.len() != adapter.tensors.len() {
+        return Err(Error::file(
+            &file,
+            format!("{} tensors, but the subject has {} trainable tensors", adapter.tensors.len(), trainable.len()),
+        ));
+    }
+    for (name, t) in trainable {
+        let want = adapter.tensors.get(&name).ok_or_else(|| Error::tensor(&file, &name, "missing"))?;
+        let t = t.to_dtype(want.dtype())?.to_device(&Device::Cpu)?;
+        if !crate::props::bitwise_equal(&t, want)? {
+            return Err(Error::tensor(&file, &name, "the rebuilt initial value differs from the file's"));
+        }
+    }
+    Ok(())
+}
+
+fn listing(v: &[(String, Tensor)], prefix: &str) -> Value {
+    Value::Array(v.iter().map(|(n, t)| json!([format!("{prefix}{n}"), t.dims()])).collect())
+}
+
+struct Server<'a> {
+    factory: &'a dyn Factory,
+    subject: Option<Box<dyn Trainer>>,
+    faults: Vec<DriverFault>,
+}
+
+fn path_of(req: &Value, k: &str) -> Result<PathBuf> {
+    req.get(k).and_then(Value::as_str).map(PathBuf::from).ok_or_else(|| Error::field(k, "missing or not a path"))
+}
+
+fn batches_of(req: &Value, k: &str) -> Result<Vec<crate::train::Batch>> {
+    let list = req.get(k).and_then(Value::as_array).ok_or_else(|| Error::field(k, "missing or not a list"))?;
+    list.iter()
+        .map(|p| wire::read_batch(Path::new(p.as_str().ok_or_else(|| Error::field(k, "entry is not a path"))?)))
+        .collect()
+}
+
+impl Server<'_> {
+    fn subject(&mut self) -> Result<&mut Box<dyn Trainer>> {
+        self.subject.as_mut().ok_or_else(|| Error::Msg("no subject: send `build` or `load` first".into()))
+    }
+
+    fn fault(&mut self, op: &str) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|f| f.op == op)?;
+        Some(self.faults.remove(i).kind)
+    }
+
+    fn describe(&mut self) -> Result<Value> {
+        let s = self.subject()?;
+        let trainable = s.trainable();
+        let frozen = s.frozen();
+        let probe = Tensor::zeros((1, 1), candle_core::DType::U32, &Device::Cpu)?;
+        let vocab = s.logits(&probe, Mode::Eval)?.dim(2)?;
+        Ok(json!({"vocab_size": vocab, "trainable": listing(&trainable, PREFIX), "frozen": listing(&frozen, "")}))
+    }
+
+    fn write(&self, out: &Path, tensors: BTreeMap<String, Tensor>, bad_shape: bool) -> Result<()> {
+        let tensors = if bad_shape {
+            tensors.into_iter().map(|(k, t)| Ok((k, t.flatten_all()?))).collect::<Result<_>>()?
+        } else {
+            tensors
+        };
+        write_safetensors(out, &tensors)
+    }
+
+    fn handle(&mut self, op: &str, req: &Value, bad_shape: bool) -> Result<Value> {
+        Ok(match op {
+            "hello" => json!({
+                "protocol": wire::VERSION,
+                "framework": "tunecheck",
+                "version": format!("{} ({})", env!("CARGO_PKG_VERSION"), self.factory.name()),
+                "capabilities": {
+                    "save_load": self.factory.capabilities().save_load,
+                    "quant4": self.factory.capabilities().quant4,
+                    "grad_accum": self.factory.capabilities().grad_accum,
+                    "train_embeddings": self.factory.capabilities().train_embeddings,
+                    "bf16": self.factory.capabilities().bf16,
+                    "f16": self.factory.capabilities().f16,
+                },
+                "families": crate::spec::Family::ALL.iter().map(|&f| f.short_name()).collect::<Vec<_>>(),
+            }),
+            "build" => {
+                let dir = path_of(req, "setup")?;
+                let setup = read_setup(&dir)?;
+                let subject = self.factory.build(&setup, &Device::Cpu)?;
+                check_initial_adapter(subject.as_ref(), &dir)?;
+                self.subject = Some(subject);
+                self.describe()?
+            }
+            "load" => {
+                self.subject = Some(self.factory.load(&Device::Cpu, &path_of(req, "dir")?)?);
+                self.describe()?
+            }
+            "reset" => {
+                self.subject = None;
+                json!({})
+            }
+            "logits" => {
+                let b = wire::read_batch(&path_of(req, "batch")?)?;
+                let mode = match req.get("mode").and_then(Value::as_str) {
+                    Some("train") => Mode::Train,
+                    Some("eval") => Mode::Eval,
+                    _ => return Err(Error::field("mode", "not `train` or `eval`")),
+                };
+                let s = self.subject()?;
+                let logits = s.logits(&b.ids_tensor(&Device::Cpu)?, mode)?.to_dtype(candle_core::DType::F32)?;
+                self.write(&path_of(req, "out")?, BTreeMap::from([("logits".to_string(), logits)]), bad_shape)?;
+                json!({})
+            }
+            "gradients" => {
+                let micro = batches_of(req, "batches")?;
+                let tokens: usize = micro.iter().map(|b| b.tokens()).sum();
+                let g = self.subject()?.gradients(&micro)?;
+                let g = g.into_iter().map(|(k, v)| (format!("{PREFIX}{k}"), v)).collect();
+                self.write(&path_of(req, "out")?, g, bad_shape)?;
+                json!({"tokens": tokens})
+            }
+            "step" => {
+                let micro = batches_of(req, "batches")?;
+                let r = self.subject()?.train_step(&micro)?;
+                json!({"loss": r.loss, "tokens": r.tokens, "grad_norm": r.grad_norm, "lr": r.lr})
+            }
+            "eval_loss" => {
+                let b = batches_of(req, "batches")?;
+                json!({"loss": self.subject()?.eval_loss(&b)?})
+            }
+            "fit" => {
+                let train = batches_of(req, "train")?;
+                let eval = batches_of(req, "eval")?;
+                let epochs =
+                    req.get("epochs").and_then(Value::as_u64).ok_or_else(|| Error::field("epochs", "missing"))?;
+                let max_steps = req.get("max_steps").and_then(Value::as_u64).map(|x| x as usize);
+                let h = self.subject()?.fit(&train, &eval, FitPlan { epochs: epochs as usize, max_steps })?;
+                json!({
+                    "train": h.train.iter().map(|(s, e, l)| json!([s, e, l])).collect::<Vec<_>>(),
+                    "eval": h.eval.iter().map(|(s, l)| json!([s, l])).collect::<Vec<_>>(),
+                })
+            }
+            "tensors" => {
+                let which = req.get("which").and_then(Value::as_str).unwrap_or("");
+                let s = self.subject()?;
+                let (list, prefix) = match which {
+                    "trainable" => (s.trainable(), PREFIX),
+                    "frozen" => (s.frozen(), ""),
+                    other => return Err(Error::field("which", format!("`{other}` is not trainable or frozen"))),
+                };
+                let map = list.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+                self.write(&path_of(req, "out")?, map, bad_shape)?;
+                json!({})
+            }
+            "save" => {
+                let dir = path_of(req, "dir")?;
+                self.subject()?.save(&dir)?;
+                json!({})
+            }
+            other => return Err(Error::field("op", format!("unknown operation `{other}`"))),
+        })
+    }
+}
+
+/// Serve `factory` over stdin/stdout until `shutdown` or end of input.
+pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    let mut server = Server { factory, subject: None, faults };
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| Error::Msg(format!("reading stdin: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("driver: request is not JSON ({e}): {line}");
+                continue;
+            }
+        };
+        let id = req.get("id").cloned().unwrap_or(Value::Null);
+        let op = req.get("op").and_then(Value::as_str).unwrap_or("").to_string();
+        let fault = server.fault(&op);
+        match fault {
+            Some(FaultKind::Die) => {
+                eprintln!("driver: planted fault: dying during `{op}`");
+                std::process::exit(3);
+            }
+            Some(FaultKind::Hang) => {
+                eprintln!("driver: planted fault: hanging during `{op}`");
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+            Some(FaultKind::Garbage) => {
+                writeln!(stdout, "Loading checkpoint shards: 100%|##########| 1/1").ok();
+                stdout.flush().ok();
+                continue;
+            }
+            _ => {}
+        }
+        let answer = if op == "shutdown" {
+            json!({"id": id, "ok": true})
+        } else if fault == Some(FaultKind::Error) {
+            json!({"id": id, "ok": false, "error": format!("planted fault: `{op}` refused")})
+        } else {
+            match server.handle(&op, &req, fault == Some(FaultKind::BadShape)) {
+                Ok(mut v) => {
+                    v["id"] = id;
+                    v["ok"] = json!(true);
+                    v
+                }
+                Err(e) => {
+                    let mut v = crate::process::child::error_answer(&e);
+                    v["id"] = id;
+                    v
+                }
+            }
+        };
+        writeln!(stdout, "{answer}").map_err(|e| Error::Msg(format!("writing stdout: {e}")))?;
+        stdout.flush().map_err(|e| Error::Msg(format!("writing stdout: {e}")))?;
+        if op == "shutdown" {
+            break;
+        }
+    }
+    Ok(())
+}

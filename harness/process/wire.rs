@@ -1,0 +1,230 @@
+//! The driver protocol's data: the handshake, the setup directory tunecheck writes for
+//! `build`, batch files, and the tensor files a driver answers with (checked for names,
+//! shapes and finiteness of layout before use). The protocol itself is documented in
+//! `harness/drivers/PROTOCOL.md`; [`VERSION`] is its version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::io::st::{write_safetensors, StFile};
+use crate::spec::{short_dtype_name, Family};
+use crate::subject::{Capabilities, Setup};
+use crate::train::Batch;
+
+/// The protocol version this tunecheck speaks.
+pub const VERSION: u64 = 1;
+
+/// PEFT's key prefix: tensors in protocol files are keyed as PEFT saves an adapter.
+pub const PREFIX: &str = crate::io::peft::PREFIX;
+
+/// What a driver said about itself in its `hello` answer.
+#[derive(Debug, Clone)]
+pub struct Hello {
+    /// The framework under test, e.g. `transformers+peft`.
+    pub framework: String,
+    /// Its version(s), free text, e.g. `transformers 4.45.2, peft 0.13.2, torch 2.4.1`.
+    pub version: String,
+    /// Optional abilities.
+    pub capabilities: Capabilities,
+    /// Families the driver can build, and the reason for each it cannot.
+    pub families: Vec<Family>,
+    /// Why a family is not supported, by family.
+    pub unsupported: BTreeMap<String, String>,
+}
+
+fn bad_hello(msg: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("driver, operation `hello`: {msg}"))
+}
+
+impl Hello {
+    /// Parse and check a `hello` answer.
+    pub fn parse(v: &Value) -> Result<Hello> {
+        let version = v.get("protocol").and_then(Value::as_u64).ok_or_else(|| bad_hello("no integer `protocol`"))?;
+        if version != VERSION {
+            return Err(bad_hello(format!("the driver speaks protocol {version}; this tunecheck speaks {VERSION}")));
+        }
+        let text = |k: &str| -> Result<String> {
+            v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| bad_hello(format!("no string `{k}`")))
+        };
+        let caps = v.get("capabilities").and_then(Value::as_object).ok_or_else(|| bad_hello("no `capabilities`"))?;
+        let flag = |k: &str| -> Result<bool> {
+            match caps.get(k) {
+                None => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(bad_hello(format!("capability `{k}` is {other}, not a boolean"))),
+            }
+        };
+        for k in caps.keys() {
+            if !CAPABILITY_NAMES.contains(&k.as_str()) {
+                return Err(bad_hello(format!("unknown capability `{k}` (known: {})", CAPABILITY_NAMES.join(", "))));
+            }
+        }
+        let mut capabilities = Capabilities::none();
+        capabilities.save_load = flag("save_load")?;
+        capabilities.quant4 = flag("quant4")?;
+        capabilities.grad_accum = flag("grad_accum")?;
+        capabilities.train_embeddings = flag("train_embeddings")?;
+        capabilities.bf16 = flag("bf16")?;
+        capabilities.f16 = flag("f16")?;
+        // Incremental decoding is not part of the protocol: P1's cache clause needs the Rust
+        // trait.
+        capabilities.kv_cache = false;
+        let names = v.get("families").and_then(Value::as_array).ok_or_else(|| bad_hello("no `families` list"))?;
+        let mut families = Vec::new();
+        for n in names {
+            let s = n.as_str().ok_or_else(|| bad_hello(format!("family {n} is not a string")))?;
+            families.push(
+                Family::from_name(s)
+                    .ok_or_else(|| bad_hello(format!("unknown family `{s}` (llama, gemma, gemma2, gemma3)")))?,
+            );
+        }
+        let mut unsupported = BTreeMap::new();
+        if let Some(u) = v.get("unsupported").and_then(Value::as_object) {
+            for (k, why) in u {
+                unsupported.insert(k.clone(), why.as_str().unwrap_or("(no reason given)").to_string());
+            }
+        }
+        Ok(Hello { framework: text("framework")?, version: text("version")?, capabilities, families, unsupported })
+    }
+}
+
+/// Capability names a driver may declare in `hello`.
+pub const CAPABILITY_NAMES: [&str; 7] =
+    ["save_load", "quant4", "grad_accum", "train_embeddings", "bf16", "f16", "dropout"];
+
+/// Write the directory a driver builds a subject from: `base/` (a Hugging Face checkpoint of
+/// the synthetic base in its dtype), `adapter/` (a PEFT adapter directory holding tunecheck's
+/// seeded initial values, B non-zero) and `train.json` (the training configuration, the 4-bit
+/// configuration, the dtype, and the seed and B scale the initial adapter was drawn with, for
+/// drivers that rebuild it rather than read it).
+pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::hf::save(&dir.join("base"), &setup.spec, &setup.weights, crate::io::hf::Sharding::Single)?;
+    // The initial adapter is the reference trainer's, built on the host from the same setup.
+    let init = crate::subject::reference(setup, &Device::Cpu)?;
+    crate::io::peft::save(&dir.join("adapter"), &setup.lora, init.params(), setup.quant.as_ref(), "base")?;
+    let train = json!({
+        "protocol": VERSION,
+        "family": setup.spec.family.short_name(),
+        "dtype": short_dtype_name(setup.spec.dtype),
+        "quantization": setup.quant.as_ref().map_or(Value::Null, |q| q.to_json()),
+        "adapter_seed": setup.adapter_seed,
+        "adapter_init": match setup.lora.init {
+            crate::adapt::LoraInit::Default => Value::Null,
+            crate::adapt::LoraInit::NonZero(s) => json!({"b_std": s}),
+        },
+        "train": crate::train::checkpoint::config_to_json(&setup.train),
+    });
+    let bytes = serde_json::to_vec_pretty(&train).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::io::atomic::write_atomic(&dir.join("train.json"), &bytes)
+}
+
+/// Write `batch` as a safetensors file: `input_ids`, `labels` (−100 masks a position; the
+/// model shifts) and `attention_mask` (all ones: batches are right-padded and padded
+/// positions are masked from the loss, which causal attention keeps invisible to real
+/// positions), each i64 `[batch, seq]`.
+pub fn write_batch(path: &Path, batch: &Batch) -> Result<()> {
+    let b = batch.ids.len();
+    let s = batch.ids.first().map_or(0, Vec::len);
+    let ids: Vec<i64> = batch.ids.iter().flatten().map(|&x| x as i64).collect();
+    let labels: Vec<i64> = batch.labels.iter().flatten().copied().collect();
+    let t = |v: Vec<i64>| Tensor::from_vec(v, (b, s), &Device::Cpu);
+    let map = BTreeMap::from([
+        ("input_ids".to_string(), t(ids)?),
+        ("labels".to_string(), t(labels)?),
+        ("attention_mask".to_string(), t(vec![1i64; b * s])?),
+    ]);
+    write_safetensors(path, &map)
+}
+
+/// Read a batch file written by [`write_batch`].
+pub fn read_batch(path: &Path) -> Result<Batch> {
+    let st = StFile::open(path)?;
+    let get = |k: &str| -> Result<Vec<Vec<i64>>> {
+        let t = st.load(k)?.to_dtype(DType::I64)?;
+        t.to_vec2::<i64>().map_err(|e| Error::tensor(path, k, format!("not a [batch, seq] tensor: {e}")))
+    };
+    let ids = get("input_ids")?;
+    let labels = get("labels")?;
+    let ids = ids
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|x| u32::try_from(x).map_err(|_| Error::tensor(path, "input_ids", "negative id")))
+                .collect()
+        })
+        .collect::<Result<Vec<Vec<u32>>>>()?;
+    Ok(Batch { ids, labels })
+}
+
+/// Read the tensor file a driver wrote for operation `op`: `want` gives every expected name
+/// (protocol keys) and shape; missing, extra and wrongly shaped tensors are errors naming
+/// the file and tensor. Returned as f32 on `device`, keyed by the names in `want`.
+pub fn read_tensors(
+    op: &str,
+    path: &Path,
+    want: &[(String, Vec<usize>)],
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let st = StFile::open(path).map_err(|e| Error::Msg(format!("driver, operation `{op}`: {e}")))?;
+    let names = st.names()?;
+    let mut out = BTreeMap::new();
+    for (name, shape) in want {
+        let Some((_, got)) = st.info(name)? else {
+            return Err(Error::Msg(format!(
+                "driver, operation `{op}`: {}: tensor `{name}` is missing (the file has {} tensors)",
+                path.display(),
+                names.len()
+            )));
+        };
+        if &got != shape {
+            return Err(Error::Msg(format!(
+                "driver, operation `{op}`: {}: tensor `{name}` has shape {got:?}, expected {shape:?}",
+                path.display()
+            )));
+        }
+        out.insert(name.clone(), st.load(name)?.to_dtype(DType::F32)?.to_device(device)?);
+    }
+    if let Some(extra) = names.iter().find(|n| !want.iter().any(|(w, _)| w == *n)) {
+        return Err(Error::Msg(format!("driver, operation `{op}`: {}: unexpected tensor `{extra}`", path.display())));
+    }
+    Ok(out)
+}
+
+/// A scratch work directory for one factory, removed on drop.
+pub struct WorkDir {
+    path: PathBuf,
+    next: std::cell::Cell<u64>,
+}
+
+impl WorkDir {
+    /// A new directory under the system temp dir.
+    pub fn new() -> Result<WorkDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tunecheck-driver-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(WorkDir { path, next: std::cell::Cell::new(0) })
+    }
+
+    /// A fresh path inside, named `<what>-<n><ext>`.
+    pub fn fresh(&self, what: &str, ext: &str) -> PathBuf {
+        let n = self.next.get();
+        self.next.set(n + 1);
+        self.path.join(format!("{what}-{n}{ext}"))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
