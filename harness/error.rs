@@ -68,6 +68,16 @@ pub enum Error {
         /// The optimizer step (0-based) that produced it.
         step: usize,
     },
+    /// A trainer in another process (a driver) failed an operation: it died, hung past the
+    /// timeout, broke the protocol, wrote a missing or wrongly shaped file, or reported an
+    /// error. `msg` carries the driver's last stderr lines.
+    #[error("driver, operation `{op}`: {msg}")]
+    Driver {
+        /// The protocol operation (`build`, `step`, ...).
+        op: String,
+        /// What went wrong, with the driver's stderr.
+        msg: String,
+    },
     /// Anything else, with a message that says what and where.
     #[error("{0}")]
     Msg(String),

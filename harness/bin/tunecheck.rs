@@ -345,7 +345,7 @@ fn driver(mutant: Option<&str>, faults: &[String]) -> ExitCode {
     };
     let result = match mutant {
         None => tunecheck::process::serve::serve(&tunecheck::subject::Reference, faults),
-        Some(n) => match tunecheck::mutants::by_name(n).and_then(|m| m.trainer_bug()) {
+        Some(n) => match tunecheck::mutants::catalogue().iter().filter(|m| m.name == n).find_map(|m| m.trainer_bug()) {
             Some(bug) => tunecheck::process::serve::serve(&tunecheck::mutants::Mutant(bug), faults),
             None => {
                 let names: Vec<&str> = tunecheck::mutants::catalogue()

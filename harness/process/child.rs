@@ -21,11 +21,12 @@ const STDERR_KEEP: usize = 16 * 1024;
 /// A failure of the driver, naming the operation, with the driver's recent stderr.
 pub fn driver_error(op: &str, msg: impl std::fmt::Display, stderr: &str) -> Error {
     let stderr = stderr.trim_end();
-    if stderr.is_empty() {
-        Error::Msg(format!("driver, operation `{op}`: {msg} (the driver wrote nothing to stderr)"))
+    let msg = if stderr.is_empty() {
+        format!("{msg} (the driver wrote nothing to stderr)")
     } else {
-        Error::Msg(format!("driver, operation `{op}`: {msg}\n--- driver stderr (last lines) ---\n{stderr}"))
-    }
+        format!("{msg}\n--- driver stderr (last lines) ---\n{stderr}")
+    };
+    Error::Driver { op: op.to_string(), msg }
 }
 
 /// A running driver.

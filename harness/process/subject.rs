@@ -213,7 +213,7 @@ impl ProcessTrainer {
         let out = self.work.fresh(which, ".safetensors");
         self.call("tensors", json!({"which": which, "out": out}))?;
         let want = if which == "trainable" { &self.trainable } else { &self.frozen };
-        let mut got = wire::read_tensors(&op, &out, want, &Device::Cpu)?;
+        let mut got = wire::read_tensors(&op, &out, want, false, &Device::Cpu)?;
         let _ = std::fs::remove_file(&out);
         Ok(want.iter().map(|(n, _)| (strip(n), got.remove(n).expect("checked by read_tensors"))).collect())
     }
@@ -248,7 +248,7 @@ impl Trainer for ProcessTrainer {
         };
         self.call("logits", json!({"batch": file, "mode": mode, "out": out}))?;
         let want = [("logits".to_string(), vec![b, s, self.vocab])];
-        let mut got = wire::read_tensors("logits", &out, &want, ids.device())?;
+        let mut got = wire::read_tensors("logits", &out, &want, false, ids.device())?;
         let _ = std::fs::remove_file(&out);
         Ok(got.remove("logits").expect("checked"))
     }
@@ -265,7 +265,7 @@ impl Trainer for ProcessTrainer {
         let files = self.batch_files(micro)?;
         let out = self.work.fresh("gradients", ".safetensors");
         self.call("gradients", json!({"batches": files, "out": out}))?;
-        let got = wire::read_tensors("gradients", &out, &self.trainable, &Device::Cpu)?;
+        let got = wire::read_tensors("gradients", &out, &self.trainable, true, &Device::Cpu)?;
         let _ = std::fs::remove_file(&out);
         Ok(got.into_iter().map(|(n, t)| (strip(&n), t)).collect())
     }

@@ -37,7 +37,7 @@ pub struct Hello {
 }
 
 fn bad_hello(msg: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("driver, operation `hello`: {msg}"))
+    Error::Driver { op: "hello".into(), msg: msg.to_string() }
 }
 
 impl Hello {
@@ -104,9 +104,14 @@ pub const CAPABILITY_NAMES: [&str; 7] =
 pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::io::hf::save(&dir.join("base"), &setup.spec, &setup.weights, crate::io::hf::Sharding::Single)?;
-    // The initial adapter is the reference trainer's, built on the host from the same setup.
-    let init = crate::subject::reference(setup, &Device::Cpu)?;
-    crate::io::peft::save(&dir.join("adapter"), &setup.lora, init.params(), setup.quant.as_ref(), "base")?;
+    // The initial adapter: tunecheck's seeded LoRA factors, and full copies of the base's
+    // `modules_to_save` tensors as they are (untrained rows included: fixing them is the
+    // trainer's job).
+    let map = setup.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vb = candle_nn::VarBuilder::from_tensors(map, setup.spec.dtype, &Device::Cpu);
+    let mut model = crate::model::Transformer::load(vb, &setup.spec)?;
+    let params = crate::adapt::attach::attach(&mut model, &setup.lora, setup.adapter_seed, DType::F32)?;
+    crate::io::peft::save(&dir.join("adapter"), &setup.lora, &params, setup.quant.as_ref(), "base")?;
     let train = json!({
         "protocol": VERSION,
         "family": setup.spec.family.short_name(),
@@ -162,30 +167,34 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
 }
 
 /// Read the tensor file a driver wrote for operation `op`: `want` gives every expected name
-/// (protocol keys) and shape; missing, extra and wrongly shaped tensors are errors naming
-/// the file and tensor. Returned as f32 on `device`, keyed by the names in `want`.
+/// (protocol keys) and shape; extra and wrongly shaped tensors are errors naming the file and
+/// tensor, and so are missing ones unless `partial` (a gradient file lists only the tensors
+/// that received a gradient: a missing one is the property's finding, not a protocol error).
+/// Returned as f32 on `device`, keyed by the names in `want`.
 pub fn read_tensors(
     op: &str,
     path: &Path,
     want: &[(String, Vec<usize>)],
+    partial: bool,
     device: &Device,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let st = StFile::open(path).map_err(|e| Error::Msg(format!("driver, operation `{op}`: {e}")))?;
+    let fail = |msg: String| Error::Driver { op: op.to_string(), msg };
+    let st = StFile::open(path).map_err(|e| fail(e.to_string()))?;
     let names = st.names()?;
     let mut out = BTreeMap::new();
     for (name, shape) in want {
         let Some((_, got)) = st.info(name)? else {
-            return Err(Error::Msg(format!(
-                "driver, operation `{op}`: {}: tensor `{name}` is missing (the file has {} tensors)",
+            if partial {
+                continue;
+            }
+            return Err(fail(format!(
+                "{}: tensor `{name}` is missing (the file has {} tensors)",
                 path.display(),
                 names.len()
             )));
         };
         if &got != shape {
-            return Err(Error::Msg(format!(
-                "driver, operation `{op}`: {}: tensor `{name}` has shape {got:?}, expected {shape:?}",
-                path.display()
-            )));
+            return Err(fail(format!("{}: tensor `{name}` has shape {got:?}, expected {shape:?}", path.display())));
         }
         out.insert(name.clone(), st.load(name)?.to_dtype(DType::F32)?.to_device(device)?);
     }

@@ -346,11 +346,22 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 ..Config::default()
             };
             let mut runner = TestRunner::new_with_rng(config, seeded(sub_seed(cfg.seed, prop.id, kind)));
+            // A driver failure (a trainer process that died, hung or broke the protocol) is
+            // about the driver, not the case: it is reported with the case that met it,
+            // unshrunk, so that a hanging driver costs one timeout, not one per shrink step.
+            let halted: std::cell::RefCell<Option<(FailReason, String)>> = Default::default();
             let result = runner.run(&strategy, |setup| {
+                if halted.borrow().is_some() {
+                    return Ok(());
+                }
                 counter.set(counter.get() + 1);
                 match check(factory, &device, &setup) {
                     Ok(()) => Ok(()),
                     Err(f) => {
+                        if matches!(f, Failure::Error(crate::error::Error::Driver { .. })) {
+                            *halted.borrow_mut() = Some(reason_of(&f, prop.id));
+                            return Err(TestCaseError::fail(f.to_string()));
+                        }
                         let key = failure_key(&f);
                         let mut first = first.borrow_mut();
                         match first.as_deref() {
@@ -367,9 +378,13 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 Ok(()) => cases_run += cases,
                 Err(TestError::Fail(_, setup)) => {
                     // Re-run the minimal case for its typed reason (the check is deterministic).
-                    let (reason, detail) = match check(factory, &device, &setup) {
-                        Err(f) => reason_of(&f, prop.id),
-                        Ok(()) => nondeterministic(prop.id),
+                    let recorded = halted.borrow_mut().take();
+                    let (reason, detail) = match recorded {
+                        Some(r) => r,
+                        None => match check(factory, &device, &setup) {
+                            Err(f) => reason_of(&f, prop.id),
+                            Ok(()) => nondeterministic(prop.id),
+                        },
                     };
                     return Verdict::Failed {
                         reason,
