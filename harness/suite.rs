@@ -50,12 +50,23 @@ pub struct Options {
     pub strict: bool,
     /// Run this mutant instead of the reference (by name).
     pub mutant: Option<String>,
+    /// Shrinking steps after a failure (each rebuilds a subject: keep it small for a driver
+    /// process).
+    pub max_shrink_iters: u32,
 }
 
 impl Options {
     /// Default options with `cases` and `seed`, every family and property.
     pub fn new(cases: u32, seed: u64) -> Self {
-        Options { cases, seed, families: Family::ALL.to_vec(), properties: Vec::new(), strict: false, mutant: None }
+        Options {
+            cases,
+            seed,
+            families: Family::ALL.to_vec(),
+            properties: Vec::new(),
+            strict: false,
+            mutant: None,
+            max_shrink_iters: PropConfig::default().max_shrink_iters,
+        }
     }
 
     fn wants(&self, p: &Property) -> bool {
@@ -107,6 +118,7 @@ impl Options {
             seed: self.seed,
             strict: self.strict,
             families: self.families.clone(),
+            max_shrink_iters: self.max_shrink_iters,
             ..PropConfig::default()
         }
     }

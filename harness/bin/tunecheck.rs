@@ -412,6 +412,12 @@ fn check(a: CheckArgs) -> ExitCode {
         properties: a.properties.clone(),
         strict: a.strict,
         mutant: a.mutant.clone(),
+        // A driver rebuilds its subject (a model load) at every shrinking step.
+        max_shrink_iters: if a.trainer.is_some() {
+            24
+        } else {
+            tunecheck::props::runner::PropConfig::default().max_shrink_iters
+        },
     };
     let start = std::time::Instant::now();
     let json = a.json;

@@ -33,6 +33,9 @@ pub struct ProcessFactory {
     timeout: Duration,
     hello: Hello,
     idle: Rc<RefCell<Vec<Child>>>,
+    /// A driver started ahead of need, importing while other work goes on: the next `load`
+    /// takes it, so that a fresh driver rarely costs a cold start.
+    spare: RefCell<Option<Child>>,
     work: Rc<WorkDir>,
 }
 
@@ -46,6 +49,7 @@ impl ProcessFactory {
             timeout,
             hello,
             idle: Rc::new(RefCell::new(vec![child])),
+            spare: RefCell::new(None),
             work: Rc::new(WorkDir::new()?),
         })
     }
@@ -75,7 +79,15 @@ impl ProcessFactory {
                 return Ok(c);
             }
         }
-        Ok(spawn(&self.command, self.timeout)?.0)
+        let spare = self.spare.borrow_mut().take();
+        let child = match spare {
+            Some(c) => handshake(c, self.timeout)?.0,
+            None => spawn(&self.command, self.timeout)?.0,
+        };
+        if fresh {
+            *self.spare.borrow_mut() = Some(start_process(&self.command)?);
+        }
+        Ok(child)
     }
 
     fn subject(&self, mut child: Child, op: &str, request: Value) -> Result<ProcessTrainer> {
@@ -98,8 +110,15 @@ impl ProcessFactory {
     }
 }
 
+fn start_process(command: &str) -> Result<Child> {
+    Child::spawn(command, &[("TUNECHECK_PROTOCOL", wire::VERSION.to_string())])
+}
+
 fn spawn(command: &str, timeout: Duration) -> Result<(Child, Hello)> {
-    let mut child = Child::spawn(command, &[("TUNECHECK_PROTOCOL", wire::VERSION.to_string())])?;
+    handshake(start_process(command)?, timeout)
+}
+
+fn handshake(mut child: Child, timeout: Duration) -> Result<(Child, Hello)> {
     let answer = child.call("hello", json!({"protocol": wire::VERSION}), timeout)?;
     let hello = Hello::parse(&answer)
         .map_err(|e| Error::Msg(format!("{e}\n--- driver stderr ---\n{}", child.stderr_tail())))?;
@@ -201,11 +220,13 @@ impl ProcessTrainer {
             .collect()
     }
 
+    /// A number of the answer; `null` is a non-finite value (JSON has no NaN).
     fn number(&self, op: &str, answer: &Value, key: &str) -> Result<f64> {
-        answer
-            .get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| driver_error(op, format!("the answer has no number `{key}`: {answer}"), &self.stderr()))
+        match answer.get(key) {
+            Some(Value::Null) => Ok(f64::NAN),
+            Some(v) if v.is_number() => Ok(v.as_f64().unwrap_or(f64::NAN)),
+            _ => Err(driver_error(op, format!("the answer has no number `{key}`: {answer}"), &self.stderr())),
+        }
     }
 
     fn tensors(&self, which: &str) -> Result<Vec<(String, Tensor)>> {
@@ -216,6 +237,14 @@ impl ProcessTrainer {
         let mut got = wire::read_tensors(&op, &out, want, false, &Device::Cpu)?;
         let _ = std::fs::remove_file(&out);
         Ok(want.iter().map(|(n, _)| (strip(n), got.remove(n).expect("checked by read_tensors"))).collect())
+    }
+}
+
+/// A JSON number, or NaN for `null` (how a driver sends a non-finite value).
+fn number_or_nan(v: &Value) -> Option<f64> {
+    match v {
+        Value::Null => Some(f64::NAN),
+        v => v.as_f64(),
     }
 }
 
@@ -322,7 +351,7 @@ impl Trainer for ProcessTrainer {
                 .map(|r| {
                     r.as_array()
                         .filter(|r| r.len() == n)
-                        .and_then(|r| r.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                        .and_then(|r| r.iter().map(number_or_nan).collect::<Option<Vec<f64>>>())
                         .ok_or_else(|| bad(k))
                 })
                 .collect()

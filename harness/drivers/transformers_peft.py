@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""tunecheck driver for transformers' Trainer + PEFT LoRA (driver protocol v1, PROTOCOL.md).
+
+Run by tunecheck, not by hand:
+
+    tunecheck check --trainer "python harness/drivers/transformers_peft.py"
+
+What is judged is the framework's own machinery, never a loop written here:
+  * the model is transformers' (eager attention) loaded from the Hugging Face checkpoint
+    tunecheck wrote, the adapter PEFT's, loaded with `PeftModel.from_pretrained`;
+  * the loss is the model's own from `labels` (transformers shifts them);
+  * `gradients` and `step` run `Trainer.training_step` on each micro-batch exactly as
+    `Trainer._inner_training_loop` does (the same token count `num_items_in_batch` from
+    `Trainer.get_batch_samples` where the version has it, the same accumulation settings),
+    then, for `step`, the Trainer's clipping, optimizer and scheduler;
+  * `fit` is `Trainer.train()` itself (epochs, gradient accumulation, evaluation each epoch,
+    the scheduler, resuming from a checkpoint written by `Trainer._save_checkpoint`);
+  * `save` is `Trainer._save_checkpoint` (adapter, optimizer, scheduler, RNG and trainer
+    state) plus a copy of the base; `load` rebuilds from that directory alone and restores
+    with the Trainer's own loaders.
+
+stdout carries the protocol only: everything the libraries print goes to stderr.
+Works with transformers 4.45 .. 5.x and peft 0.13 .. current; what a version lacks (Gemma 3
+before 4.50) is declared unsupported in the handshake.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import traceback
+
+PROTOCOL = 1
+_proto = sys.stdout
+sys.stdout = sys.stderr  # library prints must not corrupt the protocol channel
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import peft  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+TF = Version(transformers.__version__)
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+IGNORE = -100
+
+
+class Refusal(Exception):
+    """An error answer with a protocol `kind`."""
+
+    def __init__(self, msg, **fields):
+        super().__init__(msg)
+        self.fields = fields
+
+
+def families():
+    have, unsupported = ["llama"], {}
+    for name, cls, since in [("gemma", "GemmaForCausalLM", "4.38"), ("gemma2", "Gemma2ForCausalLM", "4.42"),
+                             ("gemma3", "Gemma3ForCausalLM", "4.50")]:
+        if hasattr(transformers, cls):
+            have.append(name)
+        else:
+            unsupported[name] = f"transformers {transformers.__version__} has no {cls} (added in {since})"
+    return have, unsupported
+
+
+class Batches(torch.utils.data.Dataset):
+    """Pre-collated micro-batches (one dataset item is one micro-batch)."""
+
+    def __init__(self, paths):
+        self.items = [load_batch(p) for p in paths]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def load_batch(path):
+    t = load_file(path)
+    return {"input_ids": t["input_ids"].long(), "attention_mask": t["attention_mask"].long(),
+            "labels": t["labels"].long()}
+
+
+def first(items):
+    return items[0]
+
+
+def saved_key(param_name):
+    """PEFT's in-memory parameter name -> the key PEFT saves it under."""
+    n = param_name.replace(".modules_to_save.default", "").replace(".original_module", "")
+    return n.replace(".default.", ".").removesuffix(".default")
+
+
+def base_key(param_name):
+    """A frozen parameter's name in the base checkpoint."""
+    n = param_name.removeprefix("base_model.model.")
+    return n.replace(".base_layer", "").replace(".original_module", "")
+
+
+class Subject:
+    def __init__(self, base_dir, adapter_dir, train_json, work):
+        self.base_dir, self.work = base_dir, work
+        with open(train_json) as f:
+            self.setup = json.load(f)
+        family = self.setup["family"]
+        have, unsupported = families()
+        if family not in have:
+            raise RuntimeError(unsupported.get(family, f"family {family} not supported"))
+        if self.setup.get("quantization") is not None:
+            raise RuntimeError("4-bit bases are not supported by this driver (declared in hello)")
+        tc = self.setup["train"]
+        self.tc = tc
+        dtype = DTYPES[self.setup["dtype"]]
+        kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
+        transformers.set_seed(int(tc["seed"]))
+        base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
+        self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        # Whether this version's Trainer hands the accumulation count to accelerate (which then
+        # divides each micro-batch's loss by it, as transformers < 4.46 does) or keeps it at 1.
+        probe = self.make_trainer(2, 1, eval_on=False)
+        self.accelerate_divides = probe.accelerator.gradient_accumulation_steps == 2
+        del probe
+        self.trainer = self.make_trainer(tc["gradient_accumulation_steps"], tc["num_train_epochs"], eval_on=False)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=tc["total_steps"])
+        self.resume = None  # a checkpoint the next fit resumes from
+        self.dirty = False  # trained since the last checkpoint
+
+    # -- the framework's objects ------------------------------------------------------------
+    def make_trainer(self, accum, epochs, eval_on, train=None, evals=None):
+        tc = self.tc
+        sched = "cosine"
+        sched_kw = {}
+        if tc["min_lr_ratio"] > 0:
+            sched, sched_kw = "cosine_with_min_lr", {"min_lr_rate": tc["min_lr_ratio"]}
+        eval_key = "eval_strategy" if TF >= Version("4.41") else "evaluation_strategy"
+        args = TrainingArguments(
+            output_dir=os.path.join(self.work, "out"), per_device_train_batch_size=1,
+            per_device_eval_batch_size=1, gradient_accumulation_steps=accum, learning_rate=tc["learning_rate"],
+            adam_beta1=tc["adam_beta1"], adam_beta2=tc["adam_beta2"], adam_epsilon=tc["adam_epsilon"],
+            weight_decay=tc["weight_decay"], max_grad_norm=tc["max_grad_norm"] or 0.0, lr_scheduler_type=sched,
+            lr_scheduler_kwargs=sched_kw, warmup_steps=tc["warmup_steps"], num_train_epochs=epochs,
+            optim="adamw_torch", seed=int(tc["seed"]), report_to=[], save_strategy="no", logging_steps=1,
+            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True,
+            **{eval_key: "epoch" if eval_on else "no"})
+        total = tc["total_steps"]
+
+        class T(Trainer):
+            # The schedule's horizon is the configuration's, not the length of this call.
+            def create_scheduler(self, num_training_steps, optimizer=None):
+                return super().create_scheduler(total, optimizer)
+
+            # Data in the given order (the properties choose it).
+            def _get_train_sampler(self, *a, **k):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        return T(model=self.model, args=args, data_collator=first, train_dataset=train, eval_dataset=evals)
+
+    def set_accumulation(self, k):
+        """What the Trainer's loop sets up for a step of k micro-batches."""
+        t = self.trainer
+        t.args.gradient_accumulation_steps = k
+        t.accelerator.gradient_state.plugin_kwargs["num_steps"] = k if self.accelerate_divides else 1
+        t.current_gradient_accumulation_steps = k
+
+    def accumulate(self, paths):
+        """Forward + backward of every micro-batch as one optimizer step of the Trainer's loop."""
+        t = self.trainer
+        batches = [load_batch(p) for p in paths]
+        self.check_untrained(batches)
+        self.set_accumulation(len(batches))
+        num_items = None
+        if hasattr(t, "get_batch_samples"):
+            import inspect
+            it = iter(batches)
+            if "device" in inspect.signature(t.get_batch_samples).parameters:
+                batches, num_items = t.get_batch_samples(it, len(paths), t.args.device)
+            else:
+                batches, num_items = t.get_batch_samples(it, len(paths))
+        loss = 0.0
+        for i, b in enumerate(batches):
+            t.accelerator.gradient_state._set_sync_gradients(i == len(batches) - 1)
+            if num_items is None:
+                step_loss = t.training_step(self.model, b)
+            else:
+                step_loss = t.training_step(self.model, b, num_items)
+            loss += float(step_loss)
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        if not math.isfinite(loss):
+            raise Refusal(f"non-finite loss {loss}", kind="non_finite", what="loss", value=None,
+                          step=t.state.global_step)
+        return loss, tokens
+
+    def check_untrained(self, batches):
+        """transformers does not refuse untrained tokens: nothing to do (P2 judges it)."""
+
+    def trainables(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def describe(self):
+        tr = [[saved_key(n), list(p.shape)] for n, p in self.trainables()]
+        seen, fr = set(), []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                continue
+            k = base_key(n)
+            if k not in seen and ".modules_to_save." not in n:
+                seen.add(k)
+                fr.append([k, list(p.shape)])
+        return {"vocab_size": self.model.config.vocab_size, "trainable": tr, "frozen": fr}
+
+    # -- operations ---------------------------------------------------------------------------
+    def logits(self, req):
+        b = load_batch(req["batch"])
+        self.model.train(req["mode"] == "train")
+        with torch.no_grad():
+            out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        save_file({"logits": out.float().contiguous()}, req["out"])
+        return {}
+
+    def gradients(self, req):
+        self.model.zero_grad(set_to_none=True)
+        loss, tokens = self.accumulate(req["batches"])
+        grads = {saved_key(n): p.grad.detach().float().contiguous() for n, p in self.trainables() if p.grad is not None}
+        self.model.zero_grad(set_to_none=True)
+        save_file(grads, req["out"])
+        return {"loss": loss, "tokens": tokens}
+
+    def step(self, req):
+        t = self.trainer
+        loss, tokens = self.accumulate(req["batches"])
+        grad_norm = None
+        if t.args.max_grad_norm and t.args.max_grad_norm > 0:
+            grad_norm = float(t.accelerator.clip_grad_norm_(self.model.parameters(), t.args.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().float().norm() for _, p in self.trainables() if p.grad is not None])))
+        if not math.isfinite(grad_norm):
+            self.model.zero_grad(set_to_none=True)
+            raise Refusal(f"non-finite gradient norm {grad_norm}", kind="non_finite", what="gradient norm",
+                          value=None, step=t.state.global_step)
+        lr = t.lr_scheduler.get_last_lr()[0]
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        self.model.zero_grad(set_to_none=True)
+        t.state.global_step += 1
+        self.dirty = True
+        return {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
+
+    def eval_loss(self, req):
+        t = self.make_trainer(1, 1, eval_on=False, evals=Batches(req["batches"]))
+        return {"loss": float(t.evaluate()["eval_loss"])}
+
+    def checkpoint(self):
+        """Write the Trainer's own checkpoint of the current state; returns its path."""
+        t = self.trainer
+        t._save_checkpoint(self.model, trial=None)
+        path = os.path.join(t.args.output_dir, f"checkpoint-{t.state.global_step}")
+        self.resume, self.dirty = path, False
+        return path
+
+    def fit(self, req):
+        tc = self.tc
+        train, evals = Batches(req["train"]), Batches(req["eval"]) if req["eval"] else None
+        resume = self.checkpoint() if self.dirty else self.resume
+        t = self.make_trainer(tc["gradient_accumulation_steps"], req["epochs"], evals is not None, train, evals)
+        hist = {"train": [], "eval": []}
+        acc = {"loss": 0.0, "epoch": 0}
+        max_steps = req.get("max_steps")
+        start = {"step": None}
+        inner = t.training_step
+
+        def training_step(*a, **k):
+            loss = inner(*a, **k)
+            acc["loss"] += float(loss)
+            return loss
+        t.training_step = training_step
+
+        class Record(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                start["step"] = state.global_step
+
+            def on_epoch_begin(self, args, state, control, **kw):
+                acc["epoch"] = int(math.floor(state.epoch + 1e-9)) if state.epoch else 0
+
+            def on_step_end(self, args, state, control, **kw):
+                hist["train"].append([state.global_step, acc["epoch"], acc["loss"]])
+                acc["loss"] = 0.0
+                if max_steps is not None and state.global_step - start["step"] >= max_steps:
+                    control.should_training_stop = True
+
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                if metrics and "eval_loss" in metrics:
+                    hist["eval"].append([state.global_step, float(metrics["eval_loss"])])
+
+        t.add_callback(Record())
+        t.train(resume_from_checkpoint=resume)
+        # Steps after this fit use the Trainer that ran it (its optimizer and scheduler).
+        self.trainer = t
+        t.training_step = inner
+        self.dirty = True
+        return hist
+
+    def tensors(self, req):
+        if req["which"] == "trainable":
+            out = {saved_key(n): p.detach().float().contiguous() for n, p in self.trainables()}
+        else:
+            names = {k for k, _ in self.describe()["frozen"]}
+            out = {}
+            for n, p in self.model.named_parameters():
+                k = base_key(n)
+                if not p.requires_grad and k in names and k not in out and ".modules_to_save." not in n:
+                    out[k] = p.detach().contiguous()
+        save_file(out, req["out"])
+        return {}
+
+    def save(self, req):
+        d = req["dir"]
+        ck = self.checkpoint()
+        os.makedirs(d, exist_ok=True)
+        shutil.copytree(self.base_dir, os.path.join(d, "base"), dirs_exist_ok=True)
+        shutil.copytree(ck, os.path.join(d, "checkpoint"), dirs_exist_ok=True)
+        with open(os.path.join(d, "train.json"), "w") as f:
+            json.dump(self.setup, f)
+        return {}
+
+    @classmethod
+    def load(cls, d, work):
+        ck = os.path.join(d, "checkpoint")
+        s = cls(os.path.join(d, "base"), ck, os.path.join(d, "train.json"), work)
+        t = s.trainer
+        t._load_optimizer_and_scheduler(ck)
+        state_cls = type(t.state)
+        t.state = state_cls.load_from_json(os.path.join(ck, "trainer_state.json"))
+        t._load_rng_state(ck)
+        s.resume = ck
+        return s
+
+
+def main():
+    work = os.environ.get("TUNECHECK_DRIVER_WORK") or os.path.join("/tmp", f"tunecheck-tfpeft-{os.getpid()}")
+    os.makedirs(work, exist_ok=True)
+    subject = None
+    n = 0
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        op = req.get("op")
+        ans = {"id": req.get("id"), "ok": True}
+        try:
+            if op == "hello":
+                have, unsupported = families()
+                ans.update(protocol=PROTOCOL, framework="transformers+peft",
+                           version=f"transformers {transformers.__version__}, peft {peft.__version__}, "
+                                   f"torch {torch.__version__}",
+                           capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
+                                         "bf16": True, "f16": True, "quant4": False},
+                           families=have, unsupported=unsupported)
+            elif op == "shutdown":
+                print(json.dumps(ans), file=_proto, flush=True)
+                break
+            elif op == "reset":
+                subject = None
+            elif op in ("build", "load"):
+                n += 1
+                sub_work = os.path.join(work, f"s{n}")
+                if op == "build":
+                    d = req["setup"]
+                    subject = Subject(os.path.join(d, "base"), os.path.join(d, "adapter"),
+                                      os.path.join(d, "train.json"), sub_work)
+                else:
+                    subject = Subject.load(req["dir"], sub_work)
+                ans.update(subject.describe())
+            elif subject is None:
+                raise RuntimeError("no subject: send build or load first")
+            elif op in ("logits", "gradients", "step", "eval_loss", "fit", "tensors", "save"):
+                ans.update(getattr(subject, op)(req))
+            else:
+                raise RuntimeError(f"unknown operation {op!r}")
+        except Refusal as e:
+            ans = {"id": req.get("id"), "ok": False, "error": str(e), **e.fields}
+        except Exception as e:  # reported to tunecheck, which fails the property with it
+            traceback.print_exc(file=sys.stderr)
+            ans = {"id": req.get("id"), "ok": False, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(finite_or_null(ans)), file=_proto, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def finite_or_null(v):
+    """JSON has no NaN or infinity: a non-finite number is sent as null (read back as NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite_or_null(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [finite_or_null(x) for x in v]
+    return v
+
+
+if __name__ == "__main__":
+    main()
