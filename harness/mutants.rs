@@ -171,6 +171,8 @@ pub enum TrainerBug {
     SkipEval,
     /// P5: gradient accumulation normalised per micro-batch (the 2024 bug).
     PerMicroBatchMean,
+    /// P10: tokens counted before the causal shift, in every path alike.
+    TokensBeforeShift,
     /// P8: candle's fused RMSNorm (no backward) everywhere in the training path.
     FusedRmsNorm,
     /// P8: a fused norm without backward in the last decoder layer only.
@@ -185,7 +187,7 @@ pub enum TrainerBug {
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 19] = [
+    pub const ALL: [TrainerBug; 20] = [
         TrainerBug::EvalFastPathWrongNorm,
         TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
@@ -200,6 +202,7 @@ impl TrainerBug {
         TrainerBug::PartialWindowOverK,
         TrainerBug::SkipEval,
         TrainerBug::PerMicroBatchMean,
+        TrainerBug::TokensBeforeShift,
         TrainerBug::FusedRmsNorm,
         TrainerBug::FusedLastLayerNorms,
         TrainerBug::FusedQkNorms,
@@ -224,6 +227,7 @@ impl TrainerBug {
             TrainerBug::PartialWindowOverK => "short_window_over_k",
             TrainerBug::SkipEval => "eval_skipped",
             TrainerBug::PerMicroBatchMean => "per_microbatch_mean",
+            TrainerBug::TokensBeforeShift => "tokens_before_shift",
             TrainerBug::FusedRmsNorm => "fused_rms_norm_no_backward",
             TrainerBug::FusedLastLayerNorms => "fused_norm_one_layer",
             TrainerBug::FusedQkNorms => "fused_qk_norms_gemma3",
@@ -257,6 +261,9 @@ impl TrainerBug {
             }
             TrainerBug::SkipEval => "eval strategy set, eval never runs",
             TrainerBug::PerMicroBatchMean => "gradient accumulation normalised per micro-batch (the 2024 bug)",
+            TrainerBug::TokensBeforeShift => {
+                "loss normalised by the tokens counted before the causal shift (position 0 included), alike in every path"
+            }
             TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
             TrainerBug::FusedLastLayerNorms => {
                 "fused rms_norm without backward in one layer: wrong, non-zero gradients"
@@ -282,6 +289,7 @@ impl TrainerBug {
             | TrainerBug::PartialWindowOverK
             | TrainerBug::SkipEval => "P4",
             TrainerBug::PerMicroBatchMean => "P5",
+            TrainerBug::TokensBeforeShift => "P10",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedLastLayerNorms | TrainerBug::FusedQkNorms => "P8",
             TrainerBug::HalfPrecisionMaster => "P11",
             TrainerBug::NormVarianceInHalf => "P12",
@@ -305,6 +313,7 @@ impl TrainerBug {
             }
             TrainerBug::SkipEval => "eval_missing",
             TrainerBug::PerMicroBatchMean => "accumulation_mismatch",
+            TrainerBug::TokensBeforeShift => "token_count",
             TrainerBug::FusedLastLayerNorms => "gradient_mismatch",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedQkNorms => return None,
             TrainerBug::HalfPrecisionMaster => "stall",
@@ -356,6 +365,7 @@ impl TrainerBug {
             TrainerBug::PartialWindowOverK => f.partial_window_over_k = true,
             TrainerBug::SkipEval => f.skip_eval = true,
             TrainerBug::PerMicroBatchMean => f.per_microbatch_mean = true,
+            TrainerBug::TokensBeforeShift => f.tokens_before_shift = true,
             _ => {}
         }
         f

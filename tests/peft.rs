@@ -182,3 +182,40 @@ fn edit(dir: &std::path::Path, f: impl FnOnce(&mut std::collections::BTreeMap<St
     f(&mut m);
     tunecheck::io::st::write_safetensors(&p, &m).unwrap();
 }
+
+/// The reference trainer starts from a PEFT-made adapter directory: its eval logits are PEFT's
+/// (1e-5 relative L2), its trainable tensors the file's, and it trains from there.
+#[rstest]
+#[case::llama_rslora_embed_head("llama_rslora_embed_head", "llama_gqa")]
+#[case::gemma3_lora_save_embed("gemma3_lora_save_embed", "gemma3")]
+fn reference_starts_from_a_peft_adapter_dir(#[case] adapter: &str, #[case] base: &str) {
+    let adir = root().join("fixtures/adapters").join(adapter);
+    let ck = hf::load(&root().join("fixtures/models").join(base), &Device::Cpu, None).unwrap();
+    let mut tr = RefTrainer::from_adapter_dir(&ck.spec, &ck.weights, &adir, None, TrainConfig::default()).unwrap();
+    let reference = StFile::open(&adir.join("reference.safetensors")).unwrap();
+    let ids = reference.load("input_ids").unwrap();
+    let want = reference.load("logits").unwrap();
+    let got = tr.logits(&ids, Mode::Eval).unwrap().to_dtype(DType::F32).unwrap();
+    let err = rel_l2(&got, &want).unwrap();
+    assert!(err <= 1e-5, "{adapter}: rel L2 {err:.3e}");
+    let file = peft::read(&adir).unwrap();
+    for (name, v) in tr.params() {
+        assert!(bitwise_equal(v.as_tensor(), &file.tensors[name]).unwrap(), "{adapter}: `{name}` is not the file's");
+    }
+    let batch = tunecheck::strategy::random_batches(ck.spec.vocab_size, 1, 1, 2, 8);
+    let r = tr.train_step(&batch).unwrap();
+    assert!(r.loss.is_finite() && r.tokens > 0);
+    // A 4-bit base that the adapter does not record is refused, naming the field.
+    let written = root().join("fixtures/adapters/tunecheck_written");
+    let e = RefTrainer::from_adapter_dir(
+        &ck.spec,
+        &ck.weights,
+        &written,
+        Some(QuantConfig::transformers_defaults()),
+        TrainConfig::default(),
+    );
+    if base == "llama_gqa" {
+        let e = e.err().expect("a quantization mismatch must be refused").to_string();
+        assert!(e.contains("tunecheck_base_quantization"), "{e}");
+    }
+}

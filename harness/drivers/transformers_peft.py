@@ -101,6 +101,30 @@ def base_key(param_name):
     return n.replace(".base_layer", "").replace(".original_module", "")
 
 
+def adapter_for_this_peft(adapter_dir, out):
+    """The adapter directory as the installed PEFT reads it: fields an older `LoraConfig` does
+    not know are dropped when they hold their neutral value (tunecheck's own
+    `tunecheck_base_quantization` is informational), and refused otherwise."""
+    import dataclasses
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    neutral = {"ensure_weight_tying": False, "tunecheck_base_quantization": None}
+    unknown = [k for k in cfg if k not in known]
+    if not unknown:
+        return adapter_dir
+    for k in unknown:
+        if k in neutral and cfg[k] == neutral[k] or k == "tunecheck_base_quantization":
+            del cfg[k]
+        else:
+            raise RuntimeError(f"peft {peft.__version__} does not support adapter_config field {k}={cfg[k]!r}")
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(adapter_dir, "adapter_model.safetensors"), out)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
 class Subject:
     def __init__(self, base_dir, adapter_dir, train_json, work):
         self.base_dir, self.work = base_dir, work
@@ -118,6 +142,7 @@ class Subject:
         kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
         transformers.set_seed(int(tc["seed"]))
         base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
+        adapter_dir = adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
         self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
         # Whether this version's Trainer hands the accumulation count to accelerate (which then
         # divides each micro-batch's loss by it, as transformers < 4.46 does) or keeps it at 1.

@@ -24,6 +24,8 @@ use crate::train::{Batch, History, StepReport};
 
 /// Environment variable with the per-operation timeout in seconds.
 pub const TIMEOUT_ENV: &str = "TUNECHECK_DRIVER_TIMEOUT";
+/// Idle drivers kept for the next `build` (each holds its framework in memory).
+const MAX_IDLE: usize = 2;
 /// Default per-operation timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -256,7 +258,8 @@ impl Drop for ProcessTrainer {
     fn drop(&mut self) {
         let Some(mut child) = self.child.get_mut().take() else { return };
         // A driver that resets cleanly serves the next build; anything else is stopped.
-        if child.usable() && child.call("reset", json!({}), self.timeout).is_ok() {
+        let room = self.idle.borrow().len() < MAX_IDLE;
+        if room && child.usable() && child.call("reset", json!({}), self.timeout).is_ok() {
             self.idle.borrow_mut().push(child);
         } else {
             child.shutdown();

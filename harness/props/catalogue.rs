@@ -115,6 +115,7 @@ macro_rules! for_each_property {
             p7_nf4_round_trip => $crate::props::p7_nf4::PROPERTY,
             p8_gradients_reach_and_correct => $crate::props::p8_gradients::PROPERTY,
             p9_kernels_match_oracle => $crate::props::p9_kernels::PROPERTY,
+            p10_oracle_agreement => $crate::props::p10_oracle::PROPERTY,
             p11_no_precision_stall => $crate::props::p11_precision::PROPERTY,
             p12_half_precision_range => $crate::props::p12_half_range::PROPERTY,
         }

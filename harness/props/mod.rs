@@ -4,6 +4,7 @@
 pub mod catalogue;
 pub mod compare;
 pub mod forward;
+pub mod p10_oracle;
 pub mod p11_precision;
 pub mod p12_half_range;
 pub mod p1_modes;

@@ -278,3 +278,49 @@ impl<'a> Fields<'a> {
         Ok(self.u64(k)? as usize)
     }
 }
+
+impl RefTrainer {
+    /// Start the reference trainer from an existing PEFT LoRA adapter directory (made by PEFT
+    /// or by tunecheck) over `weights`: the adapter's configuration and values, a fresh
+    /// optimizer and schedule under `cfg`. An adapter that records a 4-bit base different from
+    /// `quant` is refused.
+    pub fn from_adapter_dir(
+        spec: &crate::spec::ArchSpec,
+        weights: &crate::weights::Weights,
+        adapter_dir: &Path,
+        quant: Option<QuantConfig>,
+        cfg: TrainConfig,
+    ) -> Result<RefTrainer> {
+        let adapter = peft::read(adapter_dir)?;
+        let config = adapter_dir.join(peft::CONFIG);
+        if let Some(recorded) = &adapter.base_quant {
+            if recorded.as_ref() != quant.as_ref() {
+                return Err(Error::Config {
+                    file: Some(config),
+                    field: peft::QUANT_KEY.into(),
+                    msg: format!("the adapter was trained on a base quantized as {recorded:?}, not {quant:?}"),
+                });
+            }
+        }
+        let file = adapter_dir.join(peft::WEIGHTS);
+        let mut values = adapter.tensors.clone();
+        let mut weights = weights.clone();
+        if let Some(base_embed) = values.remove("model.embed_tokens.base_layer.weight") {
+            // PEFT saves the (frozen) embedding beside an embedding adapter: it is the base's.
+            let key = "model.embed_tokens.weight";
+            let want = weights.get(key).map(|t| t.dims().to_vec()).unwrap_or_default();
+            if base_embed.dims() != want.as_slice() {
+                return Err(Error::tensor(
+                    &file,
+                    format!("{}model.embed_tokens.base_layer.weight", peft::PREFIX),
+                    format!("shape {:?}, expected {want:?}", base_embed.dims()),
+                ));
+            }
+            let device = weights.get(key).map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+            weights.insert(key.to_string(), base_embed.to_dtype(spec.dtype)?.to_device(&device)?);
+        }
+        let tr = RefTrainer::new(spec, &weights, &adapter.lora, quant, cfg, 0)?;
+        crate::adapt::attach::load_values(tr.params(), &values, &file.display().to_string())?;
+        Ok(tr)
+    }
+}

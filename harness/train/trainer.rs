@@ -92,6 +92,10 @@ pub struct TrainFaults {
     /// (the position inside the epoch is not restored): the batches before the stop are seen
     /// twice.
     pub resume_restarts_epoch: bool,
+    /// Count the unmasked tokens of a step before the causal shift (position 0's label
+    /// included), in every path alike: every gradient and the reported loss shrink by
+    /// `tokens / (tokens + rows)` (transformers' `num_items_in_batch` once counted this way).
+    pub tokens_before_shift: bool,
 }
 
 /// Trainer configuration.
@@ -409,7 +413,11 @@ impl RefTrainer {
     /// with the token-weighted mean loss and the token count.
     pub fn gradients(&self, micro: &[Batch], mode: Mode) -> Result<(BTreeMap<String, Tensor>, f64, usize)> {
         self.check_untrained(micro)?;
-        let total: usize = micro.iter().map(Batch::tokens).sum();
+        let total: usize = if self.faults.tokens_before_shift {
+            micro.iter().flat_map(|b| b.labels.iter().flatten()).filter(|&&l| l != IGNORE).count()
+        } else {
+            micro.iter().map(Batch::tokens).sum()
+        };
         if total == 0 {
             return Err(Error::Msg("the step has no unmasked tokens".into()));
         }
