@@ -78,6 +78,14 @@ pub enum Error {
         /// What went wrong, with the driver's stderr.
         msg: String,
     },
+    /// The subject cannot take this case (a framework version's own limit on a configuration,
+    /// e.g. heads that do not divide the hidden size): the case is set aside and the reason
+    /// shown as a skip, never counted as run.
+    #[error("the subject cannot take this case: {what}")]
+    Unsupported {
+        /// Why, in the subject's words.
+        what: String,
+    },
     /// Anything else, with a message that says what and where.
     #[error("{0}")]
     Msg(String),

@@ -571,6 +571,10 @@ impl ArchSpec {
         m.insert("architectures".into(), json!([f.architecture()]));
         m.insert("model_type".into(), json!(f.model_type()));
         m.insert("vocab_size".into(), json!(self.vocab_size));
+        // No padding token: transformers' Gemma configs default to `pad_token_id` 0, which makes
+        // `nn.Embedding(padding_idx=0)` drop every gradient of token 0's row — a different
+        // model from the one this spec describes (where every row trains).
+        m.insert("pad_token_id".into(), Value::Null);
         m.insert("hidden_size".into(), json!(self.hidden_size));
         m.insert("intermediate_size".into(), json!(self.intermediate_size));
         m.insert("num_hidden_layers".into(), json!(self.num_layers));

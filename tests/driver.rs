@@ -132,6 +132,23 @@ fn a_driver_error_answer_is_a_failure_with_its_message() {
 }
 
 #[test]
+fn a_case_the_driver_declares_unsupported_is_set_aside_and_shown() {
+    let f = start("--fault build:unsupported", Duration::from_secs(60));
+    let p = catalogue::by_id("P5").unwrap();
+    let cfg = PropConfig { cases: 2, seed: 1, families: vec![Family::Llama], ..PropConfig::default() };
+    match run(p, &f, &Device::Cpu, &cfg) {
+        Verdict::Passed { cases_run, skipped } => {
+            assert!(cases_run >= 2, "the set-aside case must not count: {cases_run}");
+            assert!(
+                skipped.iter().any(|s| s.contains("some cases set aside") && s.contains("beyond this subject")),
+                "{skipped:?}"
+            );
+        }
+        v => panic!("expected a pass with the set-aside case shown, got {v:?}"),
+    }
+}
+
+#[test]
 fn a_driver_that_cannot_start_or_speaks_another_protocol_is_a_clear_error() {
     let e = ProcessFactory::start("/nonexistent/driver --x", Duration::from_secs(5)).err().unwrap().to_string();
     assert!(e.contains("cannot start `/nonexistent/driver --x`"), "{e}");

@@ -74,7 +74,7 @@ enum Cmd {
         #[arg(long)]
         mutant: Option<String>,
         /// Misbehave on purpose at the first request for an operation: OP:KIND with KIND one of
-        /// die, garbage, hang, bad_shape, error (for testing the protocol's failure handling).
+        /// die, garbage, hang, bad_shape, error, unsupported (for testing the protocol's failure handling).
         #[arg(long)]
         fault: Vec<String>,
     },

@@ -32,6 +32,7 @@ import traceback
 
 PROTOCOL = 1
 _proto = sys.stdout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
 sys.stdout = sys.stderr  # library prints must not corrupt the protocol channel
 
 import torch  # noqa: E402
@@ -43,6 +44,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 TF = Version(transformers.__version__)
+torch.set_num_threads(1)  # tiny models: threads only add overhead (results are the same)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 IGNORE = -100
 
@@ -141,7 +143,13 @@ class Subject:
         dtype = DTYPES[self.setup["dtype"]]
         kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
         transformers.set_seed(int(tc["seed"]))
-        base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
+        except ValueError as e:
+            # The version's own validation of the configuration (e.g. transformers 4.45's Gemma
+            # wants the heads to divide the hidden size): a case it cannot take, not a failure.
+            raise Refusal(f"transformers {transformers.__version__} rejects this configuration: {e}",
+                          kind="unsupported")
         adapter_dir = adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
         self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
         # Whether this version's Trainer hands the accumulation count to accelerate (which then
@@ -366,6 +374,14 @@ class Subject:
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description="tunecheck driver for transformers + PEFT")
+    ap.add_argument("--dtypes", default="f32,bf16,f16",
+                    help="model dtypes to declare (comma-separated among f32, bf16, f16; f32 is always taken)")
+    opts = ap.parse_args()
+    dtypes = set(opts.dtypes.split(","))
+    if not dtypes <= set(DTYPES):
+        ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
     work = os.environ.get("TUNECHECK_DRIVER_WORK") or os.path.join("/tmp", f"tunecheck-tfpeft-{os.getpid()}")
     os.makedirs(work, exist_ok=True)
     subject = None
@@ -383,7 +399,7 @@ def main():
                            version=f"transformers {transformers.__version__}, peft {peft.__version__}, "
                                    f"torch {torch.__version__}",
                            capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                         "bf16": True, "f16": True, "quant4": False},
+                                         "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False},
                            families=have, unsupported=unsupported)
             elif op == "shutdown":
                 print(json.dumps(ans), file=_proto, flush=True)

@@ -237,8 +237,9 @@ impl Drop for Child {
     }
 }
 
-/// A typed refusal in an error answer (`"kind"`): `untrained_tokens` with `ids`, or
-/// `non_finite` with `what`, `value` and `step`. Properties tell these apart from crashes.
+/// A typed refusal in an error answer (`"kind"`): `untrained_tokens` with `ids`,
+/// `non_finite` with `what`, `value` and `step`, or `unsupported` (the case is beyond what the
+/// framework version takes; set aside as a skip). Properties tell these apart from crashes.
 fn refusal(answer: &Value) -> Option<Error> {
     match answer.get("kind").and_then(Value::as_str)? {
         "untrained_tokens" => {
@@ -246,6 +247,9 @@ fn refusal(answer: &Value) -> Option<Error> {
                 answer.get("ids")?.as_array()?.iter().map(|x| x.as_u64().map(|x| x as u32)).collect::<Option<_>>()?;
             Some(Error::UntrainedTokens { ids })
         }
+        "unsupported" => Some(Error::Unsupported {
+            what: answer.get("error").and_then(Value::as_str).unwrap_or("(no reason given)").to_string(),
+        }),
         "non_finite" => {
             let what = match answer.get("what").and_then(Value::as_str) {
                 Some("loss") => "loss",

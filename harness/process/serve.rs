@@ -39,6 +39,8 @@ pub enum FaultKind {
     BadShape,
     /// Answer `{"ok": false}` with a message.
     Error,
+    /// Answer `{"ok": false, "kind": "unsupported"}`: the case is beyond the subject.
+    Unsupported,
 }
 
 impl std::str::FromStr for DriverFault {
@@ -51,8 +53,12 @@ impl std::str::FromStr for DriverFault {
             "hang" => FaultKind::Hang,
             "bad_shape" => FaultKind::BadShape,
             "error" => FaultKind::Error,
+            "unsupported" => FaultKind::Unsupported,
             other => {
-                return Err(Error::field("--fault", format!("`{other}` is not die, garbage, hang, bad_shape or error")))
+                return Err(Error::field(
+                    "--fault",
+                    format!("`{other}` is not die, garbage, hang, bad_shape, error or unsupported"),
+                ))
             }
         };
         Ok(DriverFault { op: op.to_string(), kind })
@@ -295,6 +301,8 @@ pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
             json!({"id": id, "ok": true})
         } else if fault == Some(FaultKind::Error) {
             json!({"id": id, "ok": false, "error": format!("planted fault: `{op}` refused")})
+        } else if fault == Some(FaultKind::Unsupported) {
+            json!({"id": id, "ok": false, "kind": "unsupported", "error": format!("planted: `{op}` beyond this subject")})
         } else {
             match server.handle(&op, &req, fault == Some(FaultKind::BadShape)) {
                 Ok(mut v) => {

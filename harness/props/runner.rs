@@ -350,6 +350,9 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             // about the driver, not the case: it is reported with the case that met it,
             // unshrunk, so that a hanging driver costs one timeout, not one per shrink step.
             let halted: std::cell::RefCell<Option<(FailReason, String)>> = Default::default();
+            // Cases the subject declares beyond it (a framework version's limits): set aside,
+            // shown as skips, never counted as run.
+            let unsupported: std::cell::RefCell<Vec<String>> = Default::default();
             let result = runner.run(&strategy, |setup| {
                 if halted.borrow().is_some() {
                     return Ok(());
@@ -357,6 +360,13 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 counter.set(counter.get() + 1);
                 match check(factory, &device, &setup) {
                     Ok(()) => Ok(()),
+                    Err(Failure::Error(crate::error::Error::Unsupported { what })) => {
+                        let mut u = unsupported.borrow_mut();
+                        if !u.contains(&what) {
+                            u.push(what.clone());
+                        }
+                        Err(TestCaseError::reject(what))
+                    }
                     Err(f) => {
                         if matches!(f, Failure::Error(crate::error::Error::Driver { .. })) {
                             *halted.borrow_mut() = Some(reason_of(&f, prop.id));
@@ -374,6 +384,9 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                     }
                 }
             });
+            for what in unsupported.borrow().iter() {
+                skipped.push(format!("{}: some cases set aside: {what}", kind.name()));
+            }
             match result {
                 Ok(()) => cases_run += cases,
                 Err(TestError::Fail(_, setup)) => {
