@@ -93,7 +93,16 @@ impl ProcessFactory {
     }
 
     fn subject(&self, mut child: Child, op: &str, request: Value) -> Result<ProcessTrainer> {
-        let answer = child.call(op, request, self.timeout)?;
+        let answer = match child.call(op, request, self.timeout) {
+            Ok(a) => a,
+            Err(e) => {
+                // A driver that answered (refusing this setup) serves the next one.
+                if child.usable() && self.idle.borrow().len() < MAX_IDLE {
+                    self.idle.borrow_mut().push(child);
+                }
+                return Err(e);
+            }
+        };
         let names = expect_tensor_list(op, &answer, "trainable", &child)?;
         let frozen = expect_tensor_list(op, &answer, "frozen", &child)?;
         let vocab =
