@@ -221,7 +221,12 @@ class Subject:
             else:
                 step_loss = t.training_step(self.model, b, num_items)
             loss += float(step_loss)
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        # The subject's own count of the step's target tokens: the Trainer's loss denominator
+        # where this version computes one, else the shifted labels' count.
+        if num_items is not None:
+            tokens = int(num_items)
+        else:
+            tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         if not math.isfinite(loss):
             raise Refusal(f"non-finite loss {loss}", kind="non_finite", what="loss", value=None,
                           step=t.state.global_step)
