@@ -34,15 +34,19 @@ fn python_peft_adapters_match(#[case] adapter: &str, #[case] base: &str) {
     let expect = if adapter == "tunecheck_written" { Some(None) } else { None };
     assert_eq!(a.base_quant, expect, "PEFT-made adapters record no quantization; ours record none-quantized");
     peft::apply(&mut model, &a, None, &adir).unwrap();
-    let reference = StFile::open(&adir.join("reference.safetensors")).unwrap();
-    let ids = reference.load("input_ids").unwrap();
-    let want = reference.load("logits").unwrap();
+    let (ids, want) = peft_reference(&adir);
     let got = model.forward(&ids, Mode::Eval).unwrap().to_dtype(DType::F32).unwrap();
     let err = rel_l2(&got, &want).unwrap();
     assert!(err <= 1e-5, "{adapter}: rel L2 {err:.3e}");
     // The adapter matters: without it the logits are far off.
     let plain = Transformer::from_weights(&ck.spec, &ck.weights).unwrap().forward(&ids, Mode::Eval).unwrap();
     assert!(rel_l2(&plain, &want).unwrap() > 1e-3, "{adapter}: the adapter changes nothing");
+}
+
+/// The ids and PEFT's eval logits stored beside a fixture adapter.
+fn peft_reference(adir: &std::path::Path) -> (candle_core::Tensor, candle_core::Tensor) {
+    let reference = StFile::open(&adir.join("reference.safetensors")).unwrap();
+    (reference.load("input_ids").unwrap(), reference.load("logits").unwrap())
 }
 
 fn trained(quant: Option<QuantConfig>) -> (RefTrainer, hf::Checkpoint) {
@@ -192,9 +196,7 @@ fn reference_starts_from_a_peft_adapter_dir(#[case] adapter: &str, #[case] base:
     let adir = root().join("fixtures/adapters").join(adapter);
     let ck = hf::load(&root().join("fixtures/models").join(base), &Device::Cpu, None).unwrap();
     let mut tr = RefTrainer::from_adapter_dir(&ck.spec, &ck.weights, &adir, None, TrainConfig::default()).unwrap();
-    let reference = StFile::open(&adir.join("reference.safetensors")).unwrap();
-    let ids = reference.load("input_ids").unwrap();
-    let want = reference.load("logits").unwrap();
+    let (ids, want) = peft_reference(&adir);
     let got = tr.logits(&ids, Mode::Eval).unwrap().to_dtype(DType::F32).unwrap();
     let err = rel_l2(&got, &want).unwrap();
     assert!(err <= 1e-5, "{adapter}: rel L2 {err:.3e}");

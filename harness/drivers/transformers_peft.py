@@ -238,16 +238,17 @@ class Subject:
     def trainables(self):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def frozen(self):
+        """The base's frozen tensors by base name, each once (tied ones share a name)."""
+        out = {}
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad and ".modules_to_save." not in n:
+                out.setdefault(base_key(n), p)
+        return out
+
     def describe(self):
         tr = [[saved_key(n), list(p.shape)] for n, p in self.trainables()]
-        seen, fr = set(), []
-        for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                continue
-            k = base_key(n)
-            if k not in seen and ".modules_to_save." not in n:
-                seen.add(k)
-                fr.append([k, list(p.shape)])
+        fr = [[k, list(p.shape)] for k, p in self.frozen().items()]
         return {"vocab_size": self.model.config.vocab_size, "trainable": tr, "frozen": fr}
 
     # -- operations ---------------------------------------------------------------------------
@@ -346,12 +347,7 @@ class Subject:
         if req["which"] == "trainable":
             out = {saved_key(n): p.detach().float().contiguous() for n, p in self.trainables()}
         else:
-            names = {k for k, _ in self.describe()["frozen"]}
-            out = {}
-            for n, p in self.model.named_parameters():
-                k = base_key(n)
-                if not p.requires_grad and k in names and k not in out and ".modules_to_save." not in n:
-                    out[k] = p.detach().contiguous()
+            out = {k: p.detach().contiguous() for k, p in self.frozen().items()}
         save_file(out, req["out"])
         return {}
 

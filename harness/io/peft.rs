@@ -149,14 +149,9 @@ pub fn read(dir: &Path) -> Result<Adapter> {
     Ok(Adapter { lora, base_quant, tensors, base_model })
 }
 
-/// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading
-/// its values; returns the parameters (f32, trainable for further fine-tuning).
-pub fn apply(
-    model: &mut Transformer,
-    adapter: &Adapter,
-    base_quant: Option<&QuantConfig>,
-    dir: &Path,
-) -> Result<Params> {
+/// Refuse an adapter whose recorded base quantization differs from `base_quant` (the base it
+/// is about to be applied to); an adapter that records none (PEFT-made) is accepted.
+pub fn check_base_quant(adapter: &Adapter, base_quant: Option<&QuantConfig>, dir: &Path) -> Result<()> {
     if let Some(recorded) = &adapter.base_quant {
         if recorded.as_ref() != base_quant {
             let show =
@@ -173,17 +168,38 @@ pub fn apply(
             ));
         }
     }
+    Ok(())
+}
+
+/// Take the frozen embedding PEFT saves beside an embedding adapter
+/// (`embed_tokens.base_layer.weight`) out of `values`, checked against the base's shape `dims`.
+pub fn take_base_embed(values: &mut BTreeMap<String, Tensor>, dims: &[usize], dir: &Path) -> Result<Option<Tensor>> {
+    let Some(base_embed) = values.remove("model.embed_tokens.base_layer.weight") else {
+        return Ok(None);
+    };
+    if base_embed.dims() != dims {
+        return Err(Error::tensor(
+            &dir.join(WEIGHTS),
+            format!("{PREFIX}model.embed_tokens.base_layer.weight"),
+            format!("shape {:?}, expected {dims:?}", base_embed.dims()),
+        ));
+    }
+    Ok(Some(base_embed))
+}
+
+/// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading
+/// its values; returns the parameters (f32, trainable for further fine-tuning).
+pub fn apply(
+    model: &mut Transformer,
+    adapter: &Adapter,
+    base_quant: Option<&QuantConfig>,
+    dir: &Path,
+) -> Result<Params> {
+    check_base_quant(adapter, base_quant, dir)?;
     let mut values = adapter.tensors.clone();
-    if let Some(base_embed) = values.remove("model.embed_tokens.base_layer.weight") {
+    let dims = model.embed().dims().to_vec();
+    if let Some(base_embed) = take_base_embed(&mut values, &dims, dir)? {
         // PEFT saves the embedding next to an embedding adapter; it is frozen.
-        let dims = model.embed().dims().to_vec();
-        if base_embed.dims() != dims.as_slice() {
-            return Err(Error::tensor(
-                &dir.join(WEIGHTS),
-                format!("{PREFIX}model.embed_tokens.base_layer.weight"),
-                format!("shape {:?}, expected {dims:?}", base_embed.dims()),
-            ));
-        }
         let t = base_embed.to_dtype(model.spec().dtype)?.to_device(model.device())?;
         model.set_embed(t, true)?;
     }

@@ -132,7 +132,7 @@ impl Child {
         let answer = answer?;
         match answer.get("ok") {
             Some(Value::Bool(true)) => Ok(answer),
-            Some(Value::Bool(false)) => Err(refusal(&answer).unwrap_or_else(|| {
+            Some(Value::Bool(false)) => Err(crate::process::wire::refusal(&answer).unwrap_or_else(|| {
                 let msg = answer.get("error").and_then(Value::as_str).unwrap_or("(no `error` message)");
                 driver_error(op, format!("the driver reported an error: {msg}"), &self.stderr_tail())
             })),
@@ -235,53 +235,6 @@ impl Drop for Child {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A typed refusal in an error answer (`"kind"`): `untrained_tokens` with `ids`,
-/// `non_finite` with `what`, `value` and `step`, or `unsupported` (the case is beyond what the
-/// framework version takes; set aside as a skip). Properties tell these apart from crashes.
-fn refusal(answer: &Value) -> Option<Error> {
-    match answer.get("kind").and_then(Value::as_str)? {
-        "untrained_tokens" => {
-            let ids =
-                answer.get("ids")?.as_array()?.iter().map(|x| x.as_u64().map(|x| x as u32)).collect::<Option<_>>()?;
-            Some(Error::UntrainedTokens { ids })
-        }
-        "unsupported" => Some(Error::Unsupported {
-            what: answer.get("error").and_then(Value::as_str).unwrap_or("(no reason given)").to_string(),
-        }),
-        "non_finite" => {
-            let what = match answer.get("what").and_then(Value::as_str) {
-                Some("loss") => "loss",
-                Some("gradient norm") => "gradient norm",
-                _ => "value",
-            };
-            let value = answer.get("value").and_then(Value::as_f64).unwrap_or(f64::NAN);
-            let step = answer.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
-            Some(Error::NonFinite { what, value, step })
-        }
-        _ => None,
-    }
-}
-
-/// The error answer for `e`, typed when it is a refusal (see [`refusal`]).
-pub fn error_answer(e: &Error) -> Value {
-    let mut v = serde_json::json!({"ok": false, "error": e.to_string()});
-    match e {
-        Error::UntrainedTokens { ids } => {
-            v["kind"] = "untrained_tokens".into();
-            v["ids"] = serde_json::json!(ids);
-        }
-        Error::NonFinite { what, value, step } => {
-            v["kind"] = "non_finite".into();
-            v["what"] = (*what).into();
-            // JSON has no NaN: a non-finite value is sent as null and read back as NaN.
-            v["value"] = serde_json::Number::from_f64(*value).map_or(Value::Null, Value::Number);
-            v["step"] = (*step).into();
-        }
-        _ => {}
-    }
-    v
 }
 
 fn clip(s: &str, n: usize) -> String {

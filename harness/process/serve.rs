@@ -311,7 +311,7 @@ pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
                     v
                 }
                 Err(e) => {
-                    let mut v = crate::process::child::error_answer(&e);
+                    let mut v = wire::error_answer(&e);
                     v["id"] = id;
                     v
                 }

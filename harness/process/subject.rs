@@ -233,11 +233,10 @@ impl ProcessTrainer {
 
     /// A number of the answer; `null` is a non-finite value (JSON has no NaN).
     fn number(&self, op: &str, answer: &Value, key: &str) -> Result<f64> {
-        match answer.get(key) {
-            Some(Value::Null) => Ok(f64::NAN),
-            Some(v) if v.is_number() => Ok(v.as_f64().unwrap_or(f64::NAN)),
-            _ => Err(driver_error(op, format!("the answer has no number `{key}`: {answer}"), &self.stderr())),
-        }
+        answer
+            .get(key)
+            .and_then(number_or_nan)
+            .ok_or_else(|| driver_error(op, format!("the answer has no number `{key}`: {answer}"), &self.stderr()))
     }
 
     fn tensors(&self, which: &str) -> Result<Vec<(String, Tensor)>> {

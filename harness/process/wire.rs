@@ -92,6 +92,53 @@ impl Hello {
     }
 }
 
+/// A typed refusal in an error answer (`"kind"`): `untrained_tokens` with `ids`,
+/// `non_finite` with `what`, `value` and `step`, or `unsupported` (the case is beyond what the
+/// framework version takes; set aside as a skip). Properties tell these apart from crashes.
+pub fn refusal(answer: &Value) -> Option<Error> {
+    match answer.get("kind").and_then(Value::as_str)? {
+        "untrained_tokens" => {
+            let ids =
+                answer.get("ids")?.as_array()?.iter().map(|x| x.as_u64().map(|x| x as u32)).collect::<Option<_>>()?;
+            Some(Error::UntrainedTokens { ids })
+        }
+        "unsupported" => Some(Error::Unsupported {
+            what: answer.get("error").and_then(Value::as_str).unwrap_or("(no reason given)").to_string(),
+        }),
+        "non_finite" => {
+            let what = match answer.get("what").and_then(Value::as_str) {
+                Some("loss") => "loss",
+                Some("gradient norm") => "gradient norm",
+                _ => "value",
+            };
+            let value = answer.get("value").and_then(Value::as_f64).unwrap_or(f64::NAN);
+            let step = answer.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
+            Some(Error::NonFinite { what, value, step })
+        }
+        _ => None,
+    }
+}
+
+/// The error answer for `e`, typed when it is a refusal (see [`refusal`]).
+pub fn error_answer(e: &Error) -> Value {
+    let mut v = json!({"ok": false, "error": e.to_string()});
+    match e {
+        Error::UntrainedTokens { ids } => {
+            v["kind"] = "untrained_tokens".into();
+            v["ids"] = json!(ids);
+        }
+        Error::NonFinite { what, value, step } => {
+            v["kind"] = "non_finite".into();
+            v["what"] = (*what).into();
+            // JSON has no NaN: a non-finite value is sent as null and read back as NaN.
+            v["value"] = serde_json::Number::from_f64(*value).map_or(Value::Null, Value::Number);
+            v["step"] = (*step).into();
+        }
+        _ => {}
+    }
+    v
+}
+
 /// Capability names a driver may declare in `hello`.
 pub const CAPABILITY_NAMES: [&str; 7] =
     ["save_load", "quant4", "grad_accum", "train_embeddings", "bf16", "f16", "dropout"];
@@ -204,36 +251,22 @@ pub fn read_tensors(
     Ok(out)
 }
 
-/// A scratch work directory for one factory, removed on drop.
+/// A scratch work directory for one factory (removed on drop), handing out fresh paths.
 pub struct WorkDir {
-    path: PathBuf,
+    dir: crate::props::p3_reload::Scratch,
     next: std::cell::Cell<u64>,
 }
 
 impl WorkDir {
     /// A new directory under the system temp dir.
     pub fn new() -> Result<WorkDir> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tunecheck-driver-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(WorkDir { path, next: std::cell::Cell::new(0) })
+        Ok(WorkDir { dir: crate::props::p3_reload::Scratch::new("driver")?, next: std::cell::Cell::new(0) })
     }
 
     /// A fresh path inside, named `<what>-<n><ext>`.
     pub fn fresh(&self, what: &str, ext: &str) -> PathBuf {
         let n = self.next.get();
         self.next.set(n + 1);
-        self.path.join(format!("{what}-{n}{ext}"))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        self.dir.0.join(format!("{what}-{n}{ext}"))
     }
 }

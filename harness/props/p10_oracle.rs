@@ -64,7 +64,7 @@ fn worst(
     let mut worst: Option<(String, f64)> = None;
     for (name, w) in want {
         let e = match got.get(name) {
-            Some(g) => rel_l2(&g.to_device(&Device::Cpu)?, &w.to_device(&Device::Cpu)?)?,
+            Some(g) => rel_l2(g, w)?,
             None => f64::INFINITY,
         };
         if !within(e, tol) && worst.as_ref().is_none_or(|(_, x)| e > *x || e.is_nan()) {

@@ -292,34 +292,18 @@ impl RefTrainer {
         cfg: TrainConfig,
     ) -> Result<RefTrainer> {
         let adapter = peft::read(adapter_dir)?;
-        let config = adapter_dir.join(peft::CONFIG);
-        if let Some(recorded) = &adapter.base_quant {
-            if recorded.as_ref() != quant.as_ref() {
-                return Err(Error::Config {
-                    file: Some(config),
-                    field: peft::QUANT_KEY.into(),
-                    msg: format!("the adapter was trained on a base quantized as {recorded:?}, not {quant:?}"),
-                });
-            }
-        }
-        let file = adapter_dir.join(peft::WEIGHTS);
+        peft::check_base_quant(&adapter, quant.as_ref(), adapter_dir)?;
         let mut values = adapter.tensors.clone();
         let mut weights = weights.clone();
-        if let Some(base_embed) = values.remove("model.embed_tokens.base_layer.weight") {
+        let key = "model.embed_tokens.weight";
+        let embed = weights.get(key).ok_or_else(|| Error::Msg(format!("the base has no `{key}`")))?;
+        let (dims, device) = (embed.dims().to_vec(), embed.device().clone());
+        if let Some(base_embed) = peft::take_base_embed(&mut values, &dims, adapter_dir)? {
             // PEFT saves the (frozen) embedding beside an embedding adapter: it is the base's.
-            let key = "model.embed_tokens.weight";
-            let want = weights.get(key).map(|t| t.dims().to_vec()).unwrap_or_default();
-            if base_embed.dims() != want.as_slice() {
-                return Err(Error::tensor(
-                    &file,
-                    format!("{}model.embed_tokens.base_layer.weight", peft::PREFIX),
-                    format!("shape {:?}, expected {want:?}", base_embed.dims()),
-                ));
-            }
-            let device = weights.get(key).map(|t| t.device().clone()).unwrap_or(Device::Cpu);
             weights.insert(key.to_string(), base_embed.to_dtype(spec.dtype)?.to_device(&device)?);
         }
         let tr = RefTrainer::new(spec, &weights, &adapter.lora, quant, cfg, 0)?;
+        let file = adapter_dir.join(peft::WEIGHTS);
         crate::adapt::attach::load_values(tr.params(), &values, &file.display().to_string())?;
         Ok(tr)
     }
