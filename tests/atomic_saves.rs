@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
-use tunecheck::io::atomic::inject_write_failure;
+use tunecheck::io::faults::inject_write_failure;
+use tunecheck::io::manifest::MANIFEST;
 use tunecheck::io::hf::{self, Sharding};
 use tunecheck::spec::{ArchSpec, Family};
 
@@ -79,14 +80,14 @@ fn failed_model_saves_keep_the_previous_checkpoint() {
             })
             .collect();
         assert_eq!(bits2, want);
-        assert!(snapshot(tmp.path()).keys().all(|k| !k.contains(".tmp-")));
+        assert_eq!(debris(tmp.path()), Vec::<String>::new());
         // No file of the previous layout is left behind.
         let names: Vec<String> = snapshot(tmp.path()).into_keys().collect();
         match other {
-            Sharding::Single => assert_eq!(names, ["config.json", "model.safetensors"]),
+            Sharding::Single => assert_eq!(names, ["config.json", "model.safetensors", MANIFEST]),
             Sharding::MaxBytes(_) => {
                 assert!(!names.contains(&"model.safetensors".to_string()), "{names:?}");
-                assert!(names.iter().all(|n| n == "config.json" || n.starts_with("model")), "{names:?}");
+                assert!(names.iter().all(|n| n == "config.json" || n == MANIFEST || n.starts_with("model")), "{names:?}");
             }
         }
     }
@@ -158,20 +159,53 @@ fn failed_quantized_and_trainer_saves_keep_the_previous_checkpoint() {
     assert_ne!(snapshot(dir.path()), saved);
 }
 
+/// Hidden siblings of `dir` a save left behind.
+fn debris(dir: &Path) -> Vec<String> {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.tunecheck-")))
+        .collect()
+}
+
 #[test]
-fn a_panic_inside_a_save_leaves_no_transaction_behind() {
+fn a_panic_or_error_inside_a_save_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("a.json");
+    let target = tmp.path().join("ck");
     let r = std::panic::catch_unwind(|| {
-        let _ = tunecheck::io::atomic::transaction(|| -> tunecheck::Result<()> {
-            tunecheck::io::atomic::write_atomic(&p, b"staged")?;
+        let _ = tunecheck::io::atomic::save_dir(&target, &|_| false, |st| -> tunecheck::Result<()> {
+            st.write("a.json", b"staged")?;
             panic!("a saver bug");
         });
     });
     assert!(r.is_err());
-    assert!(!p.exists(), "a panicked save must not land");
-    // The next plain write on this thread lands at once.
-    tunecheck::io::atomic::write_atomic(&p, b"now").unwrap();
-    assert_eq!(std::fs::read(&p).unwrap(), b"now");
-    assert!(snapshot(tmp.path()).keys().all(|k| !k.contains(".tmp-")));
+    assert!(!target.exists(), "a panicked save must not land");
+    assert_eq!(debris(&target), Vec::<String>::new());
+    let r = tunecheck::io::atomic::save_dir(&target, &|_| false, |st| -> tunecheck::Result<()> {
+        st.write("a.json", b"staged")?;
+        Err(tunecheck::Error::Msg("the saver gave up".into()))
+    });
+    assert!(r.is_err());
+    assert!(!target.exists());
+    assert_eq!(debris(&target), Vec::<String>::new());
+    tunecheck::io::atomic::save_dir(&target, &|_| false, |st| st.write("a.json", b"now")).unwrap();
+    assert_eq!(std::fs::read(target.join("a.json")).unwrap(), b"now");
+    assert_eq!(debris(&target), Vec::<String>::new());
+}
+
+#[test]
+fn files_a_save_does_not_own_are_kept_and_owned_ones_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let spec = ArchSpec::tiny(Family::Llama);
+    let w = tunecheck::weights::generate(&spec, 1, &Device::Cpu).unwrap();
+    hf::save(&dir, &spec, &w, Sharding::MaxBytes(10_000)).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    std::fs::create_dir(dir.join("notes")).unwrap();
+    std::fs::write(dir.join("notes/readme.txt"), b"mine").unwrap();
+    hf::save(&dir, &spec, &w, Sharding::Single).unwrap();
+    let names: Vec<String> = snapshot(&dir).into_keys().collect();
+    assert_eq!(names, ["config.json", "model.safetensors", "notes/readme.txt", "tokenizer.json", MANIFEST]);
+    assert_eq!(std::fs::read(dir.join("notes/readme.txt")).unwrap(), b"mine");
 }

@@ -203,12 +203,8 @@ pub fn linear_tensors(path: &str, lin: &Quant4Linear) -> Result<BTreeMap<String,
 }
 
 /// Quantize the projections of a dense checkpoint and save it the way transformers +
-/// bitsandbytes do (`tunecheck quantize`). Writes nothing until every tensor quantized.
+/// bitsandbytes do (`tunecheck quantize`), as one crash-safe directory save.
 pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &QuantConfig) -> Result<()> {
-    crate::io::atomic::transaction(|| save_quantized_inner(dir, spec, weights, cfg))
-}
-
-fn save_quantized_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &QuantConfig) -> Result<()> {
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     for (key, _) in tensor_shapes(spec) {
         let t = weights.get(&key).ok_or_else(|| Error::Msg(format!("cannot quantize: tensor `{key}` is missing")))?;
@@ -221,11 +217,12 @@ fn save_quantized_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &Qu
             out.insert(key.clone(), t.to_dtype(spec.dtype)?.to_device(&Device::Cpu)?);
         }
     }
-    crate::io::atomic::ensure_dir(dir)?;
     let mut config = spec.to_config_json();
     config["quantization_config"] = cfg.to_json();
     let cfg_bytes = serde_json::to_vec_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::io::st::write_safetensors(&dir.join(SINGLE), &out)?;
-    crate::io::atomic::remove_later(&dir.join(crate::io::hf::INDEX))?;
-    crate::io::atomic::write_atomic(&dir.join(CONFIG), &cfg_bytes)
+    let hosted = crate::io::st::hosted(&out)?;
+    crate::io::atomic::save_dir(dir, &crate::io::hf::owns, |st| {
+        crate::io::st::stage_tensors(st, SINGLE, hosted)?;
+        st.write(CONFIG, &cfg_bytes)
+    })
 }

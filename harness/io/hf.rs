@@ -2,9 +2,9 @@
 //! in `model.safetensors.index.json`, with transformers' tensor names.
 //!
 //! Loading checks the set of tensors exactly against the spec: a missing, unexpected,
-//! wrongly-shaped or non-float tensor is an error naming the file and the key. Saving writes
-//! every file atomically and removes the files of the other layout (single vs sharded) so a
-//! directory never holds two disagreeing copies.
+//! wrongly-shaped or non-float tensor is an error naming the file and the key. A save replaces
+//! the directory's model files as one crash-safe unit, dropping those of the other layout
+//! (single vs sharded) so a directory never holds two disagreeing copies.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ use crate::adapt::linear::Base;
 use crate::adapt::lora::PROJECTIONS;
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
-use crate::io::atomic::{ensure_dir, write_atomic};
-use crate::io::st::{host, write_host, StFile};
+use crate::io::atomic::{save_dir, Staged};
+use crate::io::st::{host, stage_tensors, StFile};
 use crate::model::transformer::Bases;
 use crate::model::Transformer;
 use crate::spec::ArchSpec;
@@ -148,6 +148,7 @@ pub(crate) fn open_all(layout: &Layout) -> Result<Opened> {
 /// given). A `quantization_config` in `config.json` makes the projections 4-bit bases read
 /// from transformers' bitsandbytes serialisation.
 pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
+    crate::io::atomic::check_dir(dir)?;
     if !dir.is_dir() {
         return Err(Error::file(dir, "is not a directory"));
     }
@@ -206,13 +207,22 @@ pub enum Sharding {
     MaxBytes(usize),
 }
 
-/// Save `spec` + `weights` as a transformers-loadable directory. Every file is written
-/// atomically; weights are checked against the spec first so a bad call writes nothing.
+/// Save `spec` + `weights` as a transformers-loadable directory, as one crash-safe unit (see
+/// [`crate::io::atomic`]); weights are checked against the spec first so a bad call writes
+/// nothing.
 pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
-    crate::io::atomic::transaction(|| save_inner(dir, spec, weights, sharding))
+    check_savable(spec, weights)?;
+    save_dir(dir, &owns, |st| write_into(st, "", spec, weights, sharding))
 }
 
-fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
+/// The top-level names a model save owns in its directory (replaced or dropped by the next
+/// save; anything else there is kept).
+pub fn owns(name: &str) -> bool {
+    name == CONFIG || name == SINGLE || name == INDEX || is_shard_name(name)
+}
+
+/// The weights hold exactly the spec's tensors with its shapes.
+pub(crate) fn check_savable(spec: &ArchSpec, weights: &Weights) -> Result<()> {
     spec.validate()?;
     let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(spec).into_iter().collect();
     for (k, shape) in &expected {
@@ -224,18 +234,19 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
     if let Some(extra) = weights.keys().find(|k| !expected.contains_key(*k)) {
         return Err(Error::Msg(format!("cannot save: tensor `{extra}` is not part of the spec")));
     }
-    ensure_dir(dir)?;
+    Ok(())
+}
+
+/// Write the model's files under `prefix` (`""` or `"base/"`) of a directory save.
+pub(crate) fn write_into(st: &mut Staged, prefix: &str, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
+    check_savable(spec, weights)?;
     let cfg = serde_json::to_vec_pretty(&spec.to_config_json()).map_err(|e| Error::Msg(e.to_string()))?;
     let mut hosted = Vec::new();
     for (k, t) in weights {
         hosted.push((k.clone(), host(&t.to_dtype(spec.dtype)?)?));
     }
-    let mut written: Vec<String> = Vec::new();
     match sharding {
-        Sharding::Single => {
-            write_host(&dir.join(SINGLE), hosted)?;
-            crate::io::atomic::remove_later(&dir.join(INDEX))?;
-        }
+        Sharding::Single => stage_tensors(st, &format!("{prefix}{SINGLE}"), hosted)?,
         Sharding::MaxBytes(max) => {
             let mut shards: Vec<Vec<(String, crate::io::st::HostTensor)>> = vec![Vec::new()];
             let mut size = 0usize;
@@ -256,25 +267,14 @@ fn save_inner(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding
                 for (k, _) in &shard {
                     weight_map.insert(k.clone(), json!(name));
                 }
-                write_host(&dir.join(&name), shard)?;
-                written.push(name);
+                stage_tensors(st, &format!("{prefix}{name}"), shard)?;
             }
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Msg(e.to_string()))?;
-            write_atomic(&dir.join(INDEX), &bytes)?;
-            crate::io::atomic::remove_later(&dir.join(SINGLE))?;
+            st.write(&format!("{prefix}{INDEX}"), &bytes)?;
         }
     }
-    // Shards of an earlier save that this one does not rewrite (other count, other layout).
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if is_shard_name(&name) && !written.contains(&name) {
-                crate::io::atomic::remove_later(&e.path())?;
-            }
-        }
-    }
-    write_atomic(&dir.join(CONFIG), &cfg)
+    st.write(&format!("{prefix}{CONFIG}"), &cfg)
 }
 
 /// `model-NNNNN-of-NNNNN.safetensors`, the names transformers gives shards.

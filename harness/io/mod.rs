@@ -1,8 +1,10 @@
 //! Reading and writing checkpoints: safetensors files, Hugging Face model directories, and
-//! the atomic writes every save goes through.
+//! the crash-safe saves every write goes through (with their manifest and fault points).
 
 pub mod atomic;
 pub mod bnb;
+pub mod faults;
 pub mod hf;
+pub mod manifest;
 pub mod peft;
 pub mod st;

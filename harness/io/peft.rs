@@ -18,8 +18,8 @@ use crate::adapt::attach::{attach, load_values, Params};
 use crate::adapt::lora::{LoraConfig, LoraInit};
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
-use crate::io::atomic::{ensure_dir, write_atomic};
-use crate::io::st::{write_safetensors, StFile};
+use crate::io::atomic::Staged;
+use crate::io::st::{hosted, stage_tensors, StFile};
 use crate::model::Transformer;
 
 /// The adapter config file name.
@@ -130,6 +130,7 @@ pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option
 
 /// Read an adapter directory (tensors on the host).
 pub fn read(dir: &Path) -> Result<Adapter> {
+    crate::io::atomic::check_dir(dir)?;
     if !dir.is_dir() {
         return Err(Error::file(dir, "is not an adapter directory"));
     }
@@ -209,7 +210,7 @@ pub fn apply(
 }
 
 /// Write `params` of an adapter with `lora` as a PEFT directory, recording the base's
-/// quantization. Every file is written atomically.
+/// quantization, as one crash-safe directory save.
 pub fn save(
     dir: &Path,
     lora: &LoraConfig,
@@ -217,17 +218,22 @@ pub fn save(
     base_quant: Option<&QuantConfig>,
     base_model: &str,
 ) -> Result<()> {
-    crate::io::atomic::transaction(|| save_inner(dir, lora, params, base_quant, base_model))
+    crate::io::atomic::save_dir(dir, &owns, |st| write_into(st, lora, params, base_quant, base_model))
 }
 
-fn save_inner(
-    dir: &Path,
+/// The top-level names an adapter save owns in its directory.
+pub fn owns(name: &str) -> bool {
+    name == CONFIG || name == WEIGHTS
+}
+
+/// Write the adapter's files into a directory save.
+pub(crate) fn write_into(
+    st: &mut Staged,
     lora: &LoraConfig,
     params: &Params,
     base_quant: Option<&QuantConfig>,
     base_model: &str,
 ) -> Result<()> {
-    ensure_dir(dir)?;
     let mut tensors = BTreeMap::new();
     for (name, v) in params {
         tensors.insert(format!("{PREFIX}{name}"), v.as_tensor().to_device(&Device::Cpu)?);
@@ -254,7 +260,7 @@ fn save_inner(
         "alpha_pattern": {},
         QUANT_KEY: base_quant.map_or(Value::Null, QuantConfig::to_json),
     });
-    write_safetensors(&dir.join(WEIGHTS), &tensors)?;
+    stage_tensors(st, WEIGHTS, hosted(&tensors)?)?;
     let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG), &bytes)
+    st.write(CONFIG, &bytes)
 }

@@ -1,5 +1,5 @@
 //! safetensors ↔ candle: memory-mapped reading with errors that name the file and tensor,
-//! and atomic writing of named tensors.
+//! and writing named tensors (a standalone file atomically, or a file of a directory save).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors, View};
 
 use crate::error::{Error, Result};
-use crate::io::atomic::write_atomic;
+use crate::io::atomic::{write_atomic, Staged};
 
 /// A memory-mapped safetensors file.
 pub struct StFile {
@@ -165,15 +165,25 @@ pub fn host(t: &Tensor) -> Result<HostTensor> {
 /// Serialise `tensors` (with `{"format": "pt"}` metadata, as transformers writes) to `path`
 /// atomically.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let host: Vec<(String, HostTensor)> =
-        tensors.iter().map(|(k, t)| Ok((k.clone(), host(t)?))).collect::<Result<_>>()?;
-    write_host(path, host)
+    write_atomic(path, &serialize(path, hosted(tensors)?, None)?)
 }
 
-/// Serialise already-copied tensors to `path` atomically.
-pub fn write_host(path: &Path, tensors: Vec<(String, HostTensor)>) -> Result<()> {
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes =
-        safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
-    write_atomic(path, &bytes)
+/// Copy every tensor of `tensors` to the host.
+pub fn hosted(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<(String, HostTensor)>> {
+    tensors.iter().map(|(k, t)| Ok((k.clone(), host(t)?))).collect()
+}
+
+/// Write already-copied tensors as `rel` of a directory save; the file's metadata carries the
+/// save id beside transformers' `{"format": "pt"}`.
+pub fn stage_tensors(st: &mut Staged, rel: &str, tensors: Vec<(String, HostTensor)>) -> Result<()> {
+    let bytes = serialize(&st.root().join(rel), tensors, Some(st.save_id()))?;
+    st.write(rel, &bytes)
+}
+
+fn serialize(path: &Path, tensors: Vec<(String, HostTensor)>, save_id: Option<&str>) -> Result<Vec<u8>> {
+    let mut meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    if let Some(id) = save_id {
+        meta.insert(crate::io::manifest::SAVE_ID_KEY.to_string(), id.to_string());
+    }
+    safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
 }

@@ -3,7 +3,8 @@
 //! (its `config.json` carries the original dtype), `optimizer.safetensors` (AdamW moments) and
 //! `trainer_state.json` (optimizer step, schedule step, epoch and the position inside it, the
 //! training configuration and the dropout stream's position). [`load`] needs nothing but the directory, and a run resumed
-//! from it continues bitwise like one that never stopped. The save is one transaction.
+//! from it continues bitwise like one that never stopped. The save is one crash-safe directory
+//! save: a kill at any point leaves the old or the new checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,9 +14,9 @@ use serde_json::{json, Map, Value};
 
 use crate::adapt::QuantConfig;
 use crate::error::{Error, Result};
-use crate::io::atomic::write_atomic;
+use crate::io::atomic::Staged;
 use crate::io::peft;
-use crate::io::st::{write_safetensors, StFile};
+use crate::io::st::{hosted, stage_tensors, StFile};
 use crate::spec::{dtype_name, parse_dtype};
 use crate::train::optim::{AdamWConfig, Schedule};
 use crate::train::trainer::{EvalStrategy, RefTrainer, TrainConfig, TrainFaults};
@@ -28,16 +29,23 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 /// The base model's sub-directory.
 pub const BASE: &str = "base";
 
-/// Save the base, adapter, optimizer moments, configuration and progress of `tr` into `dir`.
+/// Save the base, adapter, optimizer moments, configuration and progress of `tr` into `dir`,
+/// as one crash-safe directory save.
 pub fn save(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
-    crate::io::atomic::transaction(|| save_inner(tr, dir, base_model))
+    crate::io::hf::check_savable(tr.spec(), tr.base_weights())?;
+    crate::io::atomic::save_dir(dir, &owns, |st| write_into(st, tr, base_model))
 }
 
-fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
-    peft::save(dir, tr.lora(), tr.params(), tr.quant(), base_model)?;
-    crate::io::hf::save(&dir.join(BASE), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
+/// The top-level names a trainer checkpoint owns in its directory.
+pub fn owns(name: &str) -> bool {
+    peft::owns(name) || name == STATE || name == OPTIMIZER || name == BASE
+}
+
+fn write_into(st: &mut Staged, tr: &RefTrainer, base_model: &str) -> Result<()> {
+    peft::write_into(st, tr.lora(), tr.params(), tr.quant(), base_model)?;
+    crate::io::hf::write_into(st, &format!("{BASE}/"), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
     let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors()? };
-    write_safetensors(&dir.join(OPTIMIZER), &moments)?;
+    stage_tensors(st, OPTIMIZER, hosted(&moments)?)?;
     let (schedule_step, epoch) = tr.progress();
     let state = json!({
         "optimizer_step": tr.optimizer().step,
@@ -48,7 +56,7 @@ fn save_inner(tr: &RefTrainer, dir: &Path, base_model: &str) -> Result<()> {
         "train_config": config_to_json(tr.config()),
     });
     let bytes = serde_json::to_vec_pretty(&state).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(STATE), &bytes)
+    st.write(STATE, &bytes)
 }
 
 /// What a faulty reload does differently (mutants only; all off by default).
@@ -69,6 +77,7 @@ pub fn load(device: &Device, dir: &Path) -> Result<RefTrainer> {
 
 /// [`load`] with planted bugs (mutants only).
 pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: ReloadFaults) -> Result<RefTrainer> {
+    crate::io::atomic::check_dir(dir)?;
     let base = crate::io::hf::load(&dir.join(BASE), device, reload.base_dtype)?;
     if base.quant.is_some() {
         return Err(Error::file(&dir.join(BASE), "the saved base must be dense (its 4-bit config is in the adapter)"));
