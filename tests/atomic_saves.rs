@@ -7,8 +7,8 @@ use std::path::Path;
 
 use candle_core::Device;
 use tunecheck::io::faults::inject_write_failure;
-use tunecheck::io::manifest::MANIFEST;
 use tunecheck::io::hf::{self, Sharding};
+use tunecheck::io::manifest::MANIFEST;
 use tunecheck::spec::{ArchSpec, Family};
 
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -87,7 +87,10 @@ fn failed_model_saves_keep_the_previous_checkpoint() {
             Sharding::Single => assert_eq!(names, ["config.json", "model.safetensors", MANIFEST]),
             Sharding::MaxBytes(_) => {
                 assert!(!names.contains(&"model.safetensors".to_string()), "{names:?}");
-                assert!(names.iter().all(|n| n == "config.json" || n == MANIFEST || n.starts_with("model")), "{names:?}");
+                assert!(
+                    names.iter().all(|n| n == "config.json" || n == MANIFEST || n.starts_with("model")),
+                    "{names:?}"
+                );
             }
         }
     }

@@ -188,7 +188,7 @@ fn our_4bit_serialisation_is_what_transformers_read() {
     let got = ck.model().unwrap().forward(&r.load("input_ids").unwrap(), Mode::Eval).unwrap();
     let err = rel_l2(&got, &r.load("logits").unwrap()).unwrap();
     assert!(err <= 1e-5, "rel L2 {err:.3e}");
-    let spec = tunecheck::ArchSpec::from_config_file(&dir.join("config.json")).unwrap();
+    let spec = tunecheck::tunecheck::io::config::read(&dir.join("config.json")).unwrap();
     let w = tunecheck::weights::generate(&spec, 5, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
     bnb::save_quantized(out.path(), &spec, &w, &ck.quant.unwrap()).unwrap();

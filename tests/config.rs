@@ -12,8 +12,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
     fn config_json_round_trips(spec in arb_spec()) {
-        let v = spec.to_config_json();
-        let back = ArchSpec::from_config_json(&v).unwrap();
+        let v = tunecheck::io::config::to_json(&spec);
+        let back = tunecheck::io::config::parse(&v).unwrap();
         prop_assert_eq!(back, spec);
     }
 }
@@ -29,8 +29,8 @@ fn reads_transformers_4x_gemma3_placement() {
         "rope_scaling": {"rope_type": "linear", "factor": 4.0},
         "final_logit_softcapping": null, "attn_logit_softcapping": null, "torch_dtype": "bfloat16"
     });
-    let s = ArchSpec::from_config_json(&v).unwrap();
-    let fixture = ArchSpec::from_config_file(std::path::Path::new(concat!(
+    let s = tunecheck::io::config::parse(&v).unwrap();
+    let fixture = tunecheck::io::config::read(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/models/gemma3/config.json"
     )))
@@ -53,8 +53,8 @@ fn reads_transformers_4x_llama3_scaling_with_legacy_type_key() {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
         "tie_word_embeddings": true
     });
-    let s = ArchSpec::from_config_json(&v).unwrap();
-    let fixture = ArchSpec::from_config_file(std::path::Path::new(concat!(
+    let s = tunecheck::io::config::parse(&v).unwrap();
+    let fixture = tunecheck::io::config::read(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/models/llama_tied_odd/config.json"
     )))
@@ -69,7 +69,7 @@ fn gemma2_default_pattern_is_even_layers_sliding() {
         "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
         "sliding_window": 2
     });
-    let s = ArchSpec::from_config_json(&v).unwrap();
+    let s = tunecheck::io::config::parse(&v).unwrap();
     use LayerType::*;
     assert_eq!(s.layer_types, vec![Sliding, Full, Sliding, Full]);
     assert_eq!(s.attn_logit_softcapping, Some(50.0));
@@ -86,7 +86,7 @@ fn explicit_5x_fields_win_over_4x_ones() {
         "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
         "layer_types": ["full_attention", "full_attention"]
     });
-    let s = ArchSpec::from_config_json(&v).unwrap();
+    let s = tunecheck::io::config::parse(&v).unwrap();
     assert_eq!(s.rope, Rope { theta: 500000.0, scaling: RopeScaling::None });
     assert_eq!(s.head_dim, 4);
     assert_eq!(s.num_kv_heads, 2);
@@ -125,7 +125,7 @@ fn invalid_configs_name_the_field() {
         for (k, val) in patch.as_object().unwrap() {
             v[k] = val.clone();
         }
-        let err = ArchSpec::from_config_json(&v).expect_err(name);
+        let err = tunecheck::io::config::parse(&v).expect_err(name);
         report.push_str(&format!("{name}: {err}\n"));
     }
     common::golden().bind(|| insta::assert_snapshot!("config_errors", report));
@@ -136,12 +136,12 @@ fn config_file_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("config.json");
     std::fs::write(&p, "{not json").unwrap();
-    let e = ArchSpec::from_config_file(&p).unwrap_err().to_string();
+    let e = tunecheck::io::config::read(&p).unwrap_err().to_string();
     assert!(e.starts_with(&p.display().to_string()) && e.contains("not valid JSON"), "{e}");
     std::fs::write(&p, r#"{"model_type": "llama"}"#).unwrap();
-    let e = ArchSpec::from_config_file(&p).unwrap_err().to_string();
+    let e = tunecheck::io::config::read(&p).unwrap_err().to_string();
     assert!(e.contains("config.json: field `hidden_size`: missing"), "{e}");
-    let e = ArchSpec::from_config_file(&dir.path().join("absent.json")).unwrap_err().to_string();
+    let e = tunecheck::io::config::read(&dir.path().join("absent.json")).unwrap_err().to_string();
     assert!(e.contains("absent.json"), "{e}");
 }
 

@@ -61,8 +61,10 @@ fn save(kind: &str, seed: u64, dir: &Path) -> tunecheck::Result<()> {
     use tunecheck::io::hf::{self, Sharding};
     let spec = spec_of(kind);
     let w = tunecheck::weights::generate(&spec, seed, &Device::Cpu)?;
-    let quant =
-        tunecheck::adapt::QuantConfig { compute_dtype: candle_core::DType::F32, ..tunecheck::adapt::QuantConfig::default() };
+    let quant = tunecheck::adapt::QuantConfig {
+        compute_dtype: candle_core::DType::F32,
+        ..tunecheck::adapt::QuantConfig::default()
+    };
     match kind {
         "model" => hf::save(dir, &spec, &w, Sharding::Single),
         "sharded" => hf::save(dir, &spec, &w, Sharding::MaxBytes(30_000 + 10_000 * seed as usize)),
@@ -217,13 +219,19 @@ fn kill_at_every_step(kind: &str, fallback: bool, over_existing: bool) {
             } else {
                 let differ: Vec<&String> =
                     now.keys().chain(old.keys()).filter(|k| now.get(*k) != old.get(*k)).collect();
-                panic!("{kind}: killed at point {n} ({}): a mix of two saves; differs from old in {differ:?}", points[n - 1]);
+                panic!(
+                    "{kind}: killed at point {n} ({}): a mix of two saves; differs from old in {differ:?}",
+                    points[n - 1]
+                );
             }
         };
         *seen.entry(found).or_insert(0) += 1;
     }
     let first = if over_existing { Found::Old } else { Found::Nothing };
-    assert!(seen.get(&first).copied().unwrap_or(0) > 0 && seen.get(&Found::New).copied().unwrap_or(0) > 0, "{kind}: {seen:?}");
+    assert!(
+        seen.get(&first).copied().unwrap_or(0) > 0 && seen.get(&Found::New).copied().unwrap_or(0) > 0,
+        "{kind}: {seen:?}"
+    );
     // The next complete save lands and cleans whatever the kills left beside the directory.
     let out = child(kind, 2, &target, fallback, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -231,7 +239,13 @@ fn kill_at_every_step(kind: &str, fallback: bool, over_existing: bool) {
     assert_eq!(debris(&target), Vec::<String>::new(), "{kind}: debris after a clean save");
     println!(
         "  {kind} ({}): {} fault points, after the kill old {} / new {} / nothing {}",
-        if fallback { "fallback" } else if over_existing { "exchange" } else { "first save" },
+        if fallback {
+            "fallback"
+        } else if over_existing {
+            "exchange"
+        } else {
+            "first save"
+        },
         points.len(),
         seen.get(&Found::Old).unwrap_or(&0),
         seen.get(&Found::New).unwrap_or(&0),
@@ -298,7 +312,10 @@ fn strace_kills_synth_at_every_syscall() {
             args.push(format!("inject={call}:signal=SIGKILL:when={n}"));
             args.push(tunecheck_bin().display().to_string());
         }
-        args.extend(["synth", "--family", "gemma2", "--seed", &seed.to_string(), "--shard-bytes", "30000", "--out"].map(String::from));
+        args.extend(
+            ["synth", "--family", "gemma2", "--seed", &seed.to_string(), "--shard-bytes", "30000", "--out"]
+                .map(String::from),
+        );
         args.push(out.display().to_string());
         let prog = if strace.is_some() { PathBuf::from("strace") } else { tunecheck_bin() };
         Command::new(prog).args(&args).output().unwrap()

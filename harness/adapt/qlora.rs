@@ -6,7 +6,6 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::kernels::{Packed4, Rounding};
 use crate::quant::{quantize, QuantType, Quantized4};
-use crate::spec::{dtype_name, parse_dtype};
 
 /// transformers' `BitsAndBytesConfig` for 4-bit loading, the fields that change the function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,75 +33,6 @@ impl QuantConfig {
     /// changes the function of an NF4 checkpoint.
     pub fn transformers_defaults() -> Self {
         QuantConfig { quant_type: QuantType::Fp4, blocksize: 64, double_quant: false, compute_dtype: DType::F32 }
-    }
-
-    /// The `quantization_config` object of `config.json`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": true,
-            "load_in_8bit": false,
-            "bnb_4bit_quant_type": self.quant_type.name(),
-            "bnb_4bit_use_double_quant": self.double_quant,
-            "bnb_4bit_compute_dtype": dtype_name(self.compute_dtype),
-            "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": null,
-        });
-        if self.blocksize != 64 {
-            // transformers has no field for it (bitsandbytes' Linear4bit uses 64); each tensor's
-            // quant_state also records it.
-            v["tunecheck_blocksize"] = serde_json::json!(self.blocksize);
-        }
-        v
-    }
-
-    /// Parse a `quantization_config` object; missing fields take transformers' defaults
-    /// (the trap this crate exists to catch is then visible in the returned value).
-    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| Error::field("quantization_config", "not an object"))?;
-        let d = Self::transformers_defaults();
-        let method = o.get("quant_method").and_then(|m| m.as_str()).unwrap_or("bitsandbytes");
-        if method != "bitsandbytes" {
-            return Err(Error::field(
-                "quantization_config.quant_method",
-                format!("`{method}` is not supported (bitsandbytes)"),
-            ));
-        }
-        if o.get("load_in_4bit").and_then(|b| b.as_bool()) != Some(true) {
-            return Err(Error::field(
-                "quantization_config.load_in_4bit",
-                "only 4-bit bitsandbytes checkpoints are supported",
-            ));
-        }
-        let quant_type = match o.get("bnb_4bit_quant_type").and_then(|s| s.as_str()) {
-            None => d.quant_type,
-            Some(s) => QuantType::parse(s).ok_or_else(|| {
-                Error::field("quantization_config.bnb_4bit_quant_type", format!("`{s}` is not nf4 or fp4"))
-            })?,
-        };
-        let compute_dtype = match o.get("bnb_4bit_compute_dtype").and_then(|s| s.as_str()) {
-            None => d.compute_dtype,
-            Some(s) => parse_dtype(s).ok_or_else(|| {
-                Error::field(
-                    "quantization_config.bnb_4bit_compute_dtype",
-                    format!("`{s}` is not float32, bfloat16 or float16"),
-                )
-            })?,
-        };
-        if let Some(s) = o.get("bnb_4bit_quant_storage").and_then(|s| s.as_str()) {
-            if s != "uint8" {
-                return Err(Error::field(
-                    "quantization_config.bnb_4bit_quant_storage",
-                    format!("`{s}` is not supported (uint8)"),
-                ));
-            }
-        }
-        Ok(QuantConfig {
-            quant_type,
-            blocksize: o.get("tunecheck_blocksize").and_then(|b| b.as_u64()).map_or(d.blocksize, |b| b as usize),
-            double_quant: o.get("bnb_4bit_use_double_quant").and_then(|b| b.as_bool()).unwrap_or(d.double_quant),
-            compute_dtype,
-        })
     }
 }
 

@@ -538,7 +538,7 @@ fn quantize(
     tunecheck::io::bnb::save_quantized(out, &ck.spec, &ck.weights, &cfg)?;
     done(
         format!("wrote {} 4-bit checkpoint ({} layers) to {}", quant_type.name(), ck.spec.num_layers, out.display()),
-        serde_json::json!({"out": out, "quantization_config": cfg.to_json(), "layers": ck.spec.num_layers}),
+        serde_json::json!({"out": out, "quantization_config": tunecheck::io::config::quant_to_json(&cfg), "layers": ck.spec.num_layers}),
     );
     Ok(())
 }
@@ -601,7 +601,7 @@ fn synth(
     shard_bytes: Option<usize>,
 ) -> anyhow::Result<()> {
     let spec = match config {
-        Some(p) => tunecheck::ArchSpec::from_config_file(&p)?,
+        Some(p) => tunecheck::io::config::read(&p)?,
         None => {
             let f = Family::from_name(family)
                 .ok_or_else(|| anyhow::anyhow!("unknown family `{family}` (llama, gemma, gemma2, gemma3)"))?;

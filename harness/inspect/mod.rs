@@ -126,8 +126,8 @@ pub fn inspect(
     device: &Device,
     progress: impl FnMut(&Path, usize, usize),
 ) -> Result<Report> {
-    let spec = crate::spec::ArchSpec::from_config_file(&dir.join(crate::io::hf::CONFIG))?;
-    let quant = crate::io::bnb::read_quant_config(&dir.join(crate::io::hf::CONFIG))?;
+    let spec = crate::io::config::read(&dir.join(crate::io::hf::CONFIG))?;
+    let quant = crate::io::config::read_quant(&dir.join(crate::io::hf::CONFIG))?;
     let sc = scan::scan(dir, crate::train::untrained::DEFAULT_THRESHOLD, progress)?;
     let vocab = tokens::Vocab::load(dir)?;
     let mut findings = Vec::new();
@@ -194,8 +194,9 @@ pub fn inspect(
     };
     let adapter_check = match (adapter, &read_adapter) {
         (Some(a), Some(ad)) => {
-            let show =
-                |q: Option<&crate::adapt::QuantConfig>| q.map_or("none".to_string(), |q| q.to_json().to_string());
+            let show = |q: Option<&crate::adapt::QuantConfig>| {
+                q.map_or("none".to_string(), |q| crate::io::config::quant_to_json(q).to_string())
+            };
             let (status, detail) = match &ad.base_quant {
                 None => {
                     ("not recorded", "the adapter does not record its base's quantization (PEFT does not)".to_string())
@@ -241,7 +242,7 @@ pub fn inspect(
         dtype_supported,
         parameters,
         tensors_by_dtype: by_dtype,
-        quantization: quant.as_ref().map(|q| q.to_json()),
+        quantization: quant.as_ref().map(crate::io::config::quant_to_json),
         untrained,
         tokenizer: vocab.has_tokenizer(),
         non_finite,

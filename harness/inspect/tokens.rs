@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::fields::Fields;
 
 /// What the tokenizer files of a checkpoint say about token ids.
 #[derive(Default)]
@@ -30,25 +31,30 @@ impl Vocab {
         }
         let tc = dir.join("tokenizer_config.json");
         if tc.is_file() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| Error::io(&tc, e))?;
-            let j: Value = serde_json::from_str(&text).map_err(|e| Error::file(&tc, format!("not valid JSON: {e}")))?;
-            v.template = match j.get("chat_template") {
+            let bytes = std::fs::read(&tc).map_err(|e| Error::io(&tc, e))?;
+            let j = Fields::parse(&bytes, &tc)?;
+            let c = Fields::new(&j, Some(&tc), "")?;
+            v.template = match c.get("chat_template") {
+                None => None,
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: search them all.
                 Some(Value::Array(list)) => Some(
                     list.iter()
-                        .filter_map(|t| t.get("template").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
+                        .enumerate()
+                        .map(|(i, t)| Fields::new(t, Some(&tc), &format!("chat_template[{i}]"))?.str("template"))
+                        .collect::<Result<Vec<_>>>()?
                         .join("\n"),
                 ),
-                _ => None,
+                Some(other) => {
+                    return Err(c.bad("chat_template", format!("expected a string or a list of templates, got {other}")))
+                }
             };
-            if let Some(Value::Object(dec)) = j.get("added_tokens_decoder") {
-                for (id, tok) in dec {
-                    if tok.get("special").and_then(Value::as_bool) == Some(true) {
-                        if let Ok(id) = id.parse() {
-                            v.specials.insert(id);
-                        }
+            if let Some(dec) = c.opt_object("added_tokens_decoder")? {
+                for id in dec.object().keys() {
+                    let tok = dec.object_field(id)?;
+                    if tok.opt_bool("special")? == Some(true) {
+                        let id = id.parse().map_err(|_| dec.bad(id, "is not a token id"))?;
+                        v.specials.insert(id);
                     }
                 }
             }

@@ -291,9 +291,7 @@ pub fn settle(dir: &Path) -> Result<()> {
         if let Ok(entries) = fs::read_dir(look) {
             let mut old: Vec<PathBuf> = entries
                 .flatten()
-                .filter(|e| {
-                    sibling_pid(&e.file_name().to_string_lossy(), &name, OLD).is_some_and(|pid| !alive(pid))
-                })
+                .filter(|e| sibling_pid(&e.file_name().to_string_lossy(), &name, OLD).is_some_and(|pid| !alive(pid)))
                 .map(|e| e.path())
                 .collect();
             old.sort();

@@ -21,22 +21,13 @@ use serde_json::{json, Value};
 use crate::adapt::lora::PROJECTIONS;
 use crate::adapt::qlora::{Quant4Linear, QuantConfig};
 use crate::error::{Error, Result};
+use crate::io::fields::Fields;
 use crate::io::hf::{Opened, CONFIG, SINGLE};
 use crate::io::st::StFile;
 use crate::quant::codes::dynamic_map_signed;
 use crate::quant::{Absmax, QuantType, Quantized4};
 use crate::spec::{dtype_name, parse_dtype, ArchSpec};
 use crate::weights::{tensor_shapes, Weights};
-
-/// `quantization_config` of a `config.json`, if present.
-pub fn read_quant_config(path: &Path) -> Result<Option<QuantConfig>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
-    match v.get("quantization_config") {
-        None | Some(Value::Null) => Ok(None),
-        Some(q) => QuantConfig::from_json(q).map(Some).map_err(|e| e.in_file(path)),
-    }
-}
 
 fn load_kind(st: &StFile, key: &str, want: DType) -> Result<Tensor> {
     let t = st.load(key)?;
@@ -141,28 +132,29 @@ pub struct QuantState {
 pub fn parse_quant_state(bytes: &[u8], file: &Path, key: &str, qt: QuantType, shape: &[usize]) -> Result<QuantState> {
     let err = |m: String| Error::tensor(file, key, m);
     let meta: Value = serde_json::from_slice(bytes).map_err(|e| err(format!("not a JSON quant state: {e}")))?;
-    let field = |k: &str| meta.get(k).ok_or_else(|| err(format!("quant state has no `{k}`")));
-    let qt_name = field("quant_type")?.as_str().unwrap_or("");
+    let c = Fields::new(&meta, Some(file), key)?;
+    let qt_name = c.str("quant_type")?;
     if qt_name != qt.name() {
-        return Err(err(format!("quant_type `{qt_name}`, expected `{}`", qt.name())));
+        return Err(c.bad("quant_type", format!("`{qt_name}`, expected `{}` (the key's suffix)", qt.name())));
     }
-    let blocksize = field("blocksize")?.as_u64().ok_or_else(|| err("blocksize is not an integer".into()))?;
-    let blocksize = usize::try_from(blocksize).map_err(|_| err(format!("blocksize {blocksize} is too large")))?;
-    let orig_dtype = field("dtype")?
-        .as_str()
-        .and_then(parse_dtype)
-        .ok_or_else(|| err("dtype is not float32, bfloat16 or float16".into()))?;
-    let got_shape: Vec<usize> = field("shape")?
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
-        .unwrap_or_default();
+    let blocksize = c.usize("blocksize")?;
+    let dtype = c.str("dtype")?;
+    let orig_dtype =
+        parse_dtype(dtype).ok_or_else(|| c.bad("dtype", format!("`{dtype}` is not float32, bfloat16 or float16")))?;
+    let got_shape: Vec<usize> = match c.get("shape") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64().map(|n| n as usize).ok_or_else(|| c.bad("shape", format!("entry {x} is not an integer")))
+            })
+            .collect::<Result<_>>()?,
+        other => return Err(c.bad("shape", format!("expected a list of integers, got {other:?}"))),
+    };
     if got_shape != shape {
         return Err(err(format!("shape {got_shape:?}, expected {shape:?}")));
     }
-    let nested = if meta.get("nested_offset").is_some() {
-        let nb = field("nested_blocksize")?.as_u64().ok_or_else(|| err("nested_blocksize is not an integer".into()))?;
-        let off = field("nested_offset")?.as_f64().ok_or_else(|| err("nested_offset is not a number".into()))?;
-        Some((usize::try_from(nb).map_err(|_| err(format!("nested_blocksize {nb} is too large")))?, off as f32))
+    let nested = if c.present("nested_offset") {
+        Some((c.usize("nested_blocksize")?, c.f64("nested_offset")? as f32))
     } else {
         None
     };
@@ -217,8 +209,8 @@ pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &Quan
             out.insert(key.clone(), t.to_dtype(spec.dtype)?.to_device(&Device::Cpu)?);
         }
     }
-    let mut config = spec.to_config_json();
-    config["quantization_config"] = cfg.to_json();
+    let mut config = crate::io::config::to_json(&spec);
+    config["quantization_config"] = crate::io::config::quant_to_json(cfg);
     let cfg_bytes = serde_json::to_vec_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
     let hosted = crate::io::st::hosted(&out)?;
     crate::io::atomic::save_dir(dir, &crate::io::hf::owns, |st| {

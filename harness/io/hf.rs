@@ -10,13 +10,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::adapt::linear::Base;
 use crate::adapt::lora::PROJECTIONS;
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::{save_dir, Staged};
+use crate::io::fields::Fields;
 use crate::io::st::{host, stage_tensors, StFile};
 use crate::model::transformer::Bases;
 use crate::model::Transformer;
@@ -74,26 +75,18 @@ pub(crate) fn layout(dir: &Path) -> Result<Layout> {
     if !index.is_file() {
         return Err(Error::file(dir, format!("has neither {SINGLE} nor {INDEX}")));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Config {
-        file: Some(index.clone()),
-        field: "weight_map".into(),
-        msg: "missing or not an object".into(),
-    })?;
+    let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
+    let v = Fields::parse(&bytes, &index)?;
+    let c = Fields::new(&v, Some(&index), "")?;
+    if let Some(meta) = c.opt_object("metadata")? {
+        meta.opt_f64("total_size")?;
+    }
+    let map = c.object_field("weight_map")?;
     let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
-    for (key, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::Config {
-            file: Some(index.clone()),
-            field: format!("weight_map.{key}"),
-            msg: format!("expected a file name, got {file}"),
-        })?;
+    for key in map.object().keys() {
+        let file = map.str(key)?;
         if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            return Err(Error::Config {
-                file: Some(index.clone()),
-                field: format!("weight_map.{key}"),
-                msg: format!("`{file}` is not a plain file name in the checkpoint directory"),
-            });
+            return Err(map.bad(key, format!("`{file}` is not a plain file name in the checkpoint directory")));
         }
         files.entry(dir.join(file)).or_default().push(key.clone());
     }
@@ -153,8 +146,8 @@ pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpo
         return Err(Error::file(dir, "is not a directory"));
     }
     let cfg_path = dir.join(CONFIG);
-    let mut spec = ArchSpec::from_config_file(&cfg_path)?;
-    let quant = crate::io::bnb::read_quant_config(&cfg_path)?;
+    let mut spec = crate::io::config::read(&cfg_path)?;
+    let quant = crate::io::config::read_quant(&cfg_path)?;
     if let Some(d) = dtype {
         spec.dtype = d;
     }
@@ -238,9 +231,15 @@ pub(crate) fn check_savable(spec: &ArchSpec, weights: &Weights) -> Result<()> {
 }
 
 /// Write the model's files under `prefix` (`""` or `"base/"`) of a directory save.
-pub(crate) fn write_into(st: &mut Staged, prefix: &str, spec: &ArchSpec, weights: &Weights, sharding: Sharding) -> Result<()> {
+pub(crate) fn write_into(
+    st: &mut Staged,
+    prefix: &str,
+    spec: &ArchSpec,
+    weights: &Weights,
+    sharding: Sharding,
+) -> Result<()> {
     check_savable(spec, weights)?;
-    let cfg = serde_json::to_vec_pretty(&spec.to_config_json()).map_err(|e| Error::Msg(e.to_string()))?;
+    let cfg = serde_json::to_vec_pretty(&crate::io::config::to_json(&spec)).map_err(|e| Error::Msg(e.to_string()))?;
     let mut hosted = Vec::new();
     for (k, t) in weights {
         hosted.push((k.clone(), host(&t.to_dtype(spec.dtype)?)?));

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::io::fields::Fields;
 
 /// The manifest's file name.
 pub const MANIFEST: &str = "tunecheck-save.json";
@@ -91,47 +92,29 @@ impl Manifest {
     /// Parse a manifest; a field of the wrong type or a path leaving the directory is an error
     /// naming `path` and the field.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let field_err = |field: String, msg: String| Error::Config { file: Some(path.to_path_buf()), field, msg };
-        let v: Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
-        let o = v.as_object().ok_or_else(|| field_err("(root)".into(), "expected an object".into()))?;
-        match o.get("format") {
-            Some(Value::String(f)) if f == FORMAT => {}
-            Some(Value::String(f)) => {
-                return Err(field_err("format".into(), format!("`{f}` is not a format this version reads ({FORMAT})")))
-            }
-            other => return Err(field_err("format".into(), format!("expected the string \"{FORMAT}\", got {other:?}"))),
+        let v = Fields::parse(bytes, path)?;
+        let c = Fields::new(&v, Some(path), "")?;
+        let format = c.str("format")?;
+        if format != FORMAT {
+            return Err(c.bad("format", format!("`{format}` is not a format this version reads ({FORMAT})")));
         }
-        let save_id = match o.get("save_id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            other => return Err(field_err("save_id".into(), format!("expected a non-empty string, got {other:?}"))),
-        };
-        let list = o
-            .get("files")
-            .and_then(Value::as_object)
-            .ok_or_else(|| field_err("files".into(), "missing or not an object".into()))?;
+        let save_id = c.str("save_id")?.to_string();
+        let list = c.object_field("files")?;
         let mut files = BTreeMap::new();
-        for (rel, e) in list {
-            let field = format!("files.{rel}");
-            let p = Path::new(rel);
-            if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
-                return Err(field_err(field, "is not a relative path inside the directory".into()));
+        for rel in list.object().keys() {
+            if rel.is_empty() || !Path::new(rel).components().all(|x| matches!(x, Component::Normal(_))) {
+                return Err(list.bad(rel, "is not a relative path inside the directory"));
             }
-            let bytes = e
-                .get("bytes")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| field_err(format!("{field}.bytes"), "missing or not a non-negative integer".into()))?;
-            let sha256 = match e.get("sha256") {
-                None => None,
-                Some(Value::String(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Some(h.clone()),
-                Some(other) => {
-                    return Err(field_err(format!("{field}.sha256"), format!("expected 64 hex digits, got {other}")))
+            let e = list.object_field(rel)?;
+            let sha256 = e.opt_str("sha256")?.map(str::to_string);
+            if let Some(h) = &sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(e.bad("sha256", format!("expected 64 hex digits, got `{h}`")));
                 }
-            };
-            if sha256.is_none() && !is_safetensors(rel) {
-                return Err(field_err(format!("{field}.sha256"), "missing (required for a non-safetensors file)".into()));
+            } else if !is_safetensors(rel) {
+                return Err(e.bad("sha256", "missing (required for a file that is not safetensors)"));
             }
-            files.insert(rel.clone(), Entry { bytes, sha256 });
+            files.insert(rel.clone(), Entry { bytes: e.u64("bytes")?, sha256 });
         }
         Ok(Manifest { save_id, files })
     }

@@ -3,7 +3,9 @@
 
 pub mod atomic;
 pub mod bnb;
+pub mod config;
 pub mod faults;
+pub mod fields;
 pub mod hf;
 pub mod manifest;
 pub mod peft;

@@ -19,6 +19,7 @@ use crate::adapt::lora::{LoraConfig, LoraInit};
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::Staged;
+use crate::io::fields::{is_empty, is_false, Fields};
 use crate::io::st::{hosted, stage_tensors, StFile};
 use crate::model::Transformer;
 
@@ -49,82 +50,66 @@ fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
     Error::Config { file: Some(path.to_path_buf()), field: field.into(), msg: msg.into() }
 }
 
-/// Parse an `adapter_config.json` value.
+/// `adapter_config.json` fields that change what the adapter computes and that tunecheck does
+/// not implement: the value each must have (absent and `null` are fine too), and what it would do.
+const REFUSED: &[(&str, fn(&Value) -> bool, &str)] = &[
+    ("use_dora", is_false, "DoRA (weight-decomposed LoRA) is not implemented"),
+    ("fan_in_fan_out", is_false, "transposed (Conv1D) base weights are not implemented"),
+    ("bias", |v| v == "none", "trained biases are not implemented (none)"),
+    ("lora_bias", is_false, "a bias on lora_B is not implemented"),
+    ("layers_to_transform", |_| false, "adapting a subset of layers is not implemented"),
+    ("rank_pattern", is_empty, "per-module ranks are not implemented"),
+    ("alpha_pattern", is_empty, "per-module alphas are not implemented"),
+    ("exclude_modules", is_empty, "excluding modules from the targets is not implemented"),
+    ("target_parameters", is_empty, "LoRA on parameters (not modules) is not implemented"),
+    ("trainable_token_indices", |_| false, "trainable token rows are not implemented"),
+    ("layer_replication", |_| false, "layer replication is not implemented"),
+    ("use_qalora", is_false, "QA-LoRA is not implemented"),
+    ("alora_invocation_tokens", |_| false, "activated LoRA is not implemented"),
+    ("megatron_config", |_| false, "Megatron-parallel layers are not implemented"),
+    ("arrow_config", |_| false, "Arrow routing is not implemented"),
+];
+
+/// Parse an `adapter_config.json` value; see [`REFUSED`] for the fields that are refused.
 pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option<QuantConfig>>, Option<String>)> {
-    let o = v.as_object().ok_or_else(|| cfg_err(path, "(root)", "not a JSON object"))?;
-    let get = |k: &str| o.get(k).filter(|x| !x.is_null());
-    match get("peft_type").and_then(Value::as_str) {
-        Some("LORA") => {}
-        Some(other) => return Err(cfg_err(path, "peft_type", format!("`{other}` is not supported (LORA)"))),
-        None => return Err(cfg_err(path, "peft_type", "missing")),
+    let c = Fields::new(v, Some(path), "")?;
+    match c.str("peft_type")? {
+        "LORA" => {}
+        other => return Err(c.bad("peft_type", format!("`{other}` is not supported (LORA)"))),
     }
-    let r = get("r").and_then(Value::as_u64).ok_or_else(|| cfg_err(path, "r", "missing or not a positive integer"))?
-        as usize;
-    let alpha = get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| cfg_err(path, "lora_alpha", "missing or not a number"))?;
-    let dropout = get("lora_dropout")
-        .map_or(Ok(0.0), |x| x.as_f64().ok_or_else(|| cfg_err(path, "lora_dropout", "not a number")))?;
-    let use_rslora = get("use_rslora")
-        .map_or(Ok(false), |x| x.as_bool().ok_or_else(|| cfg_err(path, "use_rslora", "not a boolean")))?;
+    for (field, ok, what) in REFUSED {
+        c.refuse_unless(field, ok, what)?;
+    }
+    let r = c.usize("r")?;
     let names = |k: &str| -> Result<Vec<String>> {
-        match get(k) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_str().map(str::to_string).ok_or_else(|| cfg_err(path, k, format!("entry {x} is not a string")))
-                })
-                .collect(),
-            Some(Value::String(s)) => {
-                Err(cfg_err(path, k, format!("a regular expression (`{s}`) is not supported; list the module names")))
-            }
-            Some(x) => Err(cfg_err(path, k, format!("expected a list of module names, got {x}"))),
+        if let Some(Value::String(s)) = c.get(k) {
+            return Err(c.bad(k, format!("a regular expression (`{s}`) is not supported; list the module names")));
         }
+        Ok(c.opt_str_list(k)?.unwrap_or_default())
     };
-    let target_modules = names("target_modules")?;
-    let modules_to_save = names("modules_to_save")?;
-    for (k, unsupported) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
-        if get(k).and_then(Value::as_bool) == Some(true) {
-            return Err(cfg_err(path, k, format!("{unsupported} is not supported")));
-        }
-    }
-    if let Some(b) = get("bias").and_then(Value::as_str) {
-        if b != "none" {
-            return Err(cfg_err(path, "bias", format!("`{b}` is not supported (none)")));
-        }
-    }
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
-            return Err(cfg_err(path, k, "per-module ranks or alphas are not supported"));
-        }
-    }
-    if get("layers_to_transform").is_some() {
-        return Err(cfg_err(path, "layers_to_transform", "adapting a subset of layers is not supported"));
-    }
     let lora = LoraConfig {
         r,
-        alpha,
-        use_rslora,
-        dropout,
-        target_modules,
-        modules_to_save,
+        alpha: c.f64("lora_alpha")?,
+        use_rslora: c.opt_bool("use_rslora")?.unwrap_or(false),
+        dropout: c.opt_f64("lora_dropout")?.unwrap_or(0.0),
+        target_modules: names("target_modules")?,
+        modules_to_save: names("modules_to_save")?,
         init: LoraInit::Default,
-        ensure_weight_tying: get("ensure_weight_tying").and_then(Value::as_bool).unwrap_or(false),
+        ensure_weight_tying: c.opt_bool("ensure_weight_tying")?.unwrap_or(false),
     };
+    // Harmless fields, still typed.
+    c.opt_str("task_type")?;
+    c.opt_bool("inference_mode")?;
     lora.validate().map_err(|e| match e {
         Error::Config { field, msg, .. } => cfg_err(path, &field, msg),
         other => other,
     })?;
-    let base_quant = match o.get(QUANT_KEY) {
+    let base_quant = match c.object().get(QUANT_KEY) {
         None => None,
         Some(Value::Null) => Some(None),
-        Some(q) => Some(Some(QuantConfig::from_json(q).map_err(|e| match e {
-            Error::Config { field, msg, .. } => cfg_err(path, &format!("{QUANT_KEY}.{field}"), msg),
-            other => other,
-        })?)),
+        Some(_) => Some(Some(crate::io::config::quant_from_fields(&c.object_field(QUANT_KEY)?)?)),
     };
-    let base_model = get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
+    let base_model = c.opt_str("base_model_name_or_path")?.map(str::to_string);
     Ok((lora, base_quant, base_model))
 }
 
@@ -155,8 +140,9 @@ pub fn read(dir: &Path) -> Result<Adapter> {
 pub fn check_base_quant(adapter: &Adapter, base_quant: Option<&QuantConfig>, dir: &Path) -> Result<()> {
     if let Some(recorded) = &adapter.base_quant {
         if recorded.as_ref() != base_quant {
-            let show =
-                |q: Option<&QuantConfig>| q.map_or("none (unquantized)".to_string(), |q| q.to_json().to_string());
+            let show = |q: Option<&QuantConfig>| {
+                q.map_or("none (unquantized)".to_string(), |q| crate::io::config::quant_to_json(q).to_string())
+            };
             return Err(cfg_err(
                 &dir.join(CONFIG),
                 QUANT_KEY,
@@ -258,7 +244,7 @@ pub(crate) fn write_into(
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
-        QUANT_KEY: base_quant.map_or(Value::Null, QuantConfig::to_json),
+        QUANT_KEY: base_quant.map_or(Value::Null, crate::io::config::quant_to_json),
     });
     stage_tensors(st, WEIGHTS, hosted(&tensors)?)?;
     let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::io::fields::Fields;
 use crate::io::st::write_safetensors;
 use crate::model::Mode;
 use crate::process::wire::{self, PREFIX};
@@ -70,29 +71,21 @@ pub fn read_setup(dir: &Path) -> Result<Setup> {
     let ck = crate::io::hf::load(&dir.join("base"), &Device::Cpu, None)?;
     let adapter = crate::io::peft::read(&dir.join("adapter"))?;
     let path = dir.join("train.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
-    let field = |k: &str| {
-        v.get(k).ok_or_else(|| Error::Config { file: Some(path.clone()), field: k.into(), msg: "missing".into() })
-    };
-    let quant = match field("quantization")? {
-        Value::Null => None,
-        q => Some(crate::adapt::QuantConfig::from_json(q)?),
-    };
-    let adapter_seed = field("adapter_seed")?.as_u64().ok_or_else(|| Error::Config {
-        file: Some(path.clone()),
-        field: "adapter_seed".into(),
-        msg: "not a non-negative integer".into(),
-    })?;
-    let train = crate::train::checkpoint::config_from_value(field("train")?, &path)?;
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let v = Fields::parse(&bytes, &path)?;
+    let c = Fields::new(&v, Some(&path), "")?;
+    for k in ["quantization", "adapter_seed", "train", "adapter_init"] {
+        if !c.present(k) {
+            return Err(c.bad(k, "missing"));
+        }
+    }
+    let quant = c.opt_object("quantization")?.map(|q| crate::io::config::quant_from_fields(&q)).transpose()?;
+    let adapter_seed = c.u64("adapter_seed")?;
+    let train = crate::train::checkpoint::config_from_value(c.object().get("train").unwrap_or(&Value::Null), &path)?;
     let mut lora = adapter.lora;
-    lora.init = match field("adapter_init")? {
-        Value::Null => crate::adapt::LoraInit::Default,
-        v => crate::adapt::LoraInit::NonZero(v.get("b_std").and_then(Value::as_f64).ok_or_else(|| Error::Config {
-            file: Some(path.clone()),
-            field: "adapter_init.b_std".into(),
-            msg: "missing or not a number".into(),
-        })? as f32),
+    lora.init = match c.opt_object("adapter_init")? {
+        None => crate::adapt::LoraInit::Default,
+        Some(init) => crate::adapt::LoraInit::NonZero(init.f64("b_std")? as f32),
     };
     Ok(Setup { spec: ck.spec, weights: ck.weights, lora, quant, train, adapter_seed })
 }

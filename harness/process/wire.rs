@@ -163,7 +163,7 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
         "protocol": VERSION,
         "family": setup.spec.family.short_name(),
         "dtype": short_dtype_name(setup.spec.dtype),
-        "quantization": setup.quant.as_ref().map_or(Value::Null, |q| q.to_json()),
+        "quantization": setup.quant.as_ref().map_or(Value::Null, crate::io::config::quant_to_json),
         "adapter_seed": setup.adapter_seed,
         "adapter_init": match setup.lora.init {
             crate::adapt::LoraInit::Default => Value::Null,

@@ -170,7 +170,7 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
             Verdict::Failed {
                 reason,
                 detail,
-                minimal: serde_json::json!({"config": spec.to_config_json(), "weight_seed": w_seed, "ids": ids, "family": family.to_string()}),
+                minimal: serde_json::json!({"config": crate::io::config::to_json(&spec), "weight_seed": w_seed, "ids": ids, "family": family.to_string()}),
                 cases_run: ran.get().min(cases),
                 replay: None,
             }

@@ -215,12 +215,12 @@ impl Verdict {
 /// A summary of a setup for reports: its config.json and adapter / training knobs.
 pub fn describe(s: &Setup) -> serde_json::Value {
     serde_json::json!({
-        "config": s.spec.to_config_json(),
+        "config": crate::io::config::to_json(&s.spec),
         "lora": {
             "r": s.lora.r, "alpha": s.lora.alpha, "use_rslora": s.lora.use_rslora,
             "target_modules": s.lora.target_modules, "modules_to_save": s.lora.modules_to_save,
         },
-        "quantization_config": s.quant.map(|q| q.to_json()),
+        "quantization_config": s.quant.as_ref().map(crate::io::config::quant_to_json),
         "grad_accum": s.train.grad_accum,
         "adapter_seed": s.adapter_seed,
     })

@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::adapt::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::Staged;
+use crate::io::fields::Fields;
 use crate::io::peft;
 use crate::io::st::{hosted, stage_tensors, StFile};
 use crate::spec::{dtype_name, parse_dtype};
@@ -101,8 +102,8 @@ pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: Reloa
         q.compute_dtype = d;
     }
     let (st_path, v) = read_state(dir)?;
-    let root = Fields::new(&v, &st_path, "")?;
-    let cfg = config_from_json(&Fields::new(root.get("train_config")?, &st_path, "train_config.")?)?;
+    let root = Fields::new(&v, Some(&st_path), "")?;
+    let cfg = config_from_json(&root.object_field("train_config")?)?;
     let lora = crate::adapt::LoraConfig { init: crate::adapt::lora::LoraInit::Default, ..adapter.lora.clone() };
     let mut tr = RefTrainer::build(&base.spec, &base.weights, &lora, quant, cfg, 0, faults)?;
     restore_values(&mut tr, dir, &adapter.tensors, &root)?;
@@ -112,8 +113,8 @@ pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: Reloa
 /// `trainer_state.json` of `dir`, parsed.
 fn read_state(dir: &Path) -> Result<(std::path::PathBuf, Value)> {
     let st_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let v = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, format!("not valid JSON: {e}")))?;
+    let bytes = std::fs::read(&st_path).map_err(|e| Error::io(&st_path, e))?;
+    let v = Fields::parse(&bytes, &st_path)?;
     Ok((st_path, v))
 }
 
@@ -140,7 +141,7 @@ pub fn resume(tr: &mut RefTrainer, dir: &Path) -> Result<()> {
         }
     }
     let (st_path, v) = read_state(dir)?;
-    restore_values(tr, dir, &adapter.tensors, &Fields::new(&v, &st_path, "")?)
+    restore_values(tr, dir, &adapter.tensors, &Fields::new(&v, Some(&st_path), "")?)
 }
 
 /// Load adapter values, optimizer moments, progress and the dropout stream's position (`f`:
@@ -199,15 +200,15 @@ pub fn config_to_json(c: &TrainConfig) -> Value {
 /// Parse a training configuration written by [`config_to_json`] (read from `file`, named in
 /// errors); every field is required and typed.
 pub fn config_from_value(v: &Value, file: &Path) -> Result<TrainConfig> {
-    config_from_json(&Fields::new(v, file, "")?)
+    config_from_json(&Fields::new(v, Some(file), "")?)
 }
 
 /// Parse [`config_to_json`]'s object; every field is required and typed.
 fn config_from_json(f: &Fields) -> Result<TrainConfig> {
-    let eval = match f.get("eval_strategy")? {
-        Value::String(s) if s == "no" => EvalStrategy::No,
-        Value::String(s) if s == "epoch" => EvalStrategy::Epoch,
-        Value::Object(o) => match o.get("steps").and_then(Value::as_u64) {
+    let eval = match f.get("eval_strategy") {
+        Some(Value::String(s)) if s == "no" => EvalStrategy::No,
+        Some(Value::String(s)) if s == "epoch" => EvalStrategy::Epoch,
+        Some(Value::Object(o)) => match o.get("steps").and_then(Value::as_u64) {
             Some(n) => EvalStrategy::Steps(n as usize),
             None => return Err(f.bad("eval_strategy", "expected \"no\", \"epoch\" or {\"steps\": N}")),
         },
@@ -232,9 +233,10 @@ fn config_from_json(f: &Fields) -> Result<TrainConfig> {
             total_steps: f.usize("total_steps")?,
             min_ratio: f.f64("min_lr_ratio")?,
         },
-        max_grad_norm: match f.get("max_grad_norm")? {
-            Value::Null => None,
-            v => Some(v.as_f64().ok_or_else(|| f.bad("max_grad_norm", "not a number or null"))?),
+        max_grad_norm: if f.present("max_grad_norm") {
+            f.f64_or_null("max_grad_norm", None)?
+        } else {
+            return Err(f.bad("max_grad_norm", "missing"));
         },
         grad_accum: f.usize("gradient_accumulation_steps")?,
         epochs: f.usize("num_train_epochs")?,
@@ -244,48 +246,6 @@ fn config_from_json(f: &Fields) -> Result<TrainConfig> {
         untrained,
         seed: f.u64("seed")?,
     })
-}
-
-/// Typed access to a JSON object's fields; errors name the file and the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    file: &'a Path,
-    prefix: &'a str,
-}
-
-impl<'a> Fields<'a> {
-    fn new(v: &'a Value, file: &'a Path, prefix: &'a str) -> Result<Self> {
-        let obj = v.as_object().ok_or_else(|| Error::Config {
-            file: Some(file.to_path_buf()),
-            field: if prefix.is_empty() { "(root)".into() } else { prefix.trim_end_matches('.').into() },
-            msg: "not a JSON object".into(),
-        })?;
-        Ok(Fields { obj, file, prefix })
-    }
-
-    fn bad(&self, field: &str, msg: &str) -> Error {
-        Error::Config { file: Some(self.file.to_path_buf()), field: format!("{}{field}", self.prefix), msg: msg.into() }
-    }
-
-    fn get(&self, k: &str) -> Result<&'a Value> {
-        self.obj.get(k).ok_or_else(|| self.bad(k, "missing"))
-    }
-
-    fn str(&self, k: &str) -> Result<&'a str> {
-        self.get(k)?.as_str().ok_or_else(|| self.bad(k, "not a string"))
-    }
-
-    fn f64(&self, k: &str) -> Result<f64> {
-        self.get(k)?.as_f64().ok_or_else(|| self.bad(k, "not a number"))
-    }
-
-    fn u64(&self, k: &str) -> Result<u64> {
-        self.get(k)?.as_u64().ok_or_else(|| self.bad(k, "not a non-negative integer"))
-    }
-
-    fn usize(&self, k: &str) -> Result<usize> {
-        Ok(self.u64(k)? as usize)
-    }
 }
 
 impl RefTrainer {

@@ -4,11 +4,11 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-        if let Ok(spec) = tunecheck::ArchSpec::from_config_json(&v) {
-            let _ = spec.to_config_json();
+        if let Ok(spec) = tunecheck::tunecheck::io::config::parse(&v) {
+            let _ = tunecheck::io::config::to_json(&spec);
         }
         if let Some(q) = v.get("quantization_config") {
-            let _ = tunecheck::adapt::QuantConfig::from_json(q);
+            let _ = tunecheck::io::config::parse_quant(q);
         }
     }
 });
