@@ -188,6 +188,9 @@ fn every_class_of_bad_input_names_the_file_and_key() {
         let ck = tunecheck::io::hf::load(&fixture("models/llama_gqa"), &Device::Cpu, None).unwrap();
         tunecheck::io::hf::save(d.path(), &ck.spec, &ck.weights, tunecheck::io::hf::Sharding::MaxBytes(30_000))
             .unwrap();
+        // Damage as a checkpoint written by transformers would have it (no save manifest):
+        // the loader's own checks are under test here, the manifest's in crash_safety.rs.
+        std::fs::remove_file(d.path().join(tunecheck::io::manifest::MANIFEST)).unwrap();
         f(d.path());
         load_model(d.path())
     };

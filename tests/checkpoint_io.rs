@@ -21,6 +21,14 @@ fn saved(family: Family, sharding: Sharding) -> (tempfile::TempDir, ArchSpec, We
     (dir, spec, w)
 }
 
+/// [`saved`] without the save manifest, as transformers would write it: damage to it is then
+/// for the loader's own checks to find (the manifest's are tested in crash_safety.rs).
+fn saved_foreign(family: Family, sharding: Sharding) -> (tempfile::TempDir, ArchSpec, Weights) {
+    let (dir, spec, w) = saved(family, sharding);
+    std::fs::remove_file(dir.path().join(tunecheck::io::manifest::MANIFEST)).unwrap();
+    (dir, spec, w)
+}
+
 fn assert_same(a: &Weights, b: &Weights) {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, t) in a {
@@ -90,7 +98,7 @@ fn err(dir: &Path) -> String {
 fn bad_checkpoints_give_errors_naming_file_and_key() {
     let mut report = String::new();
     let mut case = |name: &str, break_it: &dyn Fn(&Path)| {
-        let (dir, _, _) = saved(Family::Llama, Sharding::Single);
+        let (dir, _, _) = saved_foreign(Family::Llama, Sharding::Single);
         break_it(dir.path());
         report.push_str(&format!("{name}: {}\n", err(dir.path())));
     };
@@ -150,7 +158,7 @@ fn bad_checkpoints_give_errors_naming_file_and_key() {
 fn bad_sharded_checkpoints_give_errors_naming_index_and_shard() {
     let mut report = String::new();
     let mut case = |name: &str, break_it: &dyn Fn(&Path)| {
-        let (dir, _, _) = saved(Family::Gemma, Sharding::MaxBytes(4096));
+        let (dir, _, _) = saved_foreign(Family::Gemma, Sharding::MaxBytes(4096));
         break_it(dir.path());
         report.push_str(&format!("{name}: {}\n", err(dir.path())));
     };
@@ -194,7 +202,7 @@ fn directory_that_is_a_file_is_an_error() {
 #[test]
 fn a_bad_save_leaves_the_previous_checkpoint_intact() {
     let (dir, spec, w) = saved(Family::Gemma3, Sharding::Single);
-    let before: Vec<(PathBuf, Vec<u8>)> = ["config.json", hf::SINGLE]
+    let before: Vec<(PathBuf, Vec<u8>)> = ["config.json", hf::SINGLE, tunecheck::io::manifest::MANIFEST]
         .iter()
         .map(|n| (dir.path().join(n), std::fs::read(dir.path().join(n)).unwrap()))
         .collect();
@@ -206,5 +214,5 @@ fn a_bad_save_leaves_the_previous_checkpoint_intact() {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    assert_eq!(leftovers.len(), 3, "{leftovers:?}");
 }

@@ -87,7 +87,7 @@ fn save(kind: &str, seed: u64, dir: &Path) -> tunecheck::Result<()> {
             if kind == "checkpoint" {
                 tr.save(dir)
             } else {
-                tunecheck::io::peft::save(dir, tr.lora(), tr.params(), tr.quant(), "synthetic")
+                tunecheck::io::peft::save(dir, tr.model(), tr.lora(), tr.params(), tr.quant(), "synthetic")
             }
         }
         other => panic!("unknown kind {other}"),

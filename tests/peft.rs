@@ -24,7 +24,14 @@ fn root() -> PathBuf {
 #[case::llama_rslora_embed_head("llama_rslora_embed_head", "llama_gqa")]
 #[case::gemma2_lora_mlp("gemma2_lora_mlp", "gemma2_window")]
 #[case::gemma3_lora_save_embed("gemma3_lora_save_embed", "gemma3")]
-// Written by `tunecheck train`, loaded by PEFT for the reference: the other direction.
+// LoRA on embed_tokens and lm_head: PEFT saves both base matrices beside the adapter.
+#[case::llama_lora_embed_head("llama_lora_embed_head", "llama_gqa")]
+// The same over a vocabulary resized from 96 to 101 before training, and a resized vocabulary
+// without embedding targets (PEFT then saves the plain matrices).
+#[case::llama_lora_embed_head_resized("llama_lora_embed_head_resized", "llama_gqa")]
+#[case::llama_lora_resized("llama_lora_resized", "llama_gqa")]
+// Written by `tunecheck train` (LoRA on embed_tokens and lm_head too), loaded by PEFT for the
+// reference: the other direction.
 #[case::tunecheck_written("tunecheck_written", "llama_gqa")]
 fn python_peft_adapters_match(#[case] adapter: &str, #[case] base: &str) {
     let adir = root().join("fixtures/adapters").join(adapter);
@@ -38,9 +45,15 @@ fn python_peft_adapters_match(#[case] adapter: &str, #[case] base: &str) {
     let got = model.forward(&ids, Mode::Eval).unwrap().to_dtype(DType::F32).unwrap();
     let err = rel_l2(&got, &want).unwrap();
     assert!(err <= 1e-5, "{adapter}: rel L2 {err:.3e}");
-    // The adapter matters: without it the logits are far off.
-    let plain = Transformer::from_weights(&ck.spec, &ck.weights).unwrap().forward(&ids, Mode::Eval).unwrap();
-    assert!(rel_l2(&plain, &want).unwrap() > 1e-3, "{adapter}: the adapter changes nothing");
+    // The adapter matters: without it the logits are far off (or, over a resized vocabulary,
+    // the base cannot even read the new token ids).
+    match Transformer::from_weights(&ck.spec, &ck.weights).unwrap().forward(&ids, Mode::Eval) {
+        Ok(plain) => assert!(rel_l2(&plain, &want).unwrap() > 1e-3, "{adapter}: the adapter changes nothing"),
+        Err(e) => {
+            assert!(adapter.contains("resized") && e.to_string().contains("out of range"), "{adapter}: {e}");
+            assert_eq!(model.spec().vocab_size, 101);
+        }
+    }
 }
 
 /// The ids and PEFT's eval logits stored beside a fixture adapter.
@@ -69,7 +82,7 @@ fn saved_adapter_reloads_bitwise() {
     for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
         let (tr, ck) = trained(quant);
         let dir = tempfile::tempdir().unwrap();
-        peft::save(dir.path(), tr.lora(), tr.params(), tr.quant(), "fixtures/models/llama_gqa").unwrap();
+        peft::save(dir.path(), tr.model(), tr.lora(), tr.params(), tr.quant(), "fixtures/models/llama_gqa").unwrap();
         let a = peft::read(dir.path()).unwrap();
         assert_eq!(a.base_quant, Some(quant));
         let mut model = {
@@ -103,7 +116,7 @@ fn quantization_mismatch_on_reload_is_an_error() {
     let q = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
     let (tr, ck) = trained(Some(q));
     let dir = tempfile::tempdir().unwrap();
-    peft::save(dir.path(), tr.lora(), tr.params(), tr.quant(), "base").unwrap();
+    peft::save(dir.path(), tr.model(), tr.lora(), tr.params(), tr.quant(), "base").unwrap();
     let a = peft::read(dir.path()).unwrap();
     for wrong in
         [None, Some(QuantConfig::transformers_defaults()), Some(QuantConfig { compute_dtype: DType::BF16, ..q })]
@@ -156,10 +169,31 @@ fn bad_adapter_files_are_named() {
                 })
             }),
         ),
+        (
+            "resized_embed_without_head",
+            Box::new(|d| {
+                edit(d, |m| {
+                    let t = candle_core::Tensor::ones((101, 32), DType::F32, &Device::Cpu).unwrap();
+                    m.insert("base_model.model.model.embed_tokens.base_layer.weight".into(), t);
+                })
+            }),
+        ),
+        (
+            "base_layer_wrong_width",
+            Box::new(|d| {
+                edit(d, |m| {
+                    let t = candle_core::Tensor::ones((96, 31), DType::F32, &Device::Cpu).unwrap();
+                    m.insert("base_model.model.model.embed_tokens.base_layer.weight".into(), t);
+                })
+            }),
+        ),
     ];
     for (name, break_it) in cases {
         let dir = tempfile::tempdir().unwrap();
-        peft::save(dir.path(), tr.lora(), tr.params(), None, "base").unwrap();
+        peft::save(dir.path(), tr.model(), tr.lora(), tr.params(), None, "base").unwrap();
+        // Damaged as a PEFT-written adapter would be (no save manifest): the loader's own
+        // checks are under test here.
+        std::fs::remove_file(dir.path().join(tunecheck::io::manifest::MANIFEST)).unwrap();
         break_it(dir.path());
         let ck = hf::load(&root().join("fixtures/models/llama_gqa"), &Device::Cpu, None).unwrap();
         let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
@@ -192,6 +226,9 @@ fn edit(dir: &std::path::Path, f: impl FnOnce(&mut std::collections::BTreeMap<St
 #[rstest]
 #[case::llama_rslora_embed_head("llama_rslora_embed_head", "llama_gqa")]
 #[case::gemma3_lora_save_embed("gemma3_lora_save_embed", "gemma3")]
+#[case::llama_lora_embed_head("llama_lora_embed_head", "llama_gqa")]
+#[case::llama_lora_embed_head_resized("llama_lora_embed_head_resized", "llama_gqa")]
+#[case::llama_lora_resized("llama_lora_resized", "llama_gqa")]
 fn reference_starts_from_a_peft_adapter_dir(#[case] adapter: &str, #[case] base: &str) {
     let adir = root().join("fixtures/adapters").join(adapter);
     let ck = hf::load(&root().join("fixtures/models").join(base), &Device::Cpu, None).unwrap();
@@ -204,7 +241,7 @@ fn reference_starts_from_a_peft_adapter_dir(#[case] adapter: &str, #[case] base:
     for (name, v) in tr.params() {
         assert!(bitwise_equal(v.as_tensor(), &file.tensors[name]).unwrap(), "{adapter}: `{name}` is not the file's");
     }
-    let batch = tunecheck::strategy::random_batches(ck.spec.vocab_size, 1, 1, 2, 8);
+    let batch = tunecheck::strategy::random_batches(tr.spec().vocab_size, 1, 1, 2, 8);
     let r = tr.train_step(&batch).unwrap();
     assert!(r.loss.is_finite() && r.tokens > 0);
     // A 4-bit base that the adapter does not record is refused, naming the field.

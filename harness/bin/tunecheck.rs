@@ -585,7 +585,7 @@ fn train(
     let before = tr.eval_loss(&data[..data.len().min(4)])?;
     tr.fit(&data, &[])?;
     let after = tr.eval_loss(&data[..data.len().min(4)])?;
-    tunecheck::io::peft::save(out, tr.lora(), tr.params(), tr.quant(), &model.display().to_string())?;
+    tunecheck::io::peft::save(out, tr.model(), tr.lora(), tr.params(), tr.quant(), &model.display().to_string())?;
     done(
         format!("trained {steps} steps: loss {before:.4} -> {after:.4}; adapter written to {}", out.display()),
         serde_json::json!({"out": out, "steps": steps, "loss_before": before, "loss_after": after}),

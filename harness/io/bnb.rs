@@ -209,7 +209,7 @@ pub fn save_quantized(dir: &Path, spec: &ArchSpec, weights: &Weights, cfg: &Quan
             out.insert(key.clone(), t.to_dtype(spec.dtype)?.to_device(&Device::Cpu)?);
         }
     }
-    let mut config = crate::io::config::to_json(&spec);
+    let mut config = crate::io::config::to_json(spec);
     config["quantization_config"] = crate::io::config::quant_to_json(cfg);
     let cfg_bytes = serde_json::to_vec_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
     let hosted = crate::io::st::hosted(&out)?;

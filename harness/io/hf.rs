@@ -239,7 +239,7 @@ pub(crate) fn write_into(
     sharding: Sharding,
 ) -> Result<()> {
     check_savable(spec, weights)?;
-    let cfg = serde_json::to_vec_pretty(&crate::io::config::to_json(&spec)).map_err(|e| Error::Msg(e.to_string()))?;
+    let cfg = serde_json::to_vec_pretty(&crate::io::config::to_json(spec)).map_err(|e| Error::Msg(e.to_string()))?;
     let mut hosted = Vec::new();
     for (k, t) in weights {
         hosted.push((k.clone(), host(&t.to_dtype(spec.dtype)?)?));

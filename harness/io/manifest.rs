@@ -141,6 +141,9 @@ pub fn header_save_id(path: &Path) -> Result<Option<String>> {
 /// manifest: nothing to check. A mismatch is an error naming the file and saying the directory
 /// mixes saves.
 pub fn verify(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(()); // the loader reports what is there instead
+    }
     let path = dir.join(MANIFEST);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -152,9 +155,8 @@ pub fn verify(dir: &Path) -> Result<()> {
         Error::file(
             file,
             format!(
-                "torn checkpoint: {why}; the directory does not hold one complete save \
-                 ({MANIFEST} lists save {}), so it is not loaded",
-                m.save_id
+                "torn checkpoint: {why}; the directory does not hold one complete save (as {MANIFEST} \
+                 describes it), so it is not loaded"
             ),
         )
     };
@@ -180,7 +182,7 @@ pub fn verify(dir: &Path) -> Result<()> {
             }
             None => match header_save_id(&file)? {
                 Some(id) if id == m.save_id => {}
-                Some(id) => return Err(torn(&file, format!("was written by another save ({id})"))),
+                Some(_) => return Err(torn(&file, "was written by another save".into())),
                 None => return Err(torn(&file, "carries no save id (it was not written by this save)".into())),
             },
         }

@@ -22,6 +22,7 @@ use crate::io::atomic::Staged;
 use crate::io::fields::{is_empty, is_false, Fields};
 use crate::io::st::{hosted, stage_tensors, StFile};
 use crate::model::Transformer;
+use crate::spec::ArchSpec;
 
 /// The adapter config file name.
 pub const CONFIG: &str = "adapter_config.json";
@@ -52,7 +53,10 @@ fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
 
 /// `adapter_config.json` fields that change what the adapter computes and that tunecheck does
 /// not implement: the value each must have (absent and `null` are fine too), and what it would do.
-const REFUSED: &[(&str, fn(&Value) -> bool, &str)] = &[
+/// A refused field: its name, the values that are fine, and what it would change.
+type Refused = (&'static str, fn(&Value) -> bool, &'static str);
+
+const REFUSED: &[Refused] = &[
     ("use_dora", is_false, "DoRA (weight-decomposed LoRA) is not implemented"),
     ("fan_in_fan_out", is_false, "transposed (Conv1D) base weights are not implemented"),
     ("bias", |v| v == "none", "trained biases are not implemented (none)"),
@@ -68,6 +72,10 @@ const REFUSED: &[(&str, fn(&Value) -> bool, &str)] = &[
     ("alora_invocation_tokens", |_| false, "activated LoRA is not implemented"),
     ("megatron_config", |_| false, "Megatron-parallel layers are not implemented"),
     ("arrow_config", |_| false, "Arrow routing is not implemented"),
+    ("kasa_config", |_| false, "KaSA (singular-value adaptation) is not implemented"),
+    ("monteclora_config", |_| false, "Monte Carlo LoRA is not implemented"),
+    ("use_bdlora", |_| false, "block-diagonal LoRA is not implemented"),
+    ("velora_config", |_| false, "VeLoRA's compressed backward pass is not implemented"),
 ];
 
 /// Parse an `adapter_config.json` value; see [`REFUSED`] for the fields that are refused.
@@ -76,6 +84,9 @@ pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option
     match c.str("peft_type")? {
         "LORA" => {}
         other => return Err(c.bad("peft_type", format!("`{other}` is not supported (LORA)"))),
+    }
+    for flag in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"] {
+        c.opt_bool(flag)?;
     }
     for (field, ok, what) in REFUSED {
         c.refuse_unless(field, ok, what)?;
@@ -158,24 +169,97 @@ pub fn check_base_quant(adapter: &Adapter, base_quant: Option<&QuantConfig>, dir
     Ok(())
 }
 
-/// Take the frozen embedding PEFT saves beside an embedding adapter
-/// (`embed_tokens.base_layer.weight`) out of `values`, checked against the base's shape `dims`.
-pub fn take_base_embed(values: &mut BTreeMap<String, Tensor>, dims: &[usize], dir: &Path) -> Result<Option<Tensor>> {
-    let Some(base_embed) = values.remove("model.embed_tokens.base_layer.weight") else {
-        return Ok(None);
+/// Base weights PEFT saves beside an adapter: the frozen embedding and head when they are
+/// LoRA targets (`embed_tokens.base_layer.weight`, `lm_head.base_layer.weight`), or the whole
+/// matrices under their plain names when the vocabulary was resized and they are neither
+/// targets nor `modules_to_save` (`save_embedding_layers="auto"`). They replace the base's.
+#[derive(Debug, Default)]
+pub struct SavedBase {
+    /// The embedding `[vocab, hidden]` and its key.
+    pub embed: Option<(String, Tensor)>,
+    /// The head `[vocab, hidden]` and its key.
+    pub head: Option<(String, Tensor)>,
+}
+
+/// Take the [`SavedBase`] tensors out of an adapter's `values`.
+pub fn take_saved_base(values: &mut BTreeMap<String, Tensor>, lora: &LoraConfig) -> SavedBase {
+    let mut take = |module: &str, key: &str| {
+        let lora_key = format!("{key}.base_layer.weight");
+        if let Some(t) = values.remove(&lora_key) {
+            return Some((lora_key, t));
+        }
+        let plain = format!("{key}.weight");
+        if lora.modules_to_save.iter().any(|m| m == module) {
+            return None; // that key is the trainable copy
+        }
+        values.remove(&plain).map(|t| (plain, t))
     };
-    if base_embed.dims() != dims {
-        return Err(Error::tensor(
-            &dir.join(WEIGHTS),
-            format!("{PREFIX}model.embed_tokens.base_layer.weight"),
-            format!("shape {:?}, expected {dims:?}", base_embed.dims()),
-        ));
+    SavedBase { embed: take("embed_tokens", "model.embed_tokens"), head: take("lm_head", "lm_head") }
+}
+
+impl SavedBase {
+    /// Whether the adapter carries base weights.
+    pub fn is_empty(&self) -> bool {
+        self.embed.is_none() && self.head.is_none()
     }
-    Ok(Some(base_embed))
+
+    /// Check the saved matrices against `spec` (the base they replace): width `hidden_size`,
+    /// embedding and head with the same rows, a changed vocabulary given for both matrices of
+    /// an untied model. Returns the vocabulary size they define. Errors name `dir`'s weights
+    /// file and the key.
+    pub fn vocab(&self, spec: &ArchSpec, dir: &Path) -> Result<usize> {
+        let file = dir.join(WEIGHTS);
+        let mut rows = None;
+        for (key, t) in self.embed.iter().chain(self.head.iter()) {
+            let bad = |msg: String| Error::tensor(&file, format!("{PREFIX}{key}"), msg);
+            let (v, h) =
+                t.dims2().map_err(|_| bad(format!("shape {:?}, expected [vocab, {}]", t.dims(), spec.hidden_size)))?;
+            if h != spec.hidden_size || v == 0 {
+                return Err(bad(format!("shape {:?}, expected [vocab, {}]", t.dims(), spec.hidden_size)));
+            }
+            match rows {
+                Some(r) if r != v => {
+                    return Err(bad(format!("{v} rows, but the other saved embedding matrix has {r}")))
+                }
+                _ => rows = Some(v),
+            }
+        }
+        let v = rows.unwrap_or(spec.vocab_size);
+        if v != spec.vocab_size && !spec.tie_word_embeddings {
+            for (present, key) in [(self.embed.is_some(), "model.embed_tokens"), (self.head.is_some(), "lm_head")] {
+                if !present {
+                    return Err(Error::tensor(
+                        &file,
+                        format!("{PREFIX}{key}.weight"),
+                        format!("missing: the adapter resizes the vocabulary from {} to {v}", spec.vocab_size),
+                    ));
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// Put the adapter's saved base weights into `model` (see [`SavedBase`]).
+fn apply_saved_base(model: &mut Transformer, saved: SavedBase, dir: &Path) -> Result<()> {
+    if saved.is_empty() {
+        return Ok(());
+    }
+    saved.vocab(model.spec(), dir)?;
+    let (dtype, device) = (model.spec().dtype, model.device().clone());
+    let cast = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&device)?) };
+    let embed = match saved.embed {
+        Some((_, t)) => cast(t)?,
+        None => model.embed().clone(),
+    };
+    let head = saved.head.map(|(_, t)| cast(t)).transpose()?;
+    model.set_vocab(embed, head).map_err(|e| Error::file(&dir.join(WEIGHTS), e.to_string()))
 }
 
 /// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading
-/// its values; returns the parameters (f32, trainable for further fine-tuning).
+/// its values; returns the parameters (f32, trainable for further fine-tuning). Base
+/// weights saved with the adapter replace the model's first, resizing its vocabulary when
+/// they do.
 pub fn apply(
     model: &mut Transformer,
     adapter: &Adapter,
@@ -184,12 +268,8 @@ pub fn apply(
 ) -> Result<Params> {
     check_base_quant(adapter, base_quant, dir)?;
     let mut values = adapter.tensors.clone();
-    let dims = model.embed().dims().to_vec();
-    if let Some(base_embed) = take_base_embed(&mut values, &dims, dir)? {
-        // PEFT saves the embedding next to an embedding adapter; it is frozen.
-        let t = base_embed.to_dtype(model.spec().dtype)?.to_device(model.device())?;
-        model.set_embed(t, true)?;
-    }
+    let saved = take_saved_base(&mut values, &adapter.lora);
+    apply_saved_base(model, saved, dir)?;
     let params = attach(model, &adapter.lora, 0, candle_core::DType::F32)?;
     load_values(&params, &values, &dir.join(WEIGHTS).display().to_string())?;
     Ok(params)
@@ -197,14 +277,19 @@ pub fn apply(
 
 /// Write `params` of an adapter with `lora` as a PEFT directory, recording the base's
 /// quantization, as one crash-safe directory save.
+///
+/// `model` is the model the adapter is attached to: when `embed_tokens` or `lm_head` is a
+/// LoRA target, its frozen matrix is saved beside the adapter as PEFT does
+/// (`<module>.base_layer.weight`, `save_embedding_layers="auto"`).
 pub fn save(
     dir: &Path,
+    model: &Transformer,
     lora: &LoraConfig,
     params: &Params,
     base_quant: Option<&QuantConfig>,
     base_model: &str,
 ) -> Result<()> {
-    crate::io::atomic::save_dir(dir, &owns, |st| write_into(st, lora, params, base_quant, base_model))
+    crate::io::atomic::save_dir(dir, &owns, |st| write_into(st, model, lora, params, base_quant, base_model))
 }
 
 /// The top-level names an adapter save owns in its directory.
@@ -215,6 +300,7 @@ pub fn owns(name: &str) -> bool {
 /// Write the adapter's files into a directory save.
 pub(crate) fn write_into(
     st: &mut Staged,
+    model: &Transformer,
     lora: &LoraConfig,
     params: &Params,
     base_quant: Option<&QuantConfig>,
@@ -223,6 +309,20 @@ pub(crate) fn write_into(
     let mut tensors = BTreeMap::new();
     for (name, v) in params {
         tensors.insert(format!("{PREFIX}{name}"), v.as_tensor().to_device(&Device::Cpu)?);
+    }
+    let targeted = |m: &str| lora.target_modules.iter().any(|t| t == m);
+    if targeted("embed_tokens") {
+        tensors.insert(format!("{PREFIX}model.embed_tokens.base_layer.weight"), model.embed().to_device(&Device::Cpu)?);
+    }
+    if targeted("lm_head") {
+        match &model.lm_head().base {
+            crate::adapt::linear::Base::Dense(t) => {
+                tensors.insert(format!("{PREFIX}lm_head.base_layer.weight"), t.to_device(&Device::Cpu)?);
+            }
+            crate::adapt::linear::Base::Quant4(_) => {
+                return Err(Error::Msg("cannot save a 4-bit lm_head beside its adapter".into()))
+            }
+        }
     }
     let cfg = json!({
         "peft_type": "LORA",

@@ -332,6 +332,57 @@ impl Transformer {
         Ok(())
     }
 
+    /// Replace the frozen embedding and head together, possibly with another vocabulary size
+    /// (a base whose vocabulary was resized, as a PEFT adapter saved over it carries it). An
+    /// untied model needs `head` with as many rows as `embed`; a tied one takes its head from
+    /// `embed`, and a `head` given for it must equal `embed`. Call before attaching adapters.
+    pub fn set_vocab(&mut self, embed: Tensor, head: Option<Tensor>) -> Result<()> {
+        let h = self.spec.hidden_size;
+        let (v, eh) = embed.dims2()?;
+        if eh != h || v == 0 {
+            return Err(Error::Msg(format!("embed_tokens: shape {:?}, expected [vocab, {h}]", embed.dims())));
+        }
+        if self.embed_lora.is_some() || self.lm_head.lora.is_some() {
+            return Err(Error::Msg("the vocabulary must be set before adapters are attached".into()));
+        }
+        let head = match (self.spec.tie_word_embeddings, head) {
+            (true, None) => embed.clone(),
+            (true, Some(t)) => {
+                let same = t.dims() == embed.dims()
+                    && t.to_dtype(DType::F32)?
+                        .sub(&embed.to_dtype(DType::F32)?)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?
+                        == 0.0;
+                if !same {
+                    return Err(Error::Msg("lm_head is tied to embed_tokens but a different head was given".into()));
+                }
+                embed.clone()
+            }
+            (false, None) if v == self.spec.vocab_size => match &self.lm_head.base {
+                Base::Dense(t) => t.clone(),
+                Base::Quant4(_) => return Err(Error::Msg("a 4-bit lm_head cannot be kept".into())),
+            },
+            (false, None) => {
+                return Err(Error::Msg(format!(
+                    "the vocabulary changes from {} to {v} rows but no lm_head of that size was given",
+                    self.spec.vocab_size
+                )))
+            }
+            (false, Some(t)) => {
+                if t.dims() != [v, h] {
+                    return Err(Error::Msg(format!("lm_head: shape {:?}, expected [{v}, {h}]", t.dims())));
+                }
+                t
+            }
+        };
+        self.spec.vocab_size = v;
+        self.embed = embed;
+        self.lm_head.base = Base::Dense(head);
+        Ok(())
+    }
+
     /// Attach (or remove) LoRA on the embedding.
     pub fn set_embed_lora(&mut self, l: Option<EmbedLora>) {
         self.embed_lora = l;

@@ -158,7 +158,7 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
     let vb = candle_nn::VarBuilder::from_tensors(map, setup.spec.dtype, &Device::Cpu);
     let mut model = crate::model::Transformer::load(vb, &setup.spec)?;
     let params = crate::adapt::attach::attach(&mut model, &setup.lora, setup.adapter_seed, DType::F32)?;
-    crate::io::peft::save(&dir.join("adapter"), &setup.lora, &params, setup.quant.as_ref(), "base")?;
+    crate::io::peft::save(&dir.join("adapter"), &model, &setup.lora, &params, setup.quant.as_ref(), "base")?;
     let train = json!({
         "protocol": VERSION,
         "family": setup.spec.family.short_name(),

@@ -43,7 +43,7 @@ pub fn owns(name: &str) -> bool {
 }
 
 fn write_into(st: &mut Staged, tr: &RefTrainer, base_model: &str) -> Result<()> {
-    peft::write_into(st, tr.lora(), tr.params(), tr.quant(), base_model)?;
+    peft::write_into(st, tr.model(), tr.lora(), tr.params(), tr.quant(), base_model)?;
     crate::io::hf::write_into(st, &format!("{BASE}/"), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
     let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors()? };
     stage_tensors(st, OPTIMIZER, hosted(&moments)?)?;
@@ -217,7 +217,7 @@ fn config_from_json(f: &Fields) -> Result<TrainConfig> {
     let untrained = match f.str("untrained_tokens")? {
         "refuse" => UntrainedPolicy::Refuse,
         "fix_mean" => UntrainedPolicy::FixMean,
-        other => return Err(f.bad("untrained_tokens", &format!("`{other}` is not refuse or fix_mean"))),
+        other => return Err(f.bad("untrained_tokens", format!("`{other}` is not refuse or fix_mean"))),
     };
     let master = f.str("master_dtype")?;
     Ok(TrainConfig {
@@ -242,7 +242,7 @@ fn config_from_json(f: &Fields) -> Result<TrainConfig> {
         epochs: f.usize("num_train_epochs")?,
         eval,
         master_dtype: parse_dtype(master)
-            .ok_or_else(|| f.bad("master_dtype", &format!("`{master}` is not float32, bfloat16 or float16")))?,
+            .ok_or_else(|| f.bad("master_dtype", format!("`{master}` is not float32, bfloat16 or float16")))?,
         untrained,
         seed: f.u64("seed")?,
     })
@@ -264,14 +264,25 @@ impl RefTrainer {
         peft::check_base_quant(&adapter, quant.as_ref(), adapter_dir)?;
         let mut values = adapter.tensors.clone();
         let mut weights = weights.clone();
-        let key = "model.embed_tokens.weight";
-        let embed = weights.get(key).ok_or_else(|| Error::Msg(format!("the base has no `{key}`")))?;
-        let (dims, device) = (embed.dims().to_vec(), embed.device().clone());
-        if let Some(base_embed) = peft::take_base_embed(&mut values, &dims, adapter_dir)? {
-            // PEFT saves the (frozen) embedding beside an embedding adapter: it is the base's.
-            weights.insert(key.to_string(), base_embed.to_dtype(spec.dtype)?.to_device(&device)?);
+        let mut spec = spec.clone();
+        let saved = peft::take_saved_base(&mut values, &adapter.lora);
+        if !saved.is_empty() {
+            // PEFT saves the frozen embeddings beside an adapter on them or over a resized
+            // vocabulary: they are the base's.
+            spec.vocab_size = saved.vocab(&spec, adapter_dir)?;
+            let key = "model.embed_tokens.weight";
+            let device =
+                weights.get(key).ok_or_else(|| Error::Msg(format!("the base has no `{key}`")))?.device().clone();
+            for (name, t) in [(key, saved.embed), ("lm_head.weight", saved.head)] {
+                if let Some((_, t)) = t {
+                    if name == "lm_head.weight" && spec.tie_word_embeddings {
+                        continue;
+                    }
+                    weights.insert(name.to_string(), t.to_dtype(spec.dtype)?.to_device(&device)?);
+                }
+            }
         }
-        let tr = RefTrainer::new(spec, &weights, &adapter.lora, quant, cfg, 0)?;
+        let tr = RefTrainer::new(&spec, &weights, &adapter.lora, quant, cfg, 0)?;
         let file = adapter_dir.join(peft::WEIGHTS);
         crate::adapt::attach::load_values(tr.params(), &values, &file.display().to_string())?;
         Ok(tr)
