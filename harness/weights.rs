@@ -114,6 +114,17 @@ pub fn generate(spec: &ArchSpec, seed: u64, device: &Device) -> Result<Weights> 
     Ok(out)
 }
 
+/// The one weight `name` of [`generate`]'s result, computed alone (same bits).
+pub fn generate_one(spec: &ArchSpec, seed: u64, name: &str, device: &Device) -> Result<Tensor> {
+    let shape = tensor_shapes(spec)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s)
+        .ok_or_else(|| Error::Msg(format!("`{name}` is not a tensor of this spec")))?;
+    let values = tensor_values(spec, seed, name, &shape);
+    Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?.to_dtype(spec.dtype)?.to_device(device)?)
+}
+
 /// The embedding-like matrices whose rows are tokens: `embed_tokens` and (untied) `lm_head`.
 pub fn token_matrices(weights: &Weights) -> Vec<&str> {
     ["model.embed_tokens.weight", "lm_head.weight"].into_iter().filter(|k| weights.contains_key(*k)).collect()

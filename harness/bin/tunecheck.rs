@@ -530,15 +530,12 @@ fn quantize(
         .map_err(|_| anyhow::anyhow!("--blocksize: {blocksize} is not a power of two in 32..=4096"))?;
     let compute_dtype = tunecheck::spec::parse_dtype(compute_dtype)
         .ok_or_else(|| anyhow::anyhow!("--compute-dtype: `{compute_dtype}` is not f32, bf16 or f16"))?;
-    let ck = hf::load(model, &Device::Cpu, None)?;
-    if ck.quant.is_some() {
-        anyhow::bail!("{}: already quantized", model.display());
-    }
     let cfg = tunecheck::adapt::QuantConfig { quant_type, blocksize, double_quant, compute_dtype };
-    tunecheck::io::bnb::save_quantized(out, &ck.spec, &ck.weights, &cfg)?;
+    tunecheck::io::bnb::quantize_dir(model, out, &cfg)?;
+    let layers = tunecheck::io::config::read(&model.join(hf::CONFIG))?.num_layers;
     done(
-        format!("wrote {} 4-bit checkpoint ({} layers) to {}", quant_type.name(), ck.spec.num_layers, out.display()),
-        serde_json::json!({"out": out, "quantization_config": tunecheck::io::config::quant_to_json(&cfg), "layers": ck.spec.num_layers}),
+        format!("wrote {} 4-bit checkpoint ({layers} layers) to {}", quant_type.name(), out.display()),
+        serde_json::json!({"out": out, "quantization_config": tunecheck::io::config::quant_to_json(&cfg), "layers": layers}),
     );
     Ok(())
 }
@@ -608,9 +605,11 @@ fn synth(
             tunecheck::ArchSpec::tiny(f)
         }
     };
-    let w = tunecheck::weights::generate(&spec, seed, &Device::Cpu)?;
     let sharding = shard_bytes.map_or(hf::Sharding::Single, hf::Sharding::MaxBytes);
-    hf::save(out, &spec, &w, sharding)?;
+    // Tensor by tensor, a shard at a time: an 8B spec never needs its size in memory.
+    hf::save_generated(out, &spec, sharding, &mut |key| {
+        tunecheck::weights::generate_one(&spec, seed, key, &Device::Cpu)
+    })?;
     done(
         format!(
             "wrote {} ({}, {} parameters, seed {seed}) to {}",

@@ -264,11 +264,20 @@ fn probe(
     quant: Option<&crate::adapt::QuantConfig>,
 ) -> Result<Probe> {
     use rand_core::{RngCore, SeedableRng};
-    let ck = crate::io::hf::load(dir, device, None)?;
-    let mut model = ck.model()?;
-    if let (Some(a), Some(d)) = (adapter, adapter_dir) {
-        crate::io::peft::apply(&mut model, a, quant, d)?;
-    }
+    // Without an adapter the model is streamed from the memory map a decoder layer at a time
+    // (peak memory: embedding, head and one layer), so a checkpoint larger than memory can be
+    // inspected. An adapter is applied to the whole model.
+    let lazy = crate::io::hf::Lazy::open(dir, None)?;
+    let whole = match (adapter, adapter_dir) {
+        (Some(a), Some(d)) => {
+            let (weights, bases) = lazy.load_where(device, |_| true)?;
+            let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), spec.dtype, device);
+            let mut model = crate::model::Transformer::load_with_bases(vb, spec, &bases)?;
+            crate::io::peft::apply(&mut model, a, quant, d)?;
+            Some(model)
+        }
+        _ => None,
+    };
     let skip: std::collections::BTreeSet<u32> = untrained.iter().map(|u| u.id).collect();
     let ok: Vec<u32> = (0..spec.vocab_size as u32).filter(|i| !skip.contains(i) && !vocab.is_special(*i)).collect();
     let pool = if ok.is_empty() { (0..spec.vocab_size as u32).collect() } else { ok };
@@ -276,7 +285,11 @@ fn probe(
     let (b, t) = (4usize, 16usize);
     let ids: Vec<u32> = (0..b * t).map(|_| pool[(rng.next_u32() as usize) % pool.len()]).collect();
     let ids = Tensor::from_vec(ids, (b, t), device)?;
-    let logits = model.forward(&ids, crate::Mode::Eval)?.to_dtype(DType::F32)?;
+    let logits = match &whole {
+        Some(model) => model.forward(&ids, crate::Mode::Eval)?,
+        None => lazy.shell(device)?.forward_streamed(&ids, crate::Mode::Eval, &mut |i| lazy.layer(i, device))?,
+    }
+    .to_dtype(DType::F32)?;
     let flat = logits.flatten_all()?.to_vec1::<f32>()?;
     let finite = flat.iter().all(|v| v.is_finite());
     let arg = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;

@@ -94,6 +94,7 @@ pub fn scan(dir: &Path, threshold: f32, mut progress: impl FnMut(&Path, usize, u
                 }
             }
             done += data.len();
+            file.release(&name);
             progress(path, done, total);
             out.tensors.insert(
                 name.clone(),

@@ -64,6 +64,38 @@ impl Staged {
         Ok(())
     }
 
+    /// Write `rel` with `write_file(path)` (for writers that stream to a path themselves, such
+    /// as safetensors' `serialize_to_file`), then fsync it and record it.
+    pub fn write_with(&mut self, rel: &str, write_file: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let path = self.root.join(rel);
+        if let Some(parent) = path.parent() {
+            if !parent.is_dir() {
+                point("mkdir", parent);
+                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+        }
+        point("create", &path);
+        point("write", &path);
+        write_file(&path)?;
+        if faults::write_fails() {
+            let len = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            let f = fs::OpenOptions::new().write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+            f.set_len(len / 2).map_err(|e| Error::io(&path, e))?;
+            return Err(Error::io(&path, std::io::Error::other("injected write failure (testing hook)")));
+        }
+        point("fsync", &path);
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        f.sync_all().map_err(|e| Error::io(&path, e))?;
+        let bytes = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let sha256 = if manifest::is_safetensors(rel) {
+            None
+        } else {
+            Some(manifest::sha256_hex(&fs::read(&path).map_err(|e| Error::io(&path, e))?))
+        };
+        self.files.insert(rel.to_string(), Entry { bytes, sha256 });
+        Ok(())
+    }
+
     /// Top-level names written so far.
     fn written_top(&self) -> std::collections::BTreeSet<String> {
         self.files.keys().map(|k| k.split('/').next().unwrap_or(k).to_string()).collect()

@@ -57,6 +57,29 @@ impl StFile {
         Ok(st.tensor(key).ok().map(|t| (t.dtype(), t.shape().to_vec())))
     }
 
+    /// The stored bytes of `key`, borrowed from the memory map.
+    pub fn view(&self, key: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        self.parse()?.tensor(key).map_err(|_| Error::tensor(&self.path, key, "missing"))
+    }
+
+    /// Drop the pages holding `key`'s bytes from this process (they stay in the page cache and
+    /// are read again on the next access): a pass that streams a large file a tensor at a time
+    /// then keeps its resident memory near one tensor.
+    pub fn release(&self, key: &str) {
+        if let Ok(v) = self.view(key) {
+            let data = v.data();
+            let start = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            self.release_range(start, data.len());
+        }
+    }
+
+    /// [`StFile::release`] for a byte range of the file.
+    pub fn release_range(&self, start: usize, len: usize) {
+        // SAFETY: the map is read-only and private; dropping its pages only makes the next
+        // read fault them in from the file again, with the same contents.
+        let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+
     /// Load `key` as a candle tensor on the host with its stored dtype.
     pub fn load(&self, key: &str) -> Result<Tensor> {
         let st = self.parse()?;
@@ -176,8 +199,21 @@ pub fn hosted(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<(String, HostTen
 /// Write already-copied tensors as `rel` of a directory save; the file's metadata carries the
 /// save id beside transformers' `{"format": "pt"}`.
 pub fn stage_tensors(st: &mut Staged, rel: &str, tensors: Vec<(String, HostTensor)>) -> Result<()> {
-    let bytes = serialize(&st.root().join(rel), tensors, Some(st.save_id()))?;
-    st.write(rel, &bytes)
+    stage_views(st, rel, tensors)
+}
+
+/// Write tensors as `rel` of a directory save, streaming each one's bytes to the file (a view
+/// may borrow from a mapped input file, so nothing is copied in memory).
+pub fn stage_views<V: View>(st: &mut Staged, rel: &str, tensors: Vec<(String, V)>) -> Result<()> {
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), "pt".to_string()),
+        (crate::io::manifest::SAVE_ID_KEY.to_string(), st.save_id().to_string()),
+    ]
+    .into();
+    st.write_with(rel, |path| {
+        safetensors::serialize_to_file(tensors, Some(meta), path)
+            .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
+    })
 }
 
 fn serialize(path: &Path, tensors: Vec<(String, HostTensor)>, save_id: Option<&str>) -> Result<Vec<u8>> {
@@ -186,4 +222,39 @@ fn serialize(path: &Path, tensors: Vec<(String, HostTensor)>, save_id: Option<&s
         meta.insert(crate::io::manifest::SAVE_ID_KEY.to_string(), id.to_string());
     }
     safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
+}
+
+/// A tensor to write: bytes on the host, or a view into a mapped safetensors file.
+pub enum OutTensor<'a> {
+    /// Copied or computed bytes.
+    Host(HostTensor),
+    /// Bytes borrowed from an input file's memory map.
+    Mapped(safetensors::tensor::TensorView<'a>),
+}
+
+impl View for OutTensor<'_> {
+    fn dtype(&self) -> StDtype {
+        match self {
+            OutTensor::Host(h) => h.dtype(),
+            OutTensor::Mapped(v) => v.dtype(),
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            OutTensor::Host(h) => View::shape(h),
+            OutTensor::Mapped(v) => v.shape(),
+        }
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            OutTensor::Host(h) => h.data(),
+            OutTensor::Mapped(v) => Cow::Borrowed(v.data()),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            OutTensor::Host(h) => h.data_len(),
+            OutTensor::Mapped(v) => v.data().len(),
+        }
+    }
 }

@@ -66,8 +66,10 @@ pub struct EmbedLora {
     pub scale: f64,
 }
 
+/// One decoder layer (norms, attention, MLP), loadable on its own to stream a model too large
+/// for memory through [`Transformer::forward_streamed`].
 #[derive(Debug, Clone)]
-struct Layer {
+pub struct Layer {
     input_norm: RmsNorm,
     attn: Attention,
     post_attn_norm: RmsNorm,
@@ -152,45 +154,53 @@ impl Transformer {
 
     /// [`Transformer::load`] with some projections given as ready bases (e.g. 4-bit).
     pub fn load_with_bases(vb: VarBuilder, spec: &ArchSpec, bases: &Bases) -> Result<Self> {
-        spec.validate()?;
+        let mut t = Self::load_shell(vb.clone(), spec, bases)?;
+        t.layers = (0..spec.num_layers).map(|i| Self::load_layer(&vb, spec, i, bases)).collect::<Result<_>>()?;
+        Ok(t)
+    }
+
+    /// Decoder layer `i` from `vb` (the model's root).
+    pub fn load_layer(vb: &VarBuilder, spec: &ArchSpec, i: usize, bases: &Bases) -> Result<Layer> {
         let (h, hd) = (spec.hidden_size, spec.head_dim);
+        let lb = vb.pp("model").pp(format!("layers.{i}"));
+        let ab = lb.pp("self_attn");
+        let attn = Attention {
+            q: linear(&ab, spec.num_heads * hd, h, "q_proj", bases)?,
+            k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj", bases)?,
+            v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj", bases)?,
+            o: linear(&ab, h, spec.num_heads * hd, "o_proj", bases)?,
+            q_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "q_norm", spec)?) } else { None },
+            k_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "k_norm", spec)?) } else { None },
+        };
+        let mb = lb.pp("mlp");
+        let mlp = Mlp {
+            gate: linear(&mb, spec.intermediate_size, h, "gate_proj", bases)?,
+            up: linear(&mb, spec.intermediate_size, h, "up_proj", bases)?,
+            down: linear(&mb, h, spec.intermediate_size, "down_proj", bases)?,
+            gelu: spec.family.is_gemma(),
+        };
+        let ff_norms = if spec.family.has_sandwich_norms() {
+            Some((norm(&lb, h, "pre_feedforward_layernorm", spec)?, norm(&lb, h, "post_feedforward_layernorm", spec)?))
+        } else {
+            None
+        };
+        Ok(Layer {
+            input_norm: norm(&lb, h, "input_layernorm", spec)?,
+            attn,
+            post_attn_norm: norm(&lb, h, "post_attention_layernorm", spec)?,
+            ff_norms,
+            mlp,
+        })
+    }
+
+    /// The model without decoder layers (embedding, final norm, head): run it with
+    /// [`Transformer::forward_streamed`], which takes the layers one at a time.
+    pub fn load_shell(vb: VarBuilder, spec: &ArchSpec, bases: &Bases) -> Result<Self> {
+        spec.validate()?;
+        let h = spec.hidden_size;
         let vm = vb.pp("model");
         let embed = vm.get((spec.vocab_size, h), "embed_tokens.weight")?;
-        let mut layers = Vec::with_capacity(spec.num_layers);
-        for i in 0..spec.num_layers {
-            let lb = vm.pp(format!("layers.{i}"));
-            let ab = lb.pp("self_attn");
-            let attn = Attention {
-                q: linear(&ab, spec.num_heads * hd, h, "q_proj", bases)?,
-                k: linear(&ab, spec.num_kv_heads * hd, h, "k_proj", bases)?,
-                v: linear(&ab, spec.num_kv_heads * hd, h, "v_proj", bases)?,
-                o: linear(&ab, h, spec.num_heads * hd, "o_proj", bases)?,
-                q_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "q_norm", spec)?) } else { None },
-                k_norm: if spec.family.has_qk_norm() { Some(norm(&ab, hd, "k_norm", spec)?) } else { None },
-            };
-            let mb = lb.pp("mlp");
-            let mlp = Mlp {
-                gate: linear(&mb, spec.intermediate_size, h, "gate_proj", bases)?,
-                up: linear(&mb, spec.intermediate_size, h, "up_proj", bases)?,
-                down: linear(&mb, h, spec.intermediate_size, "down_proj", bases)?,
-                gelu: spec.family.is_gemma(),
-            };
-            let ff_norms = if spec.family.has_sandwich_norms() {
-                Some((
-                    norm(&lb, h, "pre_feedforward_layernorm", spec)?,
-                    norm(&lb, h, "post_feedforward_layernorm", spec)?,
-                ))
-            } else {
-                None
-            };
-            layers.push(Layer {
-                input_norm: norm(&lb, h, "input_layernorm", spec)?,
-                attn,
-                post_attn_norm: norm(&lb, h, "post_attention_layernorm", spec)?,
-                ff_norms,
-                mlp,
-            });
-        }
+        let layers = Vec::new();
         let final_norm = norm(&vm, h, "norm", spec)?;
         let lm_head = if spec.tie_word_embeddings {
             Linear::dense(embed.clone())
@@ -427,12 +437,24 @@ impl Transformer {
 
     /// Logits `[batch, seq, vocab]` (in the model dtype) for `ids` `[batch, seq]` (u32/i64).
     pub fn forward(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.forward_inner(ids, None, mode)
+        self.forward_inner(ids, None, mode, None)
+    }
+
+    /// [`Transformer::forward`] for a shell ([`Transformer::load_shell`]): each decoder layer
+    /// comes from `next_layer(i)` when it is needed and is dropped after, so peak memory is the
+    /// shell plus one layer.
+    pub fn forward_streamed(
+        &self,
+        ids: &Tensor,
+        mode: Mode,
+        next_layer: &mut dyn FnMut(usize) -> Result<Layer>,
+    ) -> Result<Tensor> {
+        self.forward_inner(ids, None, mode, Some(next_layer))
     }
 
     /// Logits for the new positions `ids`, appending their keys and values to `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, mode: Mode) -> Result<Tensor> {
-        self.forward_inner(ids, Some(cache), mode)
+        self.forward_inner(ids, Some(cache), mode, None)
     }
 
     /// A fresh cache for this model.
@@ -453,7 +475,13 @@ impl Transformer {
         Ok(logits)
     }
 
-    fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+        mut next_layer: Option<&mut dyn FnMut(usize) -> Result<Layer>>,
+    ) -> Result<Tensor> {
         if mode == Mode::Eval && cache.is_none() && self.faults.eval_path_unfilled_buffer {
             return self.eval_fast_path_unfilled_buffer(ids);
         }
@@ -492,7 +520,20 @@ impl Transformer {
 
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         let mut ropes: Vec<(crate::spec::Rope, Tensor, Tensor)> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        for i in 0..spec.num_layers {
+            let loaded;
+            let layer = match (self.layers.get(i), next_layer.as_mut()) {
+                (Some(l), _) => l,
+                (None, Some(load)) => {
+                    loaded = load(i)?;
+                    &loaded
+                }
+                (None, None) => {
+                    return Err(Error::Msg(format!(
+                        "decoder layer {i} is not loaded (a shell runs with forward_streamed)"
+                    )))
+                }
+            };
             let window = if cached && self.faults.cache_ignores_window { None } else { spec.window_for(i) };
             let mask = match masks.iter().find(|(w, _)| *w == window) {
                 Some((_, m)) => m.clone(),

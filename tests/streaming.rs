@@ -1,0 +1,171 @@
+//! Checkpoints larger than memory: the streamed forward (a decoder layer at a time from the
+//! memory map) gives the whole model's logits bitwise, streamed quantization writes what the
+//! in-memory quantizer writes, streamed synthesis writes what `generate` + `save` write, and
+//! `tunecheck inspect` / `quantize` of a checkpoint keep their peak resident memory far below
+//! its size (measured on a child process with `wait4`; the 8B-scale numbers inside a 4 GiB
+//! memory cgroup are produced by `benches/memory_8b.sh` and quoted in the README).
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use tunecheck::adapt::QuantConfig;
+use tunecheck::io::hf::{self, Lazy, Sharding};
+use tunecheck::props::bitwise_equal;
+use tunecheck::spec::{ArchSpec, Family};
+use tunecheck::Mode;
+
+fn ids(spec: &ArchSpec) -> Tensor {
+    let v = spec.vocab_size as u32;
+    Tensor::from_vec((0..24u32).map(|i| (i * 7 + 3) % v).collect::<Vec<_>>(), (2, 12), &Device::Cpu).unwrap()
+}
+
+fn streamed(dir: &Path, ids: &Tensor) -> Tensor {
+    let lazy = Lazy::open(dir, None).unwrap();
+    lazy.shell(&Device::Cpu).unwrap().forward_streamed(ids, Mode::Eval, &mut |i| lazy.layer(i, &Device::Cpu)).unwrap()
+}
+
+#[test]
+fn streamed_forward_is_the_whole_models_bitwise() {
+    for family in [Family::Llama, Family::Gemma, Family::Gemma2, Family::Gemma3] {
+        for dtype in [DType::F32, DType::BF16] {
+            let tmp = tempfile::tempdir().unwrap();
+            let spec = ArchSpec { dtype, ..ArchSpec::tiny(family) };
+            let w = tunecheck::weights::generate(&spec, 3, &Device::Cpu).unwrap();
+            hf::save(tmp.path(), &spec, &w, Sharding::MaxBytes(20_000)).unwrap();
+            let whole = hf::load(tmp.path(), &Device::Cpu, None).unwrap().model().unwrap();
+            let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
+            assert!(bitwise_equal(&streamed(tmp.path(), &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?}");
+            // A 4-bit checkpoint streams too.
+            let q = tmp.path().join("q");
+            tunecheck::io::bnb::quantize_dir(tmp.path(), &q, &QuantConfig::default()).unwrap();
+            let whole = hf::load(&q, &Device::Cpu, None).unwrap().model().unwrap();
+            let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
+            assert!(bitwise_equal(&streamed(&q, &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?} 4-bit");
+        }
+    }
+    // A shell alone refuses to run without its layers.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = ArchSpec::tiny(Family::Llama);
+    hf::save(tmp.path(), &spec, &tunecheck::weights::generate(&spec, 3, &Device::Cpu).unwrap(), Sharding::Single)
+        .unwrap();
+    let shell = Lazy::open(tmp.path(), None).unwrap().shell(&Device::Cpu).unwrap();
+    let e = shell.forward(&ids(&spec), Mode::Eval).unwrap_err().to_string();
+    assert!(e.contains("decoder layer 0 is not loaded"), "{e}");
+}
+
+#[test]
+fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
+    for (family, cfg) in [
+        (Family::Llama, QuantConfig::default()),
+        (Family::Gemma2, QuantConfig { double_quant: false, ..QuantConfig::transformers_defaults() }),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ArchSpec { dtype: DType::BF16, ..ArchSpec::tiny(family) };
+        let w = tunecheck::weights::generate(&spec, 4, &Device::Cpu).unwrap();
+        let dense = tmp.path().join("dense");
+        hf::save(&dense, &spec, &w, Sharding::Single).unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        tunecheck::io::bnb::save_quantized(&a, &spec, &w, &cfg).unwrap();
+        tunecheck::io::bnb::quantize_dir(&dense, &b, &cfg).unwrap();
+        let (ca, cb) = (hf::load(&a, &Device::Cpu, None).unwrap(), hf::load(&b, &Device::Cpu, None).unwrap());
+        assert_eq!(ca.quant, cb.quant);
+        assert_eq!(ca.weights.keys().collect::<Vec<_>>(), cb.weights.keys().collect::<Vec<_>>());
+        for (k, t) in &ca.weights {
+            assert!(bitwise_equal(t, &cb.weights[k]).unwrap(), "{k}");
+        }
+        let x = ids(&spec);
+        let (la, lb) = (
+            ca.model().unwrap().forward(&x, Mode::Eval).unwrap(),
+            cb.model().unwrap().forward(&x, Mode::Eval).unwrap(),
+        );
+        assert!(bitwise_equal(&la, &lb).unwrap(), "{family:?}: the streamed 4-bit model computes differently");
+        let shards = std::fs::read_dir(&b)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-"))
+            .count();
+        assert_eq!(shards, spec.num_layers + 1);
+        // A quantized input is refused, naming it.
+        let e = tunecheck::io::bnb::quantize_dir(&a, &tmp.path().join("c"), &cfg).unwrap_err().to_string();
+        assert!(e.contains("already quantized"), "{e}");
+    }
+}
+
+#[test]
+fn streamed_synthesis_writes_what_generate_and_save_write() {
+    let spec = ArchSpec { dtype: DType::BF16, ..ArchSpec::tiny(Family::Gemma3) };
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let w = tunecheck::weights::generate(&spec, 9, &Device::Cpu).unwrap();
+    hf::save(&a, &spec, &w, Sharding::MaxBytes(25_000)).unwrap();
+    hf::save_generated(&b, &spec, Sharding::MaxBytes(25_000), &mut |k| {
+        tunecheck::weights::generate_one(&spec, 9, k, &Device::Cpu)
+    })
+    .unwrap();
+    let files = |d: &Path| {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files(&a), files(&b));
+    let (ca, cb) = (hf::load(&a, &Device::Cpu, None).unwrap(), hf::load(&b, &Device::Cpu, None).unwrap());
+    for (k, t) in &ca.weights {
+        assert!(bitwise_equal(t, &cb.weights[k]).unwrap(), "{k}");
+    }
+}
+
+/// Run `cmd` and return its exit status and peak resident set (KiB) from `wait4`.
+fn peak_rss_kib(cmd: &mut Command) -> (i32, i64) {
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child; `rusage` is written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    (status, usage.ru_maxrss)
+}
+
+/// A Llama-shaped bf16 checkpoint of about 290 MB whose decoder layers (24 MB each) dominate:
+/// a pass that holds the model needs its size, one that streams needs about one layer.
+#[test]
+fn inspect_and_quantize_stream_within_a_fraction_of_the_checkpoint() {
+    let bin = env!("CARGO_BIN_EXE_tunecheck");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ArchSpec::tiny(Family::Llama);
+    spec.vocab_size = 512;
+    spec.hidden_size = 1024;
+    spec.intermediate_size = 3072;
+    spec.num_heads = 8;
+    spec.num_kv_heads = 8;
+    spec.head_dim = 128;
+    spec.num_layers = 12;
+    spec.layer_types = tunecheck::spec::default_layer_types(Family::Llama, 12, 6);
+    spec.dtype = DType::BF16;
+    let cfg = tmp.path().join("config.json");
+    std::fs::write(&cfg, serde_json::to_vec(&tunecheck::io::config::to_json(&spec)).unwrap()).unwrap();
+    let model = tmp.path().join("model");
+    let out = Command::new(bin)
+        .args(["synth", "--seed", "1", "--shard-bytes", "100000000", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let size_kib = (spec.num_parameters() * 2 / 1024) as i64;
+    let (st, inspect) = peak_rss_kib(Command::new(bin).arg("inspect").arg(&model));
+    assert!(st == 0 || st == 256, "inspect exit status {st}");
+    let (st, quantize) = peak_rss_kib(
+        Command::new(bin).arg("quantize").arg("--model").arg(&model).arg("--out").arg(tmp.path().join("q")),
+    );
+    assert_eq!(st, 0, "quantize failed");
+    // The measure can see a whole model: computing logits loads every layer.
+    let (st, whole) = peak_rss_kib(Command::new(bin).arg("logits").arg("--model").arg(&model).args(["--ids", "1,2,3"]));
+    assert_eq!(st, 0, "logits failed");
+    println!("checkpoint {size_kib} KiB; peak RSS: inspect {inspect} KiB, quantize {quantize} KiB, logits (whole model) {whole} KiB");
+    assert!(whole > size_kib, "the whole-model run peaked at {whole} KiB for a {size_kib} KiB model");
+    assert!(inspect < size_kib / 2, "inspect peaked at {inspect} KiB for a {size_kib} KiB checkpoint");
+    assert!(quantize < size_kib / 2, "quantize peaked at {quantize} KiB for a {size_kib} KiB checkpoint");
+}
