@@ -116,6 +116,7 @@ fn streamed_synthesis_writes_what_generate_and_save_write() {
 }
 
 /// Run `cmd` and return its exit status and peak resident set (KiB) from `wait4`.
+#[allow(clippy::zombie_processes)] // reaped by `wait4` below, which std cannot see
 fn peak_rss_kib(cmd: &mut Command) -> (i32, i64) {
     let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     let pid = child.id() as libc::pid_t;
