@@ -68,7 +68,7 @@ fn accumulation_equals_one_big_batch_with_uneven_tokens() {
                 labels.push(l.iter().copied().chain(std::iter::repeat(-100)).take(s).collect::<Vec<i64>>());
             }
         }
-        Batch { ids, labels }
+        Batch { ids, labels, attention_mask: None }
     };
     let counts: Vec<usize> = micro.iter().map(Batch::tokens).collect();
     assert!(counts.windows(2).any(|w| w[0] != w[1]), "token counts should be uneven: {counts:?}");

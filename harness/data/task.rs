@@ -71,7 +71,7 @@ impl SuccessorTask {
                 let s = seqs.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
                 let ids = seqs.iter().map(|(i, _)| pad(i, s, self.sp.pad)).collect();
                 let labels = seqs.iter().map(|(_, l)| pad(l, s, IGNORE)).collect();
-                Batch { ids, labels }
+                Batch { ids, labels, attention_mask: None }
             })
             .collect()
     }

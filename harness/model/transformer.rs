@@ -437,7 +437,13 @@ impl Transformer {
 
     /// Logits `[batch, seq, vocab]` (in the model dtype) for `ids` `[batch, seq]` (u32/i64).
     pub fn forward(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.forward_inner(ids, None, mode, None)
+        self.forward_inner(ids, None, mode, None, None)
+    }
+
+    /// [`Transformer::forward`] with transformers' `attention_mask` (`[batch, seq]`, 1 = token,
+    /// 0 = padding that no position attends to; `None` = all ones). Positions stay `0..seq`.
+    pub fn forward_masked(&self, ids: &Tensor, attention_mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        self.forward_inner(ids, None, mode, None, attention_mask)
     }
 
     /// [`Transformer::forward`] for a shell ([`Transformer::load_shell`]): each decoder layer
@@ -449,12 +455,12 @@ impl Transformer {
         mode: Mode,
         next_layer: &mut dyn FnMut(usize) -> Result<Layer>,
     ) -> Result<Tensor> {
-        self.forward_inner(ids, None, mode, Some(next_layer))
+        self.forward_inner(ids, None, mode, Some(next_layer), None)
     }
 
     /// Logits for the new positions `ids`, appending their keys and values to `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, mode: Mode) -> Result<Tensor> {
-        self.forward_inner(ids, Some(cache), mode, None)
+        self.forward_inner(ids, Some(cache), mode, None, None)
     }
 
     /// A fresh cache for this model.
@@ -481,6 +487,7 @@ impl Transformer {
         mut cache: Option<&mut KvCache>,
         mode: Mode,
         mut next_layer: Option<&mut dyn FnMut(usize) -> Result<Layer>>,
+        attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         if mode == Mode::Eval && cache.is_none() && self.faults.eval_path_unfilled_buffer {
             return self.eval_fast_path_unfilled_buffer(ids);
@@ -496,6 +503,22 @@ impl Transformer {
         if max_id as usize >= spec.vocab_size {
             return Err(Error::Msg(format!("token id {max_id} is out of range (vocab_size {})", spec.vocab_size)));
         }
+        // Padding as an additive bias on the attention scores of its keys: the most negative
+        // finite f32, as transformers' eager attention uses, so a query that sees only padding
+        // (left padding's first positions) gets a uniform, finite distribution, not NaN.
+        let pad_bias = match attention_mask {
+            None => None,
+            Some(_) if cache.is_some() => {
+                return Err(Error::Msg("an attention mask with a KV cache is not supported".into()))
+            }
+            Some(m) => {
+                if m.dims() != [b, s] {
+                    return Err(Error::Msg(format!("attention_mask is {:?}, expected [{b}, {s}]", m.dims())));
+                }
+                let keep = m.to_dtype(DType::F32)?.to_device(&self.device)?;
+                Some(((keep.affine(-1.0, 1.0)? * f32::MIN as f64)?).reshape((b, 1, 1, s))?)
+            }
+        };
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let cached = cache.is_some();
         let rope_offset = if cached && self.faults.cache_restarts_positions { 0 } else { offset };
@@ -555,7 +578,17 @@ impl Transformer {
 
             let residual = x.clone();
             let hnorm = layer.input_norm.forward(&x)?;
-            let attn = self.attention(i, &layer.attn, &hnorm, &mask, &cos, &sin, cache.as_deref_mut(), &ctx)?;
+            let attn = self.attention(
+                i,
+                &layer.attn,
+                &hnorm,
+                &mask,
+                pad_bias.as_ref(),
+                &cos,
+                &sin,
+                cache.as_deref_mut(),
+                &ctx,
+            )?;
             let attn = if spec.family.has_sandwich_norms() { layer.post_attn_norm.forward(&attn)? } else { attn };
             let attn = self.residual_dropout(&attn, train_dropout)?;
             x = (residual + attn)?;
@@ -599,6 +632,7 @@ impl Transformer {
         a: &Attention,
         x: &Tensor,
         mask: &Tensor,
+        pad_bias: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut KvCache>,
@@ -630,7 +664,10 @@ impl Transformer {
         if let Some(cap) = spec.attn_logit_softcapping {
             scores = soft_cap(&scores, cap)?;
         }
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let mut scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        if let Some(p) = pad_bias {
+            scores = scores.broadcast_add(p)?;
+        }
         let mut probs = softmax_last(&scores)?.to_dtype(spec.dtype)?;
         if train && spec.attention_dropout > 0.0 {
             let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());

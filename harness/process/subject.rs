@@ -279,7 +279,11 @@ impl Trainer for ProcessTrainer {
     fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let rows: Vec<Vec<u32>> = ids.to_vec2::<u32>()?;
-        let batch = Batch { labels: rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect(), ids: rows };
+        let batch = Batch {
+            labels: rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect(),
+            ids: rows,
+            attention_mask: None,
+        };
         let file = self.batch_files(std::slice::from_ref(&batch))?.remove(0);
         let out = self.work.fresh("logits", ".safetensors");
         let mode = match mode {

@@ -176,9 +176,8 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
 }
 
 /// Write `batch` as a safetensors file: `input_ids`, `labels` (−100 masks a position; the
-/// model shifts) and `attention_mask` (all ones: batches are right-padded and padded
-/// positions are masked from the loss, which causal attention keeps invisible to real
-/// positions), each i64 `[batch, seq]`.
+/// model shifts) and `attention_mask` (the batch's, all ones when it has none), each i64
+/// `[batch, seq]`.
 pub fn write_batch(path: &Path, batch: &Batch) -> Result<()> {
     let b = batch.ids.len();
     let s = batch.ids.first().map_or(0, Vec::len);
@@ -188,7 +187,13 @@ pub fn write_batch(path: &Path, batch: &Batch) -> Result<()> {
     let map = BTreeMap::from([
         ("input_ids".to_string(), t(ids)?),
         ("labels".to_string(), t(labels)?),
-        ("attention_mask".to_string(), t(vec![1i64; b * s])?),
+        (
+            "attention_mask".to_string(),
+            t(match &batch.attention_mask {
+                Some(m) => m.iter().flatten().map(|&x| i64::from(x)).collect(),
+                None => vec![1i64; b * s],
+            })?,
+        ),
     ]);
     write_safetensors(path, &map)
 }
@@ -210,7 +215,16 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
                 .collect()
         })
         .collect::<Result<Vec<Vec<u32>>>>()?;
-    Ok(Batch { ids, labels })
+    let mask = get("attention_mask")?;
+    if mask.iter().flatten().any(|&x| x != 0 && x != 1) {
+        return Err(Error::tensor(path, "attention_mask", "values other than 0 and 1"));
+    }
+    let attention_mask = if mask.iter().flatten().all(|&x| x == 1) {
+        None
+    } else {
+        Some(mask.into_iter().map(|r| r.into_iter().map(|x| x as u8).collect()).collect())
+    };
+    Ok(Batch { ids, labels, attention_mask })
 }
 
 /// Read the tensor file a driver wrote for operation `op`: `want` gives every expected name

@@ -62,7 +62,7 @@ pub fn merge(micro: &[Batch], extra: usize) -> Batch {
             labels.push(l.iter().copied().chain(std::iter::repeat(IGNORE)).take(s).collect());
         }
     }
-    Batch { ids, labels }
+    Batch { ids, labels, attention_mask: None }
 }
 
 /// Check P5 on one setup.
