@@ -170,3 +170,36 @@ fn inspect_and_quantize_stream_within_a_fraction_of_the_checkpoint() {
     assert!(inspect < size_kib / 2, "inspect peaked at {inspect} KiB for a {size_kib} KiB checkpoint");
     assert!(quantize < size_kib / 2, "quantize peaked at {quantize} KiB for a {size_kib} KiB checkpoint");
 }
+
+/// An adapter on a streamed model (shell parts first, LoRA pairs per layer as each is loaded)
+/// computes what the adapter applied to the whole model computes, bitwise — including saved
+/// base matrices over a resized vocabulary, embedding LoRA, LoRA on the head and
+/// `modules_to_save` copies.
+#[test]
+fn adapters_apply_to_a_streamed_model_bitwise() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for (adapter, base) in [
+        ("llama_lora_embed_head_resized", "llama_gqa"),
+        ("llama_rslora_embed_head", "llama_gqa"),
+        ("gemma3_lora_save_embed", "gemma3"),
+        ("gemma2_lora_mlp", "gemma2_window"),
+    ] {
+        let (adir, bdir) = (root.join("adapters").join(adapter), root.join("models").join(base));
+        let a = tunecheck::io::peft::read(&adir).unwrap();
+        let mut whole = hf::load(&bdir, &Device::Cpu, None).unwrap().model().unwrap();
+        tunecheck::io::peft::apply(&mut whole, &a, None, &adir).unwrap();
+        let x = ids(whole.spec());
+        let want = whole.forward(&x, Mode::Eval).unwrap();
+        let lazy = Lazy::open(&bdir, None).unwrap();
+        let mut shell = lazy.shell(&Device::Cpu).unwrap();
+        let la = tunecheck::io::peft::stream_adapter(&mut shell, &a, None, &adir).unwrap();
+        let got = shell
+            .forward_streamed(&x, Mode::Eval, &mut |i| {
+                let mut l = lazy.layer(i, &Device::Cpu)?;
+                la.apply(i, &mut l)?;
+                Ok(l)
+            })
+            .unwrap();
+        assert!(bitwise_equal(&got, &want).unwrap(), "{adapter}");
+    }
+}

@@ -218,7 +218,7 @@ pub fn inspect(
     };
 
     // The probe forward: seeded ordinary ids, eval mode.
-    let probe = match probe(dir, device, &spec, &untrained, &vocab, read_adapter.as_ref(), adapter, quant.as_ref()) {
+    let probe = match probe(dir, device, &untrained, &vocab, read_adapter.as_ref(), adapter, quant.as_ref()) {
         Ok(p) => {
             if !p.finite {
                 findings.push("the probe forward produced non-finite logits".into());
@@ -256,7 +256,6 @@ pub fn inspect(
 fn probe(
     dir: &Path,
     device: &Device,
-    spec: &crate::spec::ArchSpec,
     untrained: &[Untrained],
     vocab: &tokens::Vocab,
     adapter: Option<&crate::io::peft::Adapter>,
@@ -264,20 +263,17 @@ fn probe(
     quant: Option<&crate::adapt::QuantConfig>,
 ) -> Result<Probe> {
     use rand_core::{RngCore, SeedableRng};
-    // Without an adapter the model is streamed from the memory map a decoder layer at a time
-    // (peak memory: embedding, head and one layer), so a checkpoint larger than memory can be
-    // inspected. An adapter is applied to the whole model.
+    // The model is streamed from the memory map a decoder layer at a time (peak memory: the
+    // embedding, the head and one layer), so a checkpoint larger than memory can be inspected;
+    // an adapter goes on the shell and on each layer as it is loaded.
     let lazy = crate::io::hf::Lazy::open(dir, None)?;
-    let whole = match (adapter, adapter_dir) {
-        (Some(a), Some(d)) => {
-            let (weights, bases) = lazy.load_where(device, |_| true)?;
-            let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), spec.dtype, device);
-            let mut model = crate::model::Transformer::load_with_bases(vb, spec, &bases)?;
-            crate::io::peft::apply(&mut model, a, quant, d)?;
-            Some(model)
-        }
+    let mut shell = lazy.shell(device)?;
+    let layer_adapter = match (adapter, adapter_dir) {
+        (Some(a), Some(d)) => Some(crate::io::peft::stream_adapter(&mut shell, a, quant, d)?),
         _ => None,
     };
+    let spec = shell.spec().clone();
+    let spec = &spec;
     let skip: std::collections::BTreeSet<u32> = untrained.iter().map(|u| u.id).collect();
     let ok: Vec<u32> = (0..spec.vocab_size as u32).filter(|i| !skip.contains(i) && !vocab.is_special(*i)).collect();
     let pool = if ok.is_empty() { (0..spec.vocab_size as u32).collect() } else { ok };
@@ -285,11 +281,15 @@ fn probe(
     let (b, t) = (4usize, 16usize);
     let ids: Vec<u32> = (0..b * t).map(|_| pool[(rng.next_u32() as usize) % pool.len()]).collect();
     let ids = Tensor::from_vec(ids, (b, t), device)?;
-    let logits = match &whole {
-        Some(model) => model.forward(&ids, crate::Mode::Eval)?,
-        None => lazy.shell(device)?.forward_streamed(&ids, crate::Mode::Eval, &mut |i| lazy.layer(i, device))?,
-    }
-    .to_dtype(DType::F32)?;
+    let logits = shell
+        .forward_streamed(&ids, crate::Mode::Eval, &mut |i| {
+            let mut layer = lazy.layer(i, device)?;
+            if let Some(a) = &layer_adapter {
+                a.apply(i, &mut layer)?;
+            }
+            Ok(layer)
+        })?
+        .to_dtype(DType::F32)?;
     let flat = logits.flatten_all()?.to_vec1::<f32>()?;
     let finite = flat.iter().all(|v| v.is_finite());
     let arg = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;

@@ -78,6 +78,21 @@ pub struct Layer {
     mlp: Mlp,
 }
 
+impl Layer {
+    /// The layer's projections by path inside the layer (`self_attn.q_proj`, `mlp.up_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("self_attn.q_proj", &mut self.attn.q),
+            ("self_attn.k_proj", &mut self.attn.k),
+            ("self_attn.v_proj", &mut self.attn.v),
+            ("self_attn.o_proj", &mut self.attn.o),
+            ("mlp.gate_proj", &mut self.mlp.gate),
+            ("mlp.up_proj", &mut self.mlp.up),
+            ("mlp.down_proj", &mut self.mlp.down),
+        ]
+    }
+}
+
 /// Planted bugs for mutation testing (see [`crate::mutants`]); all off by default. Each
 /// reproduces a real failure so that the property meant to catch it can be shown to fail.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -276,14 +291,7 @@ impl Transformer {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q));
-            out.push((format!("{p}.self_attn.k_proj"), &mut l.attn.k));
-            out.push((format!("{p}.self_attn.v_proj"), &mut l.attn.v));
-            out.push((format!("{p}.self_attn.o_proj"), &mut l.attn.o));
-            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate));
-            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up));
-            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down));
+            out.extend(l.linears_mut().into_iter().map(|(p, lin)| (format!("model.layers.{i}.{p}"), lin)));
         }
         if !self.spec.tie_word_embeddings {
             out.push(("lm_head".to_string(), &mut self.lm_head));
