@@ -12,20 +12,30 @@
 //!        └──────────── props (invariants) ◄──────────────────────┘ → report
 //! ```
 //!
-//! - [`spec`]: the architecture, validated, read from / written to `config.json`;
+//! In data-flow order:
+//!
+//! - [`spec`]: the architecture, validated, and the tensor names and shapes it implies;
 //! - [`strategy`]: proptest strategies that shrink toward the smallest model;
 //! - [`weights`]: seeded weights, the same bits on every run and device;
-//! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation;
-//! - [`io`]: Hugging Face checkpoints (single or sharded safetensors), atomic writes;
+//! - [`quant`]: NF4/FP4 codes, blockwise 4-bit quantization, the fused 4-bit kernels;
+//! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation, streaming a
+//!   layer at a time;
+//! - [`adapt`]: projections with dense or 4-bit bases plus LoRA, embedding LoRA,
+//!   `modules_to_save`;
+//! - [`io`]: formats on disk — `config.json`, Hugging Face checkpoints (single or sharded),
+//!   bitsandbytes 4-bit, PEFT adapters — read with one strict field reader and saved crash-safe;
+//! - [`data`]: the fixture tokenizer and the synthetic task's batches;
+//! - [`train`]: the reference trainer (loss, AdamW, schedules, accumulation, checkpoints);
 //! - [`subject`]: the `Trainer` trait and the `Factory` value properties build subjects with;
 //! - [`process`]: trainers in other processes (transformers + PEFT, any language) behind the
 //!   same trait, through a versioned JSON-lines protocol;
-//! - [`props`]: the invariants, one file each, listed in [`props::catalogue`] and run by
-//!   [`props::runner`] with honest verdicts (cases run, skips with reasons, typed failures);
+//! - [`props`]: the invariants, one file each, described by [`props::property`], listed in
+//!   [`props::catalogue`], run by [`props::runner`] with honest verdicts ([`props::verdict`]);
 //! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
 //! - [`suite`]: what `tunecheck check` runs and prints;
+//! - [`inspect`]: `tunecheck inspect`, the checkpoint doctor;
 //! - [`conformance!`]: one test per catalogue property in the calling crate;
-//! - [`device`]: devices and the CUDA skip/require policy.
+//! - [`device`] and [`error`]: devices with the CUDA skip/require policy, and the error type.
 
 pub mod adapt;
 pub mod conformance;

@@ -1,5 +1,6 @@
 //! `ArchSpec`: the architecture of one synthetic (or real) model and its validation
-//! (`config.json` reading and writing lives in [`crate::io::config`]).
+//! (`config.json` reading and writing lives in `io/config.rs`), and the tensor names and shapes
+//! a spec implies.
 //!
 //! One type covers Llama (2/3, GQA, tied or untied, Llama-3 rope scaling), Gemma 1, Gemma 2
 //! (soft-caps, alternating sliding window, four norms per layer, `query_pre_attn_scalar`) and
@@ -309,7 +310,7 @@ impl ArchSpec {
 
     /// Number of parameters, counting a tied head once.
     pub fn num_parameters(&self) -> usize {
-        crate::weights::tensor_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        tensor_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
     /// Check the spec for consistency; the error names the field at fault.
@@ -468,4 +469,37 @@ pub fn short_dtype_name(d: DType) -> &'static str {
         DType::F64 => "f64",
         _ => "f32",
     }
+}
+
+/// Every tensor name of `spec` with its shape, in HF naming; `lm_head.weight` only when untied.
+pub fn tensor_shapes(spec: &ArchSpec) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+    let q = spec.num_heads * hd;
+    let kv = spec.num_kv_heads * hd;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab_size, h])];
+    for l in 0..spec.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if spec.family.has_qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        if spec.family.has_sandwich_norms() {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
+        }
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !spec.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![spec.vocab_size, h]));
+    }
+    out
 }

@@ -14,43 +14,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::spec::ArchSpec;
+use crate::spec::{tensor_shapes, ArchSpec};
 
 /// Named tensors, sorted by name (HF names).
 pub type Weights = BTreeMap<String, Tensor>;
-
-/// Every tensor name of `spec` with its shape, in HF naming; `lm_head.weight` only when untied.
-pub fn tensor_shapes(spec: &ArchSpec) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
-    let q = spec.num_heads * hd;
-    let kv = spec.num_kv_heads * hd;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab_size, h])];
-    for l in 0..spec.num_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        if spec.family.has_qk_norm() {
-            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
-            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        if spec.family.has_sandwich_norms() {
-            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
-        }
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![h]));
-    if !spec.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![spec.vocab_size, h]));
-    }
-    out
-}
 
 /// True for the 1-D norm weights.
 pub fn is_norm(name: &str) -> bool {

@@ -119,11 +119,11 @@ fn failed_quantized_and_trainer_saves_keep_the_previous_checkpoint() {
     let v1 = tunecheck::weights::generate(&spec, 1, &Device::Cpu).unwrap();
     let v2 = tunecheck::weights::generate(&spec, 2, &Device::Cpu).unwrap();
     let cfg = QuantConfig { compute_dtype: candle_core::DType::F32, ..QuantConfig::default() };
-    tunecheck::io::bnb::save_quantized(tmp.path(), &spec, &v1, &cfg).unwrap();
+    tunecheck::io::quantize::save_quantized(tmp.path(), &spec, &v1, &cfg).unwrap();
     let before = snapshot(tmp.path());
     let failed = every_failure_point(
         tmp.path(),
-        || tunecheck::io::bnb::save_quantized(tmp.path(), &spec, &v2, &cfg),
+        || tunecheck::io::quantize::save_quantized(tmp.path(), &spec, &v2, &cfg),
         || assert!(hf::load(tmp.path(), &Device::Cpu, None).is_ok()),
     );
     assert!(failed >= 2);

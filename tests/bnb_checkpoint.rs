@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rstest::rstest;
 use tunecheck::adapt::{Base, LoraConfig, LoraInit, QuantConfig};
-use tunecheck::io::{bnb, hf, peft, st::StFile};
+use tunecheck::io::{hf, peft, st::StFile};
 use tunecheck::props::{bitwise_equal, rel_l2};
 use tunecheck::quant::QuantType;
 use tunecheck::train::{RefTrainer, TrainConfig};
@@ -40,7 +40,7 @@ fn transformers_4bit_checkpoints_match_their_f32_path(#[case] name: &str, #[case
 fn quantized_copy(src: &Path, cfg: &QuantConfig) -> tempfile::TempDir {
     let ck = hf::load(src, &Device::Cpu, None).unwrap();
     let out = tempfile::tempdir().unwrap();
-    bnb::save_quantized(out.path(), &ck.spec, &ck.weights, cfg).unwrap();
+    tunecheck::io::quantize::save_quantized(out.path(), &ck.spec, &ck.weights, cfg).unwrap();
     out
 }
 
@@ -191,7 +191,7 @@ fn our_4bit_serialisation_is_what_transformers_read() {
     let spec = tunecheck::io::config::read(&dir.join("config.json")).unwrap();
     let w = tunecheck::weights::generate(&spec, 5, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    bnb::save_quantized(out.path(), &spec, &w, &ck.quant.unwrap()).unwrap();
+    tunecheck::io::quantize::save_quantized(out.path(), &spec, &w, &ck.quant.unwrap()).unwrap();
     let a = std::fs::read(out.path().join(hf::SINGLE)).unwrap();
     let b = std::fs::read(dir.join(hf::SINGLE)).unwrap();
     assert!(same_tensors(&a, &b), "the 4-bit bytes we write changed since transformers accepted them");

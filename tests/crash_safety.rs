@@ -68,7 +68,7 @@ fn save(kind: &str, seed: u64, dir: &Path) -> tunecheck::Result<()> {
     match kind {
         "model" => hf::save(dir, &spec, &w, Sharding::Single),
         "sharded" => hf::save(dir, &spec, &w, Sharding::MaxBytes(30_000 + 10_000 * seed as usize)),
-        "quant4" => tunecheck::io::bnb::save_quantized(dir, &spec, &w, &quant),
+        "quant4" => tunecheck::io::quantize::save_quantized(dir, &spec, &w, &quant),
         "adapter" | "checkpoint" => {
             use tunecheck::subject::{reference, Trainer};
             let setup = tunecheck::subject::Setup {

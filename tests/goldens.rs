@@ -50,7 +50,7 @@ fn checkpoint_and_adapter_manifests() {
     let spec = ArchSpec::tiny(Family::Gemma3);
     let w = tunecheck::weights::generate(&spec, 0, &Device::Cpu).unwrap();
     let q = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
-    tunecheck::io::bnb::save_quantized(&dir.path().join("q4"), &spec, &w, &q).unwrap();
+    tunecheck::io::quantize::save_quantized(&dir.path().join("q4"), &spec, &w, &q).unwrap();
     let lora = LoraConfig { modules_to_save: vec!["embed_tokens".into()], ..LoraConfig::default() };
     let tr = RefTrainer::new(&spec, &w, &lora, Some(q), TrainConfig::default(), 0).unwrap();
     tunecheck::train::checkpoint::save(&tr, &dir.path().join("adapter"), "tiny").unwrap();

@@ -38,7 +38,7 @@ fn streamed_forward_is_the_whole_models_bitwise() {
             assert!(bitwise_equal(&streamed(tmp.path(), &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?}");
             // A 4-bit checkpoint streams too.
             let q = tmp.path().join("q");
-            tunecheck::io::bnb::quantize_dir(tmp.path(), &q, &QuantConfig::default()).unwrap();
+            tunecheck::io::quantize::quantize_dir(tmp.path(), &q, &QuantConfig::default()).unwrap();
             let whole = hf::load(&q, &Device::Cpu, None).unwrap().model().unwrap();
             let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
             assert!(bitwise_equal(&streamed(&q, &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?} 4-bit");
@@ -66,8 +66,8 @@ fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
         let dense = tmp.path().join("dense");
         hf::save(&dense, &spec, &w, Sharding::Single).unwrap();
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        tunecheck::io::bnb::save_quantized(&a, &spec, &w, &cfg).unwrap();
-        tunecheck::io::bnb::quantize_dir(&dense, &b, &cfg).unwrap();
+        tunecheck::io::quantize::save_quantized(&a, &spec, &w, &cfg).unwrap();
+        tunecheck::io::quantize::quantize_dir(&dense, &b, &cfg).unwrap();
         let (ca, cb) = (hf::load(&a, &Device::Cpu, None).unwrap(), hf::load(&b, &Device::Cpu, None).unwrap());
         assert_eq!(ca.quant, cb.quant);
         assert_eq!(ca.weights.keys().collect::<Vec<_>>(), cb.weights.keys().collect::<Vec<_>>());
@@ -86,7 +86,7 @@ fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
             .count();
         assert_eq!(shards, spec.num_layers + 1);
         // A quantized input is refused, naming it.
-        let e = tunecheck::io::bnb::quantize_dir(&a, &tmp.path().join("c"), &cfg).unwrap_err().to_string();
+        let e = tunecheck::io::quantize::quantize_dir(&a, &tmp.path().join("c"), &cfg).unwrap_err().to_string();
         assert!(e.contains("already quantized"), "{e}");
     }
 }
@@ -201,5 +201,24 @@ fn adapters_apply_to_a_streamed_model_bitwise() {
             })
             .unwrap();
         assert!(bitwise_equal(&got, &want).unwrap(), "{adapter}");
+    }
+}
+
+/// The streamed head's row chunks (each widened to f32 on its own instead of the whole
+/// matrix, as candle's CPU bf16 matmul does) give the same bits as one product.
+#[test]
+fn a_head_multiplied_in_row_chunks_is_bitwise_the_whole_product() {
+    use tunecheck::adapt::linear::{Ctx, Linear};
+    let spec = ArchSpec { dtype: DType::BF16, ..ArchSpec::tiny(Family::Llama) };
+    let w = tunecheck::weights::generate(&spec, 2, &Device::Cpu).unwrap();
+    let head = w["lm_head.weight"].clone();
+    let x = w["model.embed_tokens.weight"].narrow(0, 0, 6).unwrap().reshape((2, 3, spec.hidden_size)).unwrap();
+    let lin = Linear::dense(head.clone());
+    let rng = std::sync::Mutex::new(tunecheck::weights::stream(0, "x"));
+    let ctx = Ctx { train: false, rng: &rng };
+    let whole = lin.forward_ctx(&x, &ctx).unwrap();
+    for rows in [1, 7, head.dim(0).unwrap() - 1] {
+        let chunked = lin.forward_chunked(&x, rows, &ctx).unwrap();
+        assert!(bitwise_equal(&chunked, &whole).unwrap(), "{rows} rows at a time");
     }
 }

@@ -100,6 +100,35 @@ impl Linear {
         Ok((y + delta)?)
     }
 
+    /// [`Linear::forward_ctx`] in eval mode with a dense bf16 base multiplied `rows` output rows
+    /// at a time.
+    /// candle's CPU backend multiplies bf16 by widening the whole right-hand storage to f32 at
+    /// once, so a 128k-row head would need twice its own size again; here each chunk is widened
+    /// on its own (the same f32 products, so the same values). Other bases and dtypes, and
+    /// weights of at most `rows` rows, go through [`Linear::forward_ctx`] unchanged.
+    pub fn forward_chunked(&self, x: &Tensor, rows: usize, ctx: &Ctx) -> Result<Tensor> {
+        let w = match &self.base {
+            Base::Dense(w)
+                if !ctx.train && w.dtype() == DType::BF16 && x.dtype() == DType::BF16 && w.dim(0)? > rows =>
+            {
+                w
+            }
+            _ => return self.forward_ctx(x, ctx),
+        };
+        let out = w.dim(0)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let mut parts = Vec::with_capacity(out.div_ceil(rows));
+        for start in (0..out).step_by(rows.max(1)) {
+            let chunk = w.narrow(0, start, rows.min(out - start))?.to_dtype(DType::F32)?;
+            parts.push(matmul_t(&x32, &chunk)?.to_dtype(DType::BF16)?);
+        }
+        let y = Tensor::cat(&parts, x.rank() - 1)?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let a = l.a.to_dtype(x.dtype())?;
+        let b = l.b.to_dtype(x.dtype())?;
+        Ok((y + (matmul_t(&matmul_t(x, &a)?, &b)? * l.scale)?)?)
+    }
+
     /// Fold the adapter into a dense base (`W += B·A·scale`) and drop it; returns the delta
     /// so that [`Linear::unmerge`] can restore the adapter. A 4-bit base cannot be merged
     /// without requantizing, which changes the function: that is an error.

@@ -531,7 +531,7 @@ fn quantize(
     let compute_dtype = tunecheck::spec::parse_dtype(compute_dtype)
         .ok_or_else(|| anyhow::anyhow!("--compute-dtype: `{compute_dtype}` is not f32, bf16 or f16"))?;
     let cfg = tunecheck::adapt::QuantConfig { quant_type, blocksize, double_quant, compute_dtype };
-    tunecheck::io::bnb::quantize_dir(model, out, &cfg)?;
+    tunecheck::io::quantize::quantize_dir(model, out, &cfg)?;
     let layers = tunecheck::io::config::read(&model.join(hf::CONFIG))?.num_layers;
     done(
         format!("wrote {} 4-bit checkpoint ({layers} layers) to {}", quant_type.name(), out.display()),

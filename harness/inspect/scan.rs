@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::io::hf::{layout, open_all};
+use crate::io::layout::{layout, open_all};
 
 /// What the scan saw in one tensor.
 #[derive(Debug, Clone, Serialize)]

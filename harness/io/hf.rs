@@ -7,7 +7,7 @@
 //! (single vs sharded) so a directory never holds two disagreeing copies.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use serde_json::json;
@@ -17,20 +17,15 @@ use crate::adapt::lora::PROJECTIONS;
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic::{save_dir, Staged};
-use crate::io::fields::Fields;
-use crate::io::st::{host, stage_tensors, StFile};
+use crate::io::layout::{layout, open_all, Layout};
+pub use crate::io::layout::{owns, Opened, CONFIG, INDEX, SINGLE};
+use crate::io::st::{host, stage_tensors};
 use crate::model::transformer::Bases;
 use crate::model::Transformer;
+use crate::spec::tensor_shapes;
 use crate::spec::ArchSpec;
-use crate::weights::{tensor_shapes, Weights};
+use crate::weights::Weights;
 use candle_nn::VarBuilder;
-
-/// The single-file weights name.
-pub const SINGLE: &str = "model.safetensors";
-/// The shard index name.
-pub const INDEX: &str = "model.safetensors.index.json";
-/// The config name.
-pub const CONFIG: &str = "config.json";
 
 /// A checkpoint loaded from disk.
 pub struct Checkpoint {
@@ -52,89 +47,6 @@ impl Checkpoint {
         let map = self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Transformer::load_with_bases(VarBuilder::from_tensors(map, self.spec.dtype, &device), &self.spec, &self.bases)
     }
-}
-
-/// Where each tensor of a checkpoint directory lives.
-pub(crate) struct Layout {
-    /// file → tensors in it.
-    pub(crate) files: BTreeMap<PathBuf, Vec<String>>,
-    /// The file that lists the tensors (the index when sharded, else the single file).
-    pub(crate) listing: PathBuf,
-}
-
-pub(crate) fn layout(dir: &Path) -> Result<Layout> {
-    let single = dir.join(SINGLE);
-    let index = dir.join(INDEX);
-    if single.exists() && !single.is_file() {
-        return Err(Error::file(&single, "is not a regular file"));
-    }
-    if single.is_file() {
-        let names = StFile::open(&single)?.names()?;
-        return Ok(Layout { files: [(single.clone(), names)].into(), listing: single });
-    }
-    if !index.is_file() {
-        return Err(Error::file(dir, format!("has neither {SINGLE} nor {INDEX}")));
-    }
-    let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
-    let v = Fields::parse(&bytes, &index)?;
-    let c = Fields::new(&v, Some(&index), "")?;
-    if let Some(meta) = c.opt_object("metadata")? {
-        meta.opt_f64("total_size")?;
-    }
-    let map = c.object_field("weight_map")?;
-    let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
-    for key in map.object().keys() {
-        let file = map.str(key)?;
-        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            return Err(map.bad(key, format!("`{file}` is not a plain file name in the checkpoint directory")));
-        }
-        files.entry(dir.join(file)).or_default().push(key.clone());
-    }
-    Ok(Layout { files, listing: index })
-}
-
-/// The opened files of a checkpoint and where each key lives.
-pub struct Opened {
-    /// key → file path.
-    pub index: BTreeMap<String, PathBuf>,
-    /// file path → mapped file.
-    pub files: BTreeMap<PathBuf, StFile>,
-}
-
-impl Opened {
-    /// The file holding `key`, or a "missing" error naming `listing`.
-    pub fn file_of(&self, key: &str, listing: &Path) -> Result<&StFile> {
-        let path = self.index.get(key).ok_or_else(|| Error::tensor(listing, key, "missing"))?;
-        Ok(&self.files[path])
-    }
-}
-
-pub(crate) fn open_all(layout: &Layout) -> Result<Opened> {
-    let mut index = BTreeMap::new();
-    let mut files = BTreeMap::new();
-    for (file, listed) in &layout.files {
-        if !file.is_file() {
-            return Err(Error::tensor(
-                &layout.listing,
-                &listed[0],
-                format!("listed in {} which does not exist", file.display()),
-            ));
-        }
-        let st = StFile::open(file)?;
-        let present = st.names()?;
-        for key in listed {
-            if !present.contains(key) {
-                return Err(Error::tensor(
-                    file,
-                    key,
-                    format!("listed in {} but not in this file", layout.listing.display()),
-                ));
-            }
-            index.insert(key.clone(), file.clone());
-        }
-        files.insert(file.clone(), st);
-    }
-    Ok(Opened { index, files })
 }
 
 /// A checkpoint directory opened without loading its tensors: the config, the 4-bit
@@ -184,6 +96,23 @@ impl Lazy {
         let expected: std::collections::BTreeSet<String> =
             tensor_shapes(&self.spec).into_iter().map(|(k, _)| k).collect();
         let spec = &self.spec;
+        if self.quant.is_none() {
+            // The clearest message first: a 4-bit weight in a checkpoint whose config says dense.
+            let opened = &self.opened;
+            for (key, _) in tensor_shapes(spec) {
+                if ["nf4", "fp4"]
+                    .iter()
+                    .any(|q| opened.index.contains_key(&format!("{key}.quant_state.bitsandbytes__{q}")))
+                {
+                    let st = opened.file_of(&key, &self.layout.listing)?;
+                    return Err(Error::tensor(
+                        st.path(),
+                        &key,
+                        "is 4-bit (it has a bitsandbytes quant_state) but config.json has no quantization_config",
+                    ));
+                }
+            }
+        }
         if let Some(extra) = self.opened.index.keys().find(|k| !expected.contains(*k) && !self.quantized_key(k)) {
             let file = &self.opened.index[extra];
             let why = if extra == "lm_head.weight" && spec.tie_word_embeddings {
@@ -295,12 +224,6 @@ pub fn save(dir: &Path, spec: &ArchSpec, weights: &Weights, sharding: Sharding) 
     save_dir(dir, &owns, |st| write_into(st, "", spec, weights, sharding))
 }
 
-/// The top-level names a model save owns in its directory (replaced or dropped by the next
-/// save; anything else there is kept).
-pub fn owns(name: &str) -> bool {
-    name == CONFIG || name == SINGLE || name == INDEX || is_shard_name(name)
-}
-
 /// The weights hold exactly the spec's tensors with its shapes.
 pub(crate) fn check_savable(spec: &ArchSpec, weights: &Weights) -> Result<()> {
     spec.validate()?;
@@ -400,13 +323,4 @@ fn write_generated(
         st.write(&format!("{prefix}{INDEX}"), &bytes)?;
     }
     st.write(&format!("{prefix}{CONFIG}"), &cfg)
-}
-
-/// `model-NNNNN-of-NNNNN.safetensors`, the names transformers gives shards.
-fn is_shard_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("model-").and_then(|r| r.strip_suffix(".safetensors")) else {
-        return false;
-    };
-    let b = rest.as_bytes();
-    b.len() == 14 && &rest[5..9] == "-of-" && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
 }

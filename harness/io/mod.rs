@@ -7,6 +7,8 @@ pub mod config;
 pub mod faults;
 pub mod fields;
 pub mod hf;
+pub mod layout;
 pub mod manifest;
 pub mod peft;
+pub mod quantize;
 pub mod st;

@@ -12,6 +12,9 @@ use safetensors::{Dtype as StDtype, SafeTensors, View};
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_atomic, Staged};
 
+/// Tensors of at least this many bytes are copied out of the map in slices of this size.
+const LARGE: usize = 64 << 20;
+
 /// A memory-mapped safetensors file.
 pub struct StFile {
     path: PathBuf,
@@ -86,8 +89,37 @@ impl StFile {
         let view = st.tensor(key).map_err(|_| Error::tensor(&self.path, key, "missing"))?;
         let dtype = candle_dtype(view.dtype())
             .ok_or_else(|| Error::tensor(&self.path, key, format!("dtype {:?} is not supported", view.dtype())))?;
-        Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .map_err(|e| Error::tensor(&self.path, key, format!("unreadable data: {e}")))
+        let bad = |e: candle_core::Error| Error::tensor(&self.path, key, format!("unreadable data: {e}"));
+        let data = view.data();
+        let (elem, n) = (view.dtype().bitsize() / 8, view.shape().iter().product::<usize>());
+        if data.len() < LARGE || elem == 0 || data.len() != n * elem || cfg!(target_endian = "big") {
+            return Tensor::from_raw_buffer(data, dtype, view.shape(), &Device::Cpu).map_err(bad);
+        }
+        // A large tensor: copy it in slices, dropping each slice's mapped pages once copied, so
+        // it is resident once (not once in the copy and once in the map).
+        let start = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        let copy = |out: &mut [u8]| {
+            for (i, dst) in out.chunks_mut(LARGE).enumerate() {
+                dst.copy_from_slice(&data[i * LARGE..i * LARGE + dst.len()]);
+                self.release_range(start + i * LARGE, dst.len());
+            }
+        };
+        macro_rules! typed {
+            ($t:ty) => {{
+                let mut v: Vec<$t> = vec![<$t>::default(); n];
+                // SAFETY: a plain-old-data slice viewed as its bytes, for a byte copy of
+                // little-endian values into their native layout (x86 and ARM are little-endian).
+                copy(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * elem) });
+                Tensor::from_vec(v, view.shape(), &Device::Cpu).map_err(bad)
+            }};
+        }
+        match dtype {
+            DType::BF16 => typed!(half::bf16),
+            DType::F16 => typed!(half::f16),
+            DType::F32 => typed!(f32),
+            DType::F64 => typed!(f64),
+            _ => Tensor::from_raw_buffer(data, dtype, view.shape(), &Device::Cpu).map_err(bad),
+        }
     }
 
     /// Load `key` and require a floating dtype and `shape`; returns it cast to `dtype` on `device`.

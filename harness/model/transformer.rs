@@ -139,6 +139,9 @@ pub struct Transformer {
     faults: Faults,
 }
 
+/// Rows of the output head multiplied at a time by [`Transformer::forward_streamed`].
+pub const HEAD_CHUNK_ROWS: usize = 16_384;
+
 /// Bases supplied instead of dense weights from the var builder, by module path
 /// (e.g. `model.layers.0.self_attn.q_proj`).
 pub type Bases = std::collections::BTreeMap<String, Base>;
@@ -551,6 +554,7 @@ impl Transformer {
 
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         let mut ropes: Vec<(crate::spec::Rope, Tensor, Tensor)> = Vec::new();
+        let streamed = next_layer.is_some();
         for i in 0..spec.num_layers {
             let loaded;
             let layer = match (self.layers.get(i), next_layer.as_mut()) {
@@ -618,7 +622,12 @@ impl Transformer {
         } else {
             self.norm.forward(&x)?
         };
-        let mut logits = self.lm_head.forward_ctx(&x, &ctx)?;
+        // A streamed model is one too large for memory: multiply its head in row chunks.
+        let mut logits = if streamed {
+            self.lm_head.forward_chunked(&x, HEAD_CHUNK_ROWS, &ctx)?
+        } else {
+            self.lm_head.forward_ctx(&x, &ctx)?
+        };
         if let Some(cap) = spec.final_logit_softcapping {
             logits = soft_cap(&logits, cap)?;
         }

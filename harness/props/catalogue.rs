@@ -6,94 +6,16 @@
 //! it in sync). A new property is one file with its `PROPERTY` constant plus one line in
 //! `for_each_property!`.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
+pub use crate::props::property::{Body, Property, TrainerCheck, ALL_DTYPES, HALF_DTYPES};
 use crate::props::runner::{PropConfig, Verdict};
-use crate::props::Check;
-use crate::strategy::AdapterKind;
-use crate::subject::{Capabilities, Factory, Setup};
-
-/// A trainer check: one setup, subjects from the factory, on a device.
-pub type TrainerCheck = fn(&dyn Factory, &Device, &Setup) -> Check;
-
-/// What a property runs against.
-#[derive(Clone, Copy)]
-pub enum Body {
-    /// Subjects of the factory on the device under test.
-    Trainer(TrainerCheck),
-    /// Subjects on the CPU and on a CUDA device (the check gets the CUDA device); skipped
-    /// without one.
-    CrossDevice(TrainerCheck),
-    /// tunecheck's own 4-bit quantizer and kernels (no trainer involved).
-    Kernels(fn(&PropConfig) -> Verdict),
-    /// tunecheck's own model, per family (no trainer involved).
-    Forward(crate::props::forward::ModelProperty),
-}
-
-/// One property.
-#[derive(Clone, Copy)]
-pub struct Property {
-    /// Short id (`P1`).
-    pub id: &'static str,
-    /// Test function name stamped by `conformance!` (`p1_eval_train_equivalence`).
-    pub test_name: &'static str,
-    /// Short title for the `check` table.
-    pub title: &'static str,
-    /// The invariant in words.
-    pub invariant: &'static str,
-    /// Its tolerances per dtype, with why.
-    pub tolerance: &'static str,
-    /// Adapter kinds it exercises.
-    pub kinds: &'static [AdapterKind],
-    /// Model dtypes it draws (shrinking toward the first).
-    pub dtypes: &'static [DType],
-    /// Capabilities it needs whatever the kind (`save_load`, ...).
-    pub needs: Capabilities,
-    /// Micro-batches per optimizer step in its setups.
-    pub grad_accum: usize,
-    /// Setups it cannot judge (a precondition), filtered out before running.
-    pub filter: Option<fn(&Setup) -> bool>,
-    /// The check.
-    pub body: Body,
-}
-
-impl Property {
-    /// A trainer property over `check` with the common defaults — every adapter kind, every
-    /// dtype, no extra capability, one micro-batch per step, no precondition — for struct
-    /// update: `Property { id, test_name, title, invariant, tolerance, ..Property::trainer(check) }`
-    /// (the words are left empty here; the catalogue test rejects an entry that keeps them).
-    pub const fn trainer(check: TrainerCheck) -> Property {
-        Property {
-            id: "",
-            test_name: "",
-            title: "",
-            invariant: "",
-            tolerance: "",
-            kinds: &AdapterKind::ALL,
-            dtypes: &ALL_DTYPES,
-            needs: Capabilities::none(),
-            grad_accum: 1,
-            filter: None,
-            body: Body::Trainer(check),
-        }
-    }
-}
-
-impl std::fmt::Debug for Property {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Property({})", self.id)
-    }
-}
+use crate::subject::Factory;
 
 /// Which catalogue ids a `--property` word selects: an id, or `forward` for F1–F3.
 pub fn selects(word: &str, p: &Property) -> bool {
     p.id.eq_ignore_ascii_case(word) || (word.eq_ignore_ascii_case("forward") && matches!(p.body, Body::Forward(_)))
 }
-
-/// Every model dtype, f32 first (what shrinking walks toward).
-pub const ALL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-/// Half precision only.
-pub const HALF_DTYPES: [DType; 2] = [DType::BF16, DType::F16];
 
 /// Calls `$callback! { [extra tokens] test_name => path::TO::PROPERTY, ... }` with every
 /// catalogue entry (the one list of properties; [`CATALOGUE`] and `conformance!` are made

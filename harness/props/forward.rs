@@ -15,23 +15,13 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use crate::error::Result;
 use crate::model::generate::{greedy_cached, greedy_uncached};
 use crate::model::{Faults, Mode, Transformer};
-use crate::props::catalogue::{Body, Property};
-use crate::props::runner::{FailReason, PropConfig, Verdict};
+pub use crate::props::property::ModelProperty;
+use crate::props::property::{Body, Property};
+use crate::props::verdict::{FailReason, PropConfig, Verdict};
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::spec::{ArchSpec, Family};
 use crate::strategy::{arb_batch, arb_family};
 use crate::subject::Capabilities;
-
-/// A forward property of the model, run per family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelProperty {
-    /// Two forwards bitwise equal; train == eval without dropout.
-    Deterministic,
-    /// Logits at t independent of tokens after t.
-    Causal,
-    /// Cached decode == full forward; identical greedy generations.
-    KvCache,
-}
 
 impl ModelProperty {
     /// Every property, in report order.
@@ -146,7 +136,7 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         Ok(c) => c,
         Err(e) => return Verdict::failed_with(FailReason::Config, e),
     };
-    crate::props::runner::pin_thread_count();
+    crate::props::seeding::pin_thread_count();
     let config = Config {
         cases,
         source_file: cfg.source_file,
@@ -154,7 +144,7 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         max_shrink_iters: 4096,
         ..Config::default()
     };
-    let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
+    let mut runner = TestRunner::new_with_rng(config, crate::props::seeding::seeded(cfg.seed));
     let ran = std::cell::Cell::new(0u32);
     let result = runner.run(&case_strategy(family), |(spec, ids, w_seed)| {
         ran.set(ran.get() + 1);
@@ -164,8 +154,8 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
         Err(TestError::Fail(_, (spec, ids, w_seed))) => {
             let (reason, detail) = match run_case(prop, device, &spec, &ids, w_seed, faults) {
-                Err(f) => crate::props::runner::reason_of(&f, prop.id()),
-                Ok(()) => crate::props::runner::nondeterministic(prop.id()),
+                Err(f) => crate::props::verdict::reason_of(&f, prop.id()),
+                Ok(()) => crate::props::verdict::nondeterministic(prop.id()),
             };
             Verdict::Failed {
                 reason,

@@ -1,5 +1,6 @@
 //! Invariants, one file per property, each a check that returns `Ok(())` or a [`Violation`]
-//! carrying the numbers that broke it; [`catalogue`] lists them all and [`runner`] runs them.
+//! carrying the numbers that broke it, described by a [`property::Property`]; [`catalogue`] lists
+//! them all, [`runner`] runs them and [`verdict`] holds what a run concludes.
 
 pub mod catalogue;
 pub mod compare;
@@ -16,7 +17,10 @@ pub mod p6_devices;
 pub mod p7_nf4;
 pub mod p8_gradients;
 pub mod p9_kernels;
+pub mod property;
 pub mod runner;
+pub mod seeding;
+pub mod verdict;
 
 pub use compare::{bitwise_equal, max_abs_diff, rel_l2, within};
 

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::props::catalogue::Property;
+use crate::props::property::Property;
 use crate::props::{rel_l2, within, Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{reference, Factory, Setup, Trainer};

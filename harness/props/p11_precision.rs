@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::props::catalogue::{Property, HALF_DTYPES};
+use crate::props::property::{Property, HALF_DTYPES};
 use crate::props::{Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Factory, Setup};

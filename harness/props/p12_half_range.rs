@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::{Property, HALF_DTYPES};
+use crate::props::property::{Property, HALF_DTYPES};
 use crate::props::{rel_l2, within, Check, Violation};
 use crate::strategy::{random_batches, AdapterKind};
 use crate::subject::{Factory, Setup};

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::Property;
 use crate::props::forward::path_tolerance;
+use crate::props::property::Property;
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Factory, Setup};

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::props::catalogue::Property;
+use crate::props::property::Property;
 use crate::props::{Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Factory, Setup};

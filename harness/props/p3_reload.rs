@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::catalogue::Property;
+use crate::props::property::Property;
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Capabilities, Factory, FitPlan, Setup, Trainer};

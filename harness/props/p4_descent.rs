@@ -8,7 +8,7 @@
 
 use candle_core::Device;
 
-use crate::props::catalogue::Property;
+use crate::props::property::Property;
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
 use crate::subject::{Factory, FitPlan, Setup};
 use crate::train::{Batch, IGNORE};

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::props::catalogue::Property;
+use crate::props::property::Property;
 use crate::props::{rel_l2, within, Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Factory, Setup};

@@ -7,8 +7,8 @@
 use candle_core::{DType, Device};
 
 use crate::model::Mode;
-use crate::props::catalogue::{Body, Property, ALL_DTYPES};
 use crate::props::p3_reload::Scratch;
+use crate::props::property::{Body, Property, ALL_DTYPES};
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
 use crate::strategy::{random_batches, AdapterKind};
 use crate::subject::{Capabilities, Factory, Setup};

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::error::Result;
-use crate::props::catalogue::{Body, Property};
+use crate::props::property::{Body, Property};
 use crate::props::runner::{FailReason, PropConfig, Verdict};
 use crate::quant::blockwise::error_bound;
 use crate::quant::{QuantType, Quantized4};
@@ -118,7 +118,7 @@ pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> Verdict {
     };
     let config =
         Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
+    let mut runner = TestRunner::new_with_rng(config, crate::props::seeding::seeded(cfg.seed));
     let strategy = (1usize..300, prop_oneof![Just(32usize), Just(64), Just(128)], any::<bool>(), any::<bool>())
         .prop_flat_map(|(n, bs, nf4, dq)| (proptest::collection::vec(-50f32..50f32, n), Just(bs), Just(nf4), Just(dq)));
     let result = runner.run(&strategy, |(x, bs, nf4, dq)| {

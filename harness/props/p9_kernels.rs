@@ -14,7 +14,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use crate::props::catalogue::{Body, Property};
+use crate::props::property::{Body, Property};
 use crate::props::runner::{FailReason, PropConfig, Verdict};
 use crate::quant::kernels::{dequantize_f32_into, matmul_nn, matmul_nt, Isa, Prec, Q4View, Rounding};
 use crate::quant::{quantize, QuantType, Quantized4};
@@ -180,7 +180,7 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdic
     };
     let config =
         Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, crate::props::runner::seeded(cfg.seed));
+    let mut runner = TestRunner::new_with_rng(config, crate::props::seeding::seeded(cfg.seed));
     match runner.run(&arb_kernel_case(), |c| check_case(kernels, &c)) {
         Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
         Err(TestError::Fail(why, c)) => {
