@@ -4,24 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use serde_json::{json, Value};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
-}
-
-/// A copy of a fixture directory to damage.
-fn copy(src: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(fixture(src)).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
-    }
-    tmp
-}
+use common::{copy, fixture};
 
 /// A safetensors file as (header JSON, data).
 fn st_read(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {

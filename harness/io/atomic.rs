@@ -148,7 +148,8 @@ pub fn save_dir<T>(target: &Path, owns: &dyn Fn(&str) -> bool, f: impl FnOnce(&m
     let mut st = Staged { root: root.clone(), save_id: manifest::new_save_id(), files: BTreeMap::new() };
     let out = f(&mut st)?;
     if target.is_dir() {
-        carry_over(&target, &st.root, &|n: &str| n == MANIFEST || owns(n) || st.written_top().contains(n))?;
+        let written = st.written_top();
+        carry_over(&target, &st.root, &|n: &str| n == MANIFEST || owns(n) || written.contains(n))?;
     }
     let m = Manifest { save_id: st.save_id.clone(), files: std::mem::take(&mut st.files) };
     write_synced(&root.join(MANIFEST), &m.to_json())?;

@@ -147,15 +147,8 @@ impl Lazy {
                 bases.insert(path.to_string(), Base::Quant4(Box::new(lin)));
                 continue;
             }
+            // (A 4-bit weight under a dense config was refused by `open`.)
             let st = opened.file_of(&key, listing)?;
-            if ["nf4", "fp4"].iter().any(|q| opened.index.contains_key(&format!("{key}.quant_state.bitsandbytes__{q}")))
-            {
-                return Err(Error::tensor(
-                    st.path(),
-                    &key,
-                    "is 4-bit (it has a bitsandbytes quant_state) but config.json has no quantization_config",
-                ));
-            }
             weights.insert(key.clone(), st.load_float(&key, &shape, spec.dtype, device)?);
             st.release(&key);
         }

@@ -256,6 +256,21 @@ fn apply_saved_base(model: &mut Transformer, saved: SavedBase, dir: &Path) -> Re
     model.set_vocab(embed, head).map_err(|e| Error::file(&dir.join(WEIGHTS), e.to_string()))
 }
 
+/// What [`apply`] and [`stream_adapter`] share: check the recorded base quantization, put
+/// the base weights saved with the adapter into `model`, and return the adapter's own values.
+fn base_part(
+    model: &mut Transformer,
+    adapter: &Adapter,
+    base_quant: Option<&QuantConfig>,
+    dir: &Path,
+) -> Result<BTreeMap<String, Tensor>> {
+    check_base_quant(adapter, base_quant, dir)?;
+    let mut values = adapter.tensors.clone();
+    let saved = take_saved_base(&mut values, &adapter.lora);
+    apply_saved_base(model, saved, dir)?;
+    Ok(values)
+}
+
 /// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading
 /// its values; returns the parameters (f32, trainable for further fine-tuning). Base
 /// weights saved with the adapter replace the model's first, resizing its vocabulary when
@@ -266,10 +281,7 @@ pub fn apply(
     base_quant: Option<&QuantConfig>,
     dir: &Path,
 ) -> Result<Params> {
-    check_base_quant(adapter, base_quant, dir)?;
-    let mut values = adapter.tensors.clone();
-    let saved = take_saved_base(&mut values, &adapter.lora);
-    apply_saved_base(model, saved, dir)?;
+    let values = base_part(model, adapter, base_quant, dir)?;
     let params = attach(model, &adapter.lora, 0, candle_core::DType::F32)?;
     load_values(&params, &values, &dir.join(WEIGHTS).display().to_string())?;
     Ok(params)
@@ -292,10 +304,7 @@ pub fn stream_adapter(
     base_quant: Option<&QuantConfig>,
     dir: &Path,
 ) -> Result<LayerAdapter> {
-    check_base_quant(adapter, base_quant, dir)?;
-    let mut values = adapter.tensors.clone();
-    let saved = take_saved_base(&mut values, &adapter.lora);
-    apply_saved_base(shell, saved, dir)?;
+    let values = base_part(shell, adapter, base_quant, dir)?;
     let (layers, top): (BTreeMap<_, _>, BTreeMap<_, _>) =
         values.into_iter().partition(|(k, _)| k.starts_with("model.layers."));
     let params = attach(shell, &adapter.lora, 0, candle_core::DType::F32)?;

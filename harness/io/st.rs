@@ -220,7 +220,7 @@ pub fn host(t: &Tensor) -> Result<HostTensor> {
 /// Serialise `tensors` (with `{"format": "pt"}` metadata, as transformers writes) to `path`
 /// atomically.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    write_atomic(path, &serialize(path, hosted(tensors)?, None)?)
+    write_atomic(path, &serialize(path, hosted(tensors)?)?)
 }
 
 /// Copy every tensor of `tensors` to the host.
@@ -248,11 +248,8 @@ pub fn stage_views<V: View>(st: &mut Staged, rel: &str, tensors: Vec<(String, V)
     })
 }
 
-fn serialize(path: &Path, tensors: Vec<(String, HostTensor)>, save_id: Option<&str>) -> Result<Vec<u8>> {
-    let mut meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    if let Some(id) = save_id {
-        meta.insert(crate::io::manifest::SAVE_ID_KEY.to_string(), id.to_string());
-    }
+fn serialize(path: &Path, tensors: Vec<(String, HostTensor)>) -> Result<Vec<u8>> {
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
 }
 
