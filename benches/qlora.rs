@@ -131,7 +131,7 @@ fn qlora_linear(c: &mut Criterion) {
     let id = |name: &str, what: &str| BenchmarkId::new(name, format!("{what}/{m}x{k}x{n}/r{r}"));
     let ql = Quant4Linear::new(w.q.clone(), DType::F32, DType::BF16, &dev).unwrap();
     let dense16 = dense.to_dtype(DType::BF16).unwrap();
-    let q16_fwd = || (ql.forward_in(x.as_tensor(), DType::BF16).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
+    let q16_fwd = || (ql.forward(x.as_tensor()).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
     let d16_fwd = || {
         let y = x.as_tensor().to_dtype(DType::BF16).unwrap().matmul(&dense16.t().unwrap()).unwrap();
         (y.to_dtype(DType::F32).unwrap() + lora(x.as_tensor()).unwrap()).unwrap()

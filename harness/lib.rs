@@ -18,13 +18,15 @@
 //! - [`strategy`]: proptest strategies that shrink toward the smallest model;
 //! - [`weights`]: seeded weights, the same bits on every run and device;
 //! - [`quant`]: NF4/FP4 codes, blockwise 4-bit quantization, the fused 4-bit kernels;
-//! - [`model`]: the transformer (Llama, Gemma 1/2/3), KV cache, greedy generation, streaming a
-//!   layer at a time;
-//! - [`adapt`]: projections with dense or 4-bit bases plus LoRA, embedding LoRA,
-//!   `modules_to_save`;
+//! - [`adapt`]: what the model injects as its parts load — projections with dense or 4-bit
+//!   bases plus LoRA, embedding LoRA, `modules_to_save` — and the seeded dropout;
+//! - [`model`]: attention, MLP and decoder layer, each with its own `load` and `forward`, the
+//!   transformer (Llama, Gemma 1/2/3), KV cache, greedy generation, streaming a layer at a time;
 //! - [`io`]: formats on disk — `config.json`, Hugging Face checkpoints (single or sharded),
 //!   bitsandbytes 4-bit, PEFT adapters — read with one strict field reader and saved crash-safe;
-//! - [`data`]: the fixture tokenizer and the synthetic task's batches;
+//! - [`loader`]: the one place a model is assembled from weights or a checkpoint, an adapter
+//!   and a 4-bit base;
+//! - [`data`]: micro-batches and the ignore label, the fixture tokenizer, the synthetic task;
 //! - [`train`]: the reference trainer (loss, AdamW, schedules, accumulation, checkpoints);
 //! - [`subject`]: the `Trainer` trait and the `Factory` value properties build subjects with;
 //! - [`process`]: trainers in other processes (transformers + PEFT, any language) behind the
@@ -32,23 +34,28 @@
 //! - [`props`]: the invariants, one file each, described by [`props::property`], listed in
 //!   [`props::catalogue`], run by [`props::runner`] with honest verdicts ([`props::verdict`]);
 //! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
-//! - [`suite`]: what `tunecheck check` runs and prints;
+//! - [`suite`]: what `tunecheck check` runs;
 //! - [`inspect`]: `tunecheck inspect`, the checkpoint doctor;
+//! - [`report`]: what the command line prints (tables, the inspect report, JSON, progress);
+//! - [`cli`]: the commands behind the `tunecheck` binary;
 //! - [`conformance!`]: one test per catalogue property in the calling crate;
 //! - [`device`] and [`error`]: devices with the CUDA skip/require policy, and the error type.
 
 pub mod adapt;
+pub mod cli;
 pub mod conformance;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod inspect;
 pub mod io;
+pub mod loader;
 pub mod model;
 pub mod mutants;
 pub mod process;
 pub mod props;
 pub mod quant;
+pub mod report;
 pub mod spec;
 pub mod strategy;
 pub mod subject;

@@ -17,10 +17,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapt::{LoraConfig, QuantConfig};
+use crate::data::Batch;
 use crate::error::Result;
 use crate::model::Mode;
 use crate::spec::ArchSpec;
-use crate::train::trainer::{Batch, EvalStrategy, RefTrainer, StepReport, TrainConfig};
+use crate::train::trainer::{EvalStrategy, RefTrainer, StepReport, TrainConfig};
 use crate::weights::Weights;
 
 /// Optional abilities of a subject, declared by its [`Factory`] before anything is built.

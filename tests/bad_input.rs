@@ -61,7 +61,7 @@ fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
 }
 
 fn load_model(dir: &Path) -> String {
-    match tunecheck::io::hf::load(dir, &Device::Cpu, None).and_then(|c| c.model().map(|_| ())) {
+    match tunecheck::loader::open(dir, &Device::Cpu, None).map(|_| ()) {
         Ok(()) => "loaded (expected an error)".into(),
         Err(e) => e.to_string().replace(&dir.display().to_string(), "<dir>"),
     }
@@ -264,13 +264,10 @@ fn every_class_of_bad_input_names_the_file_and_key() {
     });
     let msg = match tunecheck::io::peft::read(d.path()) {
         Err(e) => e.to_string(),
-        Ok(a) => {
-            let mut m = base.model().unwrap();
-            match tunecheck::io::peft::apply(&mut m, &a, None, d.path()) {
-                Ok(_) => "loaded (expected an error)".into(),
-                Err(e) => e.to_string(),
-            }
-        }
+        Ok(a) => match tunecheck::loader::checkpoint(&base, Some((&a, d.path()))) {
+            Ok(_) => "loaded (expected an error)".into(),
+            Err(e) => e.to_string(),
+        },
     };
     case("adapter: tensor shape wrong", msg.replace(&d.path().display().to_string(), "<dir>"));
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use rstest::rstest;
 use tunecheck::adapt::{Base, LoraConfig, LoraInit, QuantConfig};
 use tunecheck::io::{hf, peft, st::StFile};
+use tunecheck::loader;
 use tunecheck::props::{bitwise_equal, rel_l2};
 use tunecheck::quant::QuantType;
 use tunecheck::train::{RefTrainer, TrainConfig};
@@ -30,7 +31,7 @@ fn transformers_4bit_checkpoints_match_their_f32_path(#[case] name: &str, #[case
     assert_eq!((q.quant_type, q.double_quant, q.compute_dtype), (qt, dq, DType::F32));
     assert_eq!(ck.bases.len(), ck.spec.num_layers * 7, "every projection is 4-bit");
     assert!(ck.weights.contains_key("model.embed_tokens.weight") && !ck.weights.keys().any(|k| k.contains("proj")));
-    let model = ck.model().unwrap();
+    let model = loader::checkpoint(&ck, None).unwrap().model;
     let r = StFile::open(&dir.join("reference.safetensors")).unwrap();
     let got = model.forward(&r.load("input_ids").unwrap(), Mode::Eval).unwrap();
     let err = rel_l2(&got, &r.load("logits").unwrap()).unwrap();
@@ -55,7 +56,7 @@ fn own_4bit_checkpoints_round_trip_bitwise() {
         let ck = hf::load(dir.path(), &Device::Cpu, None).unwrap();
         assert_eq!(ck.quant, Some(cfg), "the 4-bit config travels with the checkpoint");
         let dense = hf::load(&src, &Device::Cpu, None).unwrap();
-        let expect = tunecheck::train::trainer::quantize_bases(&dense.spec, &dense.weights, &cfg).unwrap();
+        let expect = loader::quantize_bases(&dense.spec, &dense.weights, &cfg).unwrap();
         for (path, base) in &ck.bases {
             let (Base::Quant4(a), Base::Quant4(b)) = (base, &expect[path]) else { panic!("{path} not 4-bit") };
             assert_eq!(a.q, b.q, "{path}: quantized data differs after reload");
@@ -75,20 +76,14 @@ fn qlora_adapter_on_a_requantized_base_reproduces_the_trainer_bitwise() {
     peft::save(adir.path(), tr.model(), tr.lora(), tr.params(), tr.quant(), "llama_gqa").unwrap();
     let qdir = quantized_copy(&src, &cfg);
     let ck = hf::load(qdir.path(), &Device::Cpu, None).unwrap();
-    let mut model = ck.model().unwrap();
     let a = peft::read(adir.path()).unwrap();
-    peft::apply(&mut model, &a, ck.quant.as_ref(), adir.path()).unwrap();
+    let model = loader::checkpoint(&ck, Some((&a, adir.path()))).unwrap().model;
     let ids = Tensor::new(&[[1u32, 4, 9, 16, 25, 36, 49]], &Device::Cpu).unwrap();
     let want = tr.logits(&ids, Mode::Eval).unwrap();
     let got = model.forward(&ids, Mode::Eval).unwrap();
     assert!(bitwise_equal(&got, &want).unwrap(), "rel L2 {:.3e}", rel_l2(&got, &want).unwrap());
     // Reloading on the dense base, or with transformers' defaults, is refused.
-    let mut plain = dense_model(&dense);
-    assert!(peft::apply(&mut plain, &a, None, adir.path()).is_err());
-}
-
-fn dense_model(ck: &hf::Checkpoint) -> tunecheck::Transformer {
-    ck.model().unwrap()
+    assert!(loader::checkpoint(&dense, Some((&a, adir.path()))).is_err());
 }
 
 #[test]
@@ -185,7 +180,7 @@ fn our_4bit_serialisation_is_what_transformers_read() {
     let dir = root().join("fixtures/models/tunecheck_nf4_dq");
     let ck = hf::load(&dir, &Device::Cpu, None).unwrap();
     let r = StFile::open(&dir.join("reference.safetensors")).unwrap();
-    let got = ck.model().unwrap().forward(&r.load("input_ids").unwrap(), Mode::Eval).unwrap();
+    let got = loader::checkpoint(&ck, None).unwrap().model.forward(&r.load("input_ids").unwrap(), Mode::Eval).unwrap();
     let err = rel_l2(&got, &r.load("logits").unwrap()).unwrap();
     assert!(err <= 1e-5, "rel L2 {err:.3e}");
     let spec = tunecheck::io::config::read(&dir.join("config.json")).unwrap();

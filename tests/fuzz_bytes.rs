@@ -107,7 +107,7 @@ fn cfg() -> ProptestConfig {
 }
 
 fn load_model(dir: &Path) -> tunecheck::Result<()> {
-    tunecheck::io::hf::load(dir, &Device::Cpu, None)?.model().map(|_| ())
+    tunecheck::loader::open(dir, &Device::Cpu, None).map(|_| ())
 }
 
 proptest! {

@@ -213,7 +213,7 @@ fn qlora_base_in_every_dtype_is_the_dense_casts() {
         assert!(tunecheck::props::bitwise_equal(&ql.dequantized().unwrap(), &w).unwrap(), "{what}: weight");
         // Forward against an f32 product of the cast operands, rounded to the compute dtype.
         let x = Var::from_tensor(&xv).unwrap();
-        let y = ql.forward_in(x.as_tensor(), compute).unwrap();
+        let y = ql.forward(x.as_tensor()).unwrap();
         assert_eq!((y.dims(), y.dtype()), (&[3usize, 5, rows][..], DType::F32), "{what}");
         let wf = w.to_dtype(DType::F32).unwrap();
         let dense = through(x.as_tensor(), compute).broadcast_matmul(&wf.t().unwrap()).unwrap();

@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use rstest::rstest;
 use tunecheck::adapt::{LoraConfig, LoraInit, QuantConfig};
 use tunecheck::io::{hf, peft, st::StFile};
+use tunecheck::loader;
 use tunecheck::props::{bitwise_equal, rel_l2};
 use tunecheck::train::{RefTrainer, TrainConfig};
 use tunecheck::{Mode, Transformer};
@@ -36,11 +37,10 @@ fn root() -> PathBuf {
 fn python_peft_adapters_match(#[case] adapter: &str, #[case] base: &str) {
     let adir = root().join("fixtures/adapters").join(adapter);
     let ck = hf::load(&root().join("fixtures/models").join(base), &Device::Cpu, None).unwrap();
-    let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
     let a = peft::read(&adir).unwrap();
     let expect = if adapter == "tunecheck_written" { Some(None) } else { None };
     assert_eq!(a.base_quant, expect, "PEFT-made adapters record no quantization; ours record none-quantized");
-    peft::apply(&mut model, &a, None, &adir).unwrap();
+    let model = loader::checkpoint(&ck, Some((&a, &adir))).unwrap().model;
     let (ids, want) = peft_reference(&adir);
     let got = model.forward(&ids, Mode::Eval).unwrap().to_dtype(DType::F32).unwrap();
     let err = rel_l2(&got, &want).unwrap();
@@ -77,6 +77,15 @@ fn trained(quant: Option<QuantConfig>) -> (RefTrainer, hf::Checkpoint) {
     (tr, ck)
 }
 
+/// `ck`'s dense weights as a checkpoint quantized with `quant` (its projections quantized).
+fn with_quant(ck: &hf::Checkpoint, quant: Option<QuantConfig>) -> hf::Checkpoint {
+    let bases = match &quant {
+        Some(q) => loader::quantize_bases(&ck.spec, &ck.weights, q).unwrap(),
+        None => Default::default(),
+    };
+    hf::Checkpoint { spec: ck.spec.clone(), weights: ck.weights.clone(), quant, bases }
+}
+
 #[test]
 fn saved_adapter_reloads_bitwise() {
     for quant in [None, Some(QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() })] {
@@ -85,21 +94,9 @@ fn saved_adapter_reloads_bitwise() {
         peft::save(dir.path(), tr.model(), tr.lora(), tr.params(), tr.quant(), "fixtures/models/llama_gqa").unwrap();
         let a = peft::read(dir.path()).unwrap();
         assert_eq!(a.base_quant, Some(quant));
-        let mut model = {
-            // A fresh model of the same base (quantized the same way) with the adapter applied.
-            let bases = match &quant {
-                Some(q) => tunecheck::train::trainer::quantize_bases(&ck.spec, &ck.weights, q).unwrap(),
-                None => Default::default(),
-            };
-            let map = ck.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            Transformer::load_with_bases(
-                candle_nn::VarBuilder::from_tensors(map, ck.spec.dtype, &Device::Cpu),
-                &ck.spec,
-                &bases,
-            )
-            .unwrap()
-        };
-        let params = peft::apply(&mut model, &a, quant.as_ref(), dir.path()).unwrap();
+        // A fresh model of the same base (quantized the same way) with the adapter applied.
+        let loader::Loaded { model, params } =
+            loader::checkpoint(&with_quant(&ck, quant), Some((&a, dir.path()))).unwrap();
         for (name, v) in tr.params() {
             let (_, w) = params.iter().find(|(n, _)| n == name).unwrap();
             assert!(bitwise_equal(v.as_tensor(), w.as_tensor()).unwrap(), "{name}");
@@ -121,8 +118,7 @@ fn quantization_mismatch_on_reload_is_an_error() {
     for wrong in
         [None, Some(QuantConfig::transformers_defaults()), Some(QuantConfig { compute_dtype: DType::BF16, ..q })]
     {
-        let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
-        let e = peft::apply(&mut model, &a, wrong.as_ref(), dir.path()).unwrap_err().to_string();
+        let e = loader::checkpoint(&with_quant(&ck, wrong), Some((&a, dir.path()))).unwrap_err().to_string();
         assert!(e.contains("tunecheck_base_quantization") && e.contains("adapter_config.json"), "{e}");
     }
 }
@@ -196,8 +192,7 @@ fn bad_adapter_files_are_named() {
         std::fs::remove_file(dir.path().join(tunecheck::io::manifest::MANIFEST)).unwrap();
         break_it(dir.path());
         let ck = hf::load(&root().join("fixtures/models/llama_gqa"), &Device::Cpu, None).unwrap();
-        let mut model = Transformer::from_weights(&ck.spec, &ck.weights).unwrap();
-        let e = peft::read(dir.path()).and_then(|a| peft::apply(&mut model, &a, None, dir.path()).map(|_| ()));
+        let e = peft::read(dir.path()).and_then(|a| loader::checkpoint(&ck, Some((&a, dir.path()))).map(|_| ()));
         let msg = e.expect_err(name).to_string().replace(&dir.path().display().to_string(), "$DIR");
         report.push_str(&format!("{name}: {msg}\n"));
     }

@@ -11,6 +11,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use tunecheck::adapt::QuantConfig;
 use tunecheck::io::hf::{self, Lazy, Sharding};
+use tunecheck::loader::{self, Streamed};
 use tunecheck::props::bitwise_equal;
 use tunecheck::spec::{ArchSpec, Family};
 use tunecheck::Mode;
@@ -22,7 +23,7 @@ fn ids(spec: &ArchSpec) -> Tensor {
 
 fn streamed(dir: &Path, ids: &Tensor) -> Tensor {
     let lazy = Lazy::open(dir, None).unwrap();
-    lazy.shell(&Device::Cpu).unwrap().forward_streamed(ids, Mode::Eval, &mut |i| lazy.layer(i, &Device::Cpu)).unwrap()
+    Streamed::open(&lazy, &Device::Cpu, None).unwrap().forward(ids, Mode::Eval).unwrap()
 }
 
 #[test]
@@ -33,13 +34,13 @@ fn streamed_forward_is_the_whole_models_bitwise() {
             let spec = ArchSpec { dtype, ..ArchSpec::tiny(family) };
             let w = tunecheck::weights::generate(&spec, 3, &Device::Cpu).unwrap();
             hf::save(tmp.path(), &spec, &w, Sharding::MaxBytes(20_000)).unwrap();
-            let whole = hf::load(tmp.path(), &Device::Cpu, None).unwrap().model().unwrap();
+            let whole = loader::open(tmp.path(), &Device::Cpu, None).unwrap().model;
             let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
             assert!(bitwise_equal(&streamed(tmp.path(), &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?}");
             // A 4-bit checkpoint streams too.
             let q = tmp.path().join("q");
             tunecheck::io::quantize::quantize_dir(tmp.path(), &q, &QuantConfig::default()).unwrap();
-            let whole = hf::load(&q, &Device::Cpu, None).unwrap().model().unwrap();
+            let whole = loader::open(&q, &Device::Cpu, None).unwrap().model;
             let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
             assert!(bitwise_equal(&streamed(&q, &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?} 4-bit");
         }
@@ -49,8 +50,13 @@ fn streamed_forward_is_the_whole_models_bitwise() {
     let spec = ArchSpec::tiny(Family::Llama);
     hf::save(tmp.path(), &spec, &tunecheck::weights::generate(&spec, 3, &Device::Cpu).unwrap(), Sharding::Single)
         .unwrap();
-    let shell = Lazy::open(tmp.path(), None).unwrap().shell(&Device::Cpu).unwrap();
-    let e = shell.forward(&ids(&spec), Mode::Eval).unwrap_err().to_string();
+    let lazy = Lazy::open(tmp.path(), None).unwrap();
+    let e = Streamed::open(&lazy, &Device::Cpu, None)
+        .unwrap()
+        .shell()
+        .forward(&ids(&spec), Mode::Eval)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("decoder layer 0 is not loaded"), "{e}");
 }
 
@@ -76,8 +82,8 @@ fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
         }
         let x = ids(&spec);
         let (la, lb) = (
-            ca.model().unwrap().forward(&x, Mode::Eval).unwrap(),
-            cb.model().unwrap().forward(&x, Mode::Eval).unwrap(),
+            loader::checkpoint(&ca, None).unwrap().model.forward(&x, Mode::Eval).unwrap(),
+            loader::checkpoint(&cb, None).unwrap().model.forward(&x, Mode::Eval).unwrap(),
         );
         assert!(bitwise_equal(&la, &lb).unwrap(), "{family:?}: the streamed 4-bit model computes differently");
         let shards = std::fs::read_dir(&b)
@@ -186,20 +192,11 @@ fn adapters_apply_to_a_streamed_model_bitwise() {
     ] {
         let (adir, bdir) = (root.join("adapters").join(adapter), root.join("models").join(base));
         let a = tunecheck::io::peft::read(&adir).unwrap();
-        let mut whole = hf::load(&bdir, &Device::Cpu, None).unwrap().model().unwrap();
-        tunecheck::io::peft::apply(&mut whole, &a, None, &adir).unwrap();
+        let whole = loader::open(&bdir, &Device::Cpu, Some(&adir)).unwrap().model;
         let x = ids(whole.spec());
         let want = whole.forward(&x, Mode::Eval).unwrap();
         let lazy = Lazy::open(&bdir, None).unwrap();
-        let mut shell = lazy.shell(&Device::Cpu).unwrap();
-        let la = tunecheck::io::peft::stream_adapter(&mut shell, &a, None, &adir).unwrap();
-        let got = shell
-            .forward_streamed(&x, Mode::Eval, &mut |i| {
-                let mut l = lazy.layer(i, &Device::Cpu)?;
-                la.apply(i, &mut l)?;
-                Ok(l)
-            })
-            .unwrap();
+        let got = Streamed::open(&lazy, &Device::Cpu, Some((&a, &adir))).unwrap().forward(&x, Mode::Eval).unwrap();
         assert!(bitwise_equal(&got, &want).unwrap(), "{adapter}");
     }
 }

@@ -66,7 +66,7 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
                     minimal_cases.push_str(&format!(
                         "{}: {}\n    {}\n",
                         bug.name(),
-                        tunecheck::suite::summarize(minimal).unwrap_or_else(|| "(no setup)".into()),
+                        tunecheck::report::check::summarize(minimal).unwrap_or_else(|| "(no setup)".into()),
                         detail
                     ));
                 }

@@ -2,14 +2,11 @@
 //! term, `y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale`. Every op has a backward: gradients reach
 //! the input and A/B (and a dense base when it is trainable); a 4-bit base is a constant.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
-use rand_chacha::ChaCha8Rng;
 
+pub use crate::adapt::dropout::Ctx;
 use crate::adapt::qlora::Quant4Linear;
 use crate::error::Result;
-use crate::model::layers::dropout;
 
 /// The frozen (or fully trained) weight of a projection.
 #[derive(Debug, Clone)]
@@ -40,16 +37,6 @@ pub struct Linear {
     pub base: Base,
     /// The adapter, if any.
     pub lora: Option<LoraPart>,
-    /// Planted bug (mutants only): the 4-bit base runs in this dtype instead of its config's.
-    pub(crate) force_compute_dtype: Option<DType>,
-}
-
-/// Whether dropout is active, and the stream it draws from.
-pub struct Ctx<'a> {
-    /// Train mode.
-    pub train: bool,
-    /// The seeded dropout stream.
-    pub rng: &'a Mutex<ChaCha8Rng>,
 }
 
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -65,7 +52,7 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 impl Linear {
     /// A dense projection without adapter.
     pub fn dense(weight: Tensor) -> Self {
-        Linear { base: Base::Dense(weight), lora: None, force_compute_dtype: None }
+        Linear { base: Base::Dense(weight), lora: None }
     }
 
     /// `(out, in)` of the weight.
@@ -80,7 +67,7 @@ impl Linear {
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.base {
             Base::Dense(w) => matmul_t(x, &w.to_dtype(x.dtype())?)?,
-            Base::Quant4(q) => q.forward_in(x, self.force_compute_dtype.unwrap_or(q.compute_dtype))?,
+            Base::Quant4(q) => q.forward(x)?,
         })
     }
 
@@ -88,12 +75,7 @@ impl Linear {
     pub fn forward_ctx(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let y = self.base_forward(x)?;
         let Some(l) = &self.lora else { return Ok(y) };
-        let xin = if ctx.train && l.dropout > 0.0 {
-            let mut rng = ctx.rng.lock().unwrap_or_else(|e| e.into_inner());
-            dropout(x, l.dropout, &mut rng)?
-        } else {
-            x.clone()
-        };
+        let xin = ctx.dropout(x, l.dropout)?;
         let a = l.a.to_dtype(x.dtype())?;
         let b = l.b.to_dtype(x.dtype())?;
         let delta = (matmul_t(&matmul_t(&xin, &a)?, &b)? * l.scale)?;

@@ -75,17 +75,12 @@ impl Quant4Linear {
         Ok(self.packed.dequantize()?.to_dtype(self.compute_dtype)?)
     }
 
-    /// bitsandbytes' `Linear4bit` forward in `compute`: cast the input to the compute dtype,
-    /// multiply by the weight cast through the original and compute dtypes (accumulating in
-    /// f32), cast the product to the compute dtype and back to the input's. Differentiable in
-    /// `x`; the weight is a constant.
-    pub fn forward_in(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let op = if compute == self.compute_dtype {
-            self.packed.clone()
-        } else {
-            self.packed.with_rounding(Rounding::new(self.orig_dtype, compute)?)
-        };
-        let xc = x.to_dtype(compute)?.to_dtype(DType::F32)?;
-        Ok(op.forward(&xc)?.to_dtype(compute)?.to_dtype(x.dtype())?)
+    /// bitsandbytes' `Linear4bit` forward: cast the input to the compute dtype, multiply by
+    /// the weight cast through the original and compute dtypes (accumulating in f32), cast the
+    /// product to the compute dtype and back to the input's. Differentiable in `x`; the weight
+    /// is a constant.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xc = x.to_dtype(self.compute_dtype)?.to_dtype(DType::F32)?;
+        Ok(self.packed.forward(&xc)?.to_dtype(self.compute_dtype)?.to_dtype(x.dtype())?)
     }
 }

@@ -6,9 +6,8 @@
 use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
+use crate::data::batch::{Batch, IGNORE};
 use crate::data::tokenizer::Specials;
-use crate::train::trainer::Batch;
-use crate::train::IGNORE;
 use crate::weights::stream;
 
 /// The successor task over a tokenizer's words.

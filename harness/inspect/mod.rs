@@ -218,7 +218,7 @@ pub fn inspect(
     };
 
     // The probe forward: seeded ordinary ids, eval mode.
-    let probe = match probe(dir, device, &untrained, &vocab, read_adapter.as_ref(), adapter, quant.as_ref()) {
+    let probe = match probe(dir, device, &untrained, &vocab, read_adapter.as_ref(), adapter) {
         Ok(p) => {
             if !p.finite {
                 findings.push("the probe forward produced non-finite logits".into());
@@ -260,19 +260,18 @@ fn probe(
     vocab: &tokens::Vocab,
     adapter: Option<&crate::io::peft::Adapter>,
     adapter_dir: Option<&Path>,
-    quant: Option<&crate::adapt::QuantConfig>,
 ) -> Result<Probe> {
     use rand_core::{RngCore, SeedableRng};
     // The model is streamed from the memory map a decoder layer at a time (peak memory: the
     // embedding, the head and one layer), so a checkpoint larger than memory can be inspected;
     // an adapter goes on the shell and on each layer as it is loaded.
     let lazy = crate::io::hf::Lazy::open(dir, None)?;
-    let mut shell = lazy.shell(device)?;
-    let layer_adapter = match (adapter, adapter_dir) {
-        (Some(a), Some(d)) => Some(crate::io::peft::stream_adapter(&mut shell, a, quant, d)?),
+    let saved = match (adapter, adapter_dir) {
+        (Some(a), Some(d)) => Some((a, d)),
         _ => None,
     };
-    let spec = shell.spec().clone();
+    let streamed = crate::loader::Streamed::open(&lazy, device, saved)?;
+    let spec = streamed.spec().clone();
     let spec = &spec;
     let skip: std::collections::BTreeSet<u32> = untrained.iter().map(|u| u.id).collect();
     let ok: Vec<u32> = (0..spec.vocab_size as u32).filter(|i| !skip.contains(i) && !vocab.is_special(*i)).collect();
@@ -281,15 +280,7 @@ fn probe(
     let (b, t) = (4usize, 16usize);
     let ids: Vec<u32> = (0..b * t).map(|_| pool[(rng.next_u32() as usize) % pool.len()]).collect();
     let ids = Tensor::from_vec(ids, (b, t), device)?;
-    let logits = shell
-        .forward_streamed(&ids, crate::Mode::Eval, &mut |i| {
-            let mut layer = lazy.layer(i, device)?;
-            if let Some(a) = &layer_adapter {
-                a.apply(i, &mut layer)?;
-            }
-            Ok(layer)
-        })?
-        .to_dtype(DType::F32)?;
+    let logits = streamed.forward(&ids, crate::Mode::Eval)?.to_dtype(DType::F32)?;
     let flat = logits.flatten_all()?.to_vec1::<f32>()?;
     let finite = flat.iter().all(|v| v.is_finite());
     let arg = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
@@ -300,74 +291,4 @@ fn probe(
         distinct_argmax: distinct.len(),
         collapsed: distinct.len() == 1 && spec.vocab_size > 1 && arg.len() > 1,
     })
-}
-
-/// The report as text for a terminal.
-pub fn render(r: &Report) -> String {
-    let mut s = format!("checkpoint  {}\n", r.dir.display());
-    s.push_str(&format!(
-        "model       {} · {} parameters · dtype {} ({} on {})\n",
-        r.family,
-        r.parameters,
-        r.dtype,
-        if r.dtype_supported { "supported" } else { "NOT supported" },
-        r.device
-    ));
-    let dts: Vec<String> = r.tensors_by_dtype.iter().map(|(d, n)| format!("{n} {d}")).collect();
-    s.push_str(&format!("tensors     {}\n", dts.join(", ")));
-    s.push_str(&format!("4-bit       {}\n", r.quantization.as_ref().map_or("none".to_string(), |q| q.to_string())));
-    if let Some(a) = &r.adapter {
-        s.push_str(&format!(
-            "adapter     {} · base quantization {}: {}\n",
-            a.dir.display(),
-            a.base_quantization,
-            a.detail
-        ));
-    }
-    if r.untrained.is_empty() {
-        s.push_str("untrained   none\n");
-    } else {
-        s.push_str(&format!(
-            "untrained   {} rows{}\n",
-            r.untrained.len(),
-            if r.tokenizer { "" } else { " (no tokenizer.json: ids only)" }
-        ));
-        for u in &r.untrained {
-            let mut flags = Vec::new();
-            if u.special {
-                flags.push("special");
-            }
-            if u.in_chat_template {
-                flags.push("chat template");
-            }
-            s.push_str(&format!(
-                "  {:>7}  {:<32} {:<24} {}\n",
-                u.id,
-                u.token.as_deref().unwrap_or("?"),
-                flags.join(", "),
-                u.tensors.join(", ")
-            ));
-        }
-    }
-    for n in &r.non_finite {
-        s.push_str(&format!("non-finite  {}: {} NaN, {} Inf\n", n.tensor, n.nan, n.inf));
-    }
-    if let Some(p) = &r.probe {
-        s.push_str(&format!(
-            "probe       {} positions · logits {} · {} distinct argmax ids{}\n",
-            p.positions,
-            if p.finite { "finite" } else { "NOT finite" },
-            p.distinct_argmax,
-            if p.collapsed { " (COLLAPSED)" } else { "" }
-        ));
-    }
-    if r.findings.is_empty() {
-        s.push_str("\nclean\n");
-    } else {
-        s.push_str(&format!("\n{} finding(s):\n", r.findings.len()));
-        for f in &r.findings {
-            s.push_str(&format!("  - {f}\n"));
-        }
-    }
-    s
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use serde_json::json;
 
+use crate::adapt::inject::Bases;
 use crate::adapt::linear::Base;
 use crate::adapt::lora::PROJECTIONS;
 use crate::adapt::qlora::QuantConfig;
@@ -20,12 +21,9 @@ use crate::io::atomic::{save_dir, Staged};
 use crate::io::layout::{layout, open_all, Layout};
 pub use crate::io::layout::{owns, Opened, CONFIG, INDEX, SINGLE};
 use crate::io::st::{host, stage_tensors};
-use crate::model::transformer::Bases;
-use crate::model::Transformer;
 use crate::spec::tensor_shapes;
 use crate::spec::ArchSpec;
 use crate::weights::Weights;
-use candle_nn::VarBuilder;
 
 /// A checkpoint loaded from disk.
 pub struct Checkpoint {
@@ -38,15 +36,6 @@ pub struct Checkpoint {
     pub quant: Option<QuantConfig>,
     /// The 4-bit projections by module path (empty when not quantized).
     pub bases: Bases,
-}
-
-impl Checkpoint {
-    /// Build the model (4-bit projections included).
-    pub fn model(&self) -> Result<Transformer> {
-        let device = self.weights.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-        let map = self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Transformer::load_with_bases(VarBuilder::from_tensors(map, self.spec.dtype, &device), &self.spec, &self.bases)
-    }
 }
 
 /// A checkpoint directory opened without loading its tensors: the config, the 4-bit
@@ -171,22 +160,6 @@ impl Lazy {
         if let Ok(st) = self.opened.file_of(key, &self.layout.listing) {
             st.release(key);
         }
-    }
-
-    /// The transformer without its decoder layers (embedding, final norm, head), for
-    /// [`Transformer::forward_streamed`] with [`Lazy::layer`].
-    pub fn shell(&self, device: &Device) -> Result<Transformer> {
-        let (weights, bases) = self.load_where(device, |k| !k.starts_with("model.layers."))?;
-        let map = weights.into_iter().collect();
-        Transformer::load_shell(VarBuilder::from_tensors(map, self.spec.dtype, device), &self.spec, &bases)
-    }
-
-    /// Decoder layer `i`, loaded on its own.
-    pub fn layer(&self, i: usize, device: &Device) -> Result<crate::model::transformer::Layer> {
-        let prefix = format!("model.layers.{i}.");
-        let (weights, bases) = self.load_where(device, |k| k.starts_with(&prefix))?;
-        let map = weights.into_iter().collect();
-        Transformer::load_layer(&VarBuilder::from_tensors(map, self.spec.dtype, device), &self.spec, i, &bases)
     }
 }
 

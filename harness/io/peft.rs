@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::adapt::attach::{attach, load_values, Params};
+use crate::adapt::inject::Params;
 use crate::adapt::lora::{LoraConfig, LoraInit};
 use crate::adapt::qlora::QuantConfig;
 use crate::error::{Error, Result};
@@ -237,140 +237,6 @@ impl SavedBase {
             }
         }
         Ok(v)
-    }
-}
-
-/// Put the adapter's saved base weights into `model` (see [`SavedBase`]).
-fn apply_saved_base(model: &mut Transformer, saved: SavedBase, dir: &Path) -> Result<()> {
-    if saved.is_empty() {
-        return Ok(());
-    }
-    saved.vocab(model.spec(), dir)?;
-    let (dtype, device) = (model.spec().dtype, model.device().clone());
-    let cast = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&device)?) };
-    let embed = match saved.embed {
-        Some((_, t)) => cast(t)?,
-        None => model.embed().clone(),
-    };
-    let head = saved.head.map(|(_, t)| cast(t)).transpose()?;
-    model.set_vocab(embed, head).map_err(|e| Error::file(&dir.join(WEIGHTS), e.to_string()))
-}
-
-/// What [`apply`] and [`stream_adapter`] share: check the recorded base quantization, put
-/// the base weights saved with the adapter into `model`, and return the adapter's own values.
-fn base_part(
-    model: &mut Transformer,
-    adapter: &Adapter,
-    base_quant: Option<&QuantConfig>,
-    dir: &Path,
-) -> Result<BTreeMap<String, Tensor>> {
-    check_base_quant(adapter, base_quant, dir)?;
-    let mut values = adapter.tensors.clone();
-    let saved = take_saved_base(&mut values, &adapter.lora);
-    apply_saved_base(model, saved, dir)?;
-    Ok(values)
-}
-
-/// Attach a read adapter to `model` (whose base has quantization `base_quant`), loading
-/// its values; returns the parameters (f32, trainable for further fine-tuning). Base
-/// weights saved with the adapter replace the model's first, resizing its vocabulary when
-/// they do.
-pub fn apply(
-    model: &mut Transformer,
-    adapter: &Adapter,
-    base_quant: Option<&QuantConfig>,
-    dir: &Path,
-) -> Result<Params> {
-    let values = base_part(model, adapter, base_quant, dir)?;
-    let params = attach(model, &adapter.lora, 0, candle_core::DType::F32)?;
-    load_values(&params, &values, &dir.join(WEIGHTS).display().to_string())?;
-    Ok(params)
-}
-
-/// An adapter applied to a model that is streamed a decoder layer at a time (inference
-/// only): [`stream_adapter`] puts the non-layer parts on the shell, [`LayerAdapter::apply`]
-/// the LoRA pairs on each layer as it is loaded.
-pub struct LayerAdapter {
-    values: BTreeMap<String, Tensor>,
-    lora: LoraConfig,
-}
-
-/// Apply `adapter` to the shell of a streamed model (saved base weights, embedding LoRA,
-/// `modules_to_save`, LoRA on the head) and return what the layers need. Every adapter
-/// tensor must belong to a layer or the shell, with the shapes the model has.
-pub fn stream_adapter(
-    shell: &mut Transformer,
-    adapter: &Adapter,
-    base_quant: Option<&QuantConfig>,
-    dir: &Path,
-) -> Result<LayerAdapter> {
-    let values = base_part(shell, adapter, base_quant, dir)?;
-    let (layers, top): (BTreeMap<_, _>, BTreeMap<_, _>) =
-        values.into_iter().partition(|(k, _)| k.starts_with("model.layers."));
-    let params = attach(shell, &adapter.lora, 0, candle_core::DType::F32)?;
-    load_values(&params, &top, &dir.join(WEIGHTS).display().to_string())?;
-    let spec = shell.spec().clone();
-    let file = dir.join(WEIGHTS);
-    let mut expected = std::collections::BTreeSet::new();
-    for i in 0..spec.num_layers {
-        for (p, leaf) in LAYER_PROJECTIONS {
-            if adapter.lora.targets(leaf) {
-                for ab in ["lora_A", "lora_B"] {
-                    expected.insert(format!("model.layers.{i}.{p}.{ab}.weight"));
-                }
-            }
-        }
-    }
-    if let Some(k) = expected.iter().find(|k| !layers.contains_key(*k)) {
-        return Err(Error::tensor(&file, format!("{PREFIX}{k}"), "is missing"));
-    }
-    if let Some(k) = layers.keys().find(|k| !expected.contains(*k)) {
-        return Err(Error::tensor(&file, format!("{PREFIX}{k}"), "does not belong to this adapter"));
-    }
-    let device = shell.device().clone();
-    let values = layers
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F32)?.to_device(&device)?)))
-        .collect::<Result<_>>()?;
-    Ok(LayerAdapter { values, lora: adapter.lora.clone() })
-}
-
-/// Projection paths inside a decoder layer and their PEFT target names.
-const LAYER_PROJECTIONS: [(&str, &str); 7] = [
-    ("self_attn.q_proj", "q_proj"),
-    ("self_attn.k_proj", "k_proj"),
-    ("self_attn.v_proj", "v_proj"),
-    ("self_attn.o_proj", "o_proj"),
-    ("mlp.gate_proj", "gate_proj"),
-    ("mlp.up_proj", "up_proj"),
-    ("mlp.down_proj", "down_proj"),
-];
-
-impl LayerAdapter {
-    /// Put layer `i`'s LoRA pairs on `layer`, checking their shapes against it.
-    pub fn apply(&self, i: usize, layer: &mut crate::model::transformer::Layer) -> Result<()> {
-        for (p, lin) in layer.linears_mut() {
-            let leaf = p.rsplit('.').next().unwrap_or(p);
-            if !self.lora.targets(leaf) {
-                continue;
-            }
-            let key = |ab: &str| format!("model.layers.{i}.{p}.{ab}.weight");
-            let (a, b) = (&self.values[&key("lora_A")], &self.values[&key("lora_B")]);
-            let (out, inp) = lin.dims();
-            let want = [[self.lora.r, inp], [out, self.lora.r]];
-            for (t, w, ab) in [(a, want[0], "lora_A"), (b, want[1], "lora_B")] {
-                if t.dims() != w {
-                    return Err(Error::Msg(format!("tensor `{}` has shape {:?}, expected {w:?}", key(ab), t.dims())));
-                }
-            }
-            lin.lora = Some(crate::adapt::linear::LoraPart {
-                a: a.clone(),
-                b: b.clone(),
-                scale: self.lora.scale(),
-                dropout: self.lora.dropout,
-            });
-        }
-        Ok(())
     }
 }
 

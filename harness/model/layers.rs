@@ -6,8 +6,6 @@
 //! scaled before soft-capping, soft-capping before the mask, softmax in f32.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use rand_chacha::ChaCha8Rng;
-use rand_core::RngCore;
 
 use crate::error::Result;
 use crate::spec::Rope;
@@ -32,6 +30,18 @@ impl RmsNorm {
     /// A norm with `weight`, `eps` and the Gemma `(1 + w)` convention when `one_plus`.
     pub fn new(weight: Tensor, eps: f64, one_plus: bool) -> Self {
         RmsNorm { weight, eps, one_plus, fused: false, no_eps: false, variance_in_input_dtype: false }
+    }
+
+    /// The norm `name` (`{name}.weight`, `[n]`) under `vb`, in the family's convention.
+    pub fn load(vb: &candle_nn::VarBuilder, n: usize, name: &str, spec: &crate::spec::ArchSpec) -> Result<Self> {
+        Ok(RmsNorm::new(vb.get(n, &format!("{name}.weight"))?, spec.rms_norm_eps, spec.family.is_gemma()))
+    }
+
+    /// Plant (or clear) the norm bugs of [`crate::model::Faults`] (mutants only).
+    pub(crate) fn plant(&mut self, fused: bool, no_eps: bool, variance_in_input_dtype: bool) {
+        self.fused = fused;
+        self.no_eps = no_eps;
+        self.variance_in_input_dtype = variance_in_input_dtype;
     }
 
     /// The same norm in the other family's convention (a planted bug for mutants).
@@ -140,20 +150,6 @@ pub fn mask_with_lookahead(
         }
     }
     Ok(Tensor::from_vec(m, (q, kv), device)?)
-}
-
-/// Inverted dropout with a mask drawn on the host from `rng` (seeded, so reproducible).
-pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let n = x.elem_count();
-    let keep = 1.0 - p;
-    let threshold = (keep * (u32::MAX as f64)) as u32;
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..n).map(|_| if rng.next_u32() < threshold { scale } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
 }
 
 /// Repeat each of `kv` heads `n_rep` times along dim 1: `[b, kv, s, d]` → `[b, kv·n_rep, s, d]`.

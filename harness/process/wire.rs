@@ -154,10 +154,14 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
     // The initial adapter: tunecheck's seeded LoRA factors, and full copies of the base's
     // `modules_to_save` tensors as they are (untrained rows included: fixing them is the
     // trainer's job).
-    let map = setup.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let vb = candle_nn::VarBuilder::from_tensors(map, setup.spec.dtype, &Device::Cpu);
-    let mut model = crate::model::Transformer::load(vb, &setup.spec)?;
-    let params = crate::adapt::attach::attach(&mut model, &setup.lora, setup.adapter_seed, DType::F32)?;
+    let host_weights = setup
+        .weights
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<Result<crate::weights::Weights>>()?;
+    let values = crate::adapt::LoraValues::Seeded { seed: setup.adapter_seed, master: DType::F32 };
+    let inject = crate::adapt::Inject::none().with_lora(setup.lora.clone(), values);
+    let crate::loader::Loaded { model, params } = crate::loader::build(&setup.spec, &host_weights, inject)?;
     crate::io::peft::save(&dir.join("adapter"), &model, &setup.lora, &params, setup.quant.as_ref(), "base")?;
     let train = json!({
         "protocol": VERSION,

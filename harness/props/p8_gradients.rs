@@ -68,7 +68,7 @@ pub fn oracle_gradients(
     let oracle = crate::subject::reference(&s, &Device::Cpu)?;
     let host: BTreeMap<String, Tensor> =
         values.iter().map(|(n, v)| Ok((n.clone(), v.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
-    crate::adapt::attach::load_values(oracle.params(), &host, "the subject's trainable tensors")?;
+    crate::adapt::inject::load_values(oracle.params(), &host, "the subject's trainable tensors")?;
     Ok(oracle.gradients(batch, crate::model::Mode::Train)?.0)
 }
 

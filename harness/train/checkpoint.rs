@@ -152,7 +152,7 @@ fn restore_values(
     tensors: &BTreeMap<String, candle_core::Tensor>,
     f: &Fields,
 ) -> Result<()> {
-    crate::adapt::attach::load_values(tr.params(), tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
+    crate::adapt::inject::load_values(tr.params(), tensors, &dir.join(peft::WEIGHTS).display().to_string())?;
     let (opt_step, schedule_step, epoch) = (f.usize("optimizer_step")?, f.usize("schedule_step")?, f.usize("epoch")?);
     let opt_path = dir.join(OPTIMIZER);
     let opt = StFile::open(&opt_path)?;
@@ -284,7 +284,7 @@ impl RefTrainer {
         }
         let tr = RefTrainer::new(&spec, &weights, &adapter.lora, quant, cfg, 0)?;
         let file = adapter_dir.join(peft::WEIGHTS);
-        crate::adapt::attach::load_values(tr.params(), &values, &file.display().to_string())?;
+        crate::adapt::inject::load_values(tr.params(), &values, &file.display().to_string())?;
         Ok(tr)
     }
 }

@@ -6,8 +6,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 
-/// The label value that masks a position out of the loss (PyTorch's `ignore_index`).
-pub const IGNORE: i64 = -100;
+pub use crate::data::batch::{count_tokens, IGNORE};
 
 /// Sum of token losses and the number of tokens in it.
 #[derive(Debug, Clone)]
@@ -16,11 +15,6 @@ pub struct LossSum {
     pub sum: Tensor,
     /// Number of unmasked positions.
     pub tokens: usize,
-}
-
-/// Count the positions of `labels` (`[batch][seq]`) that enter the loss after the shift.
-pub fn count_tokens(labels: &[Vec<i64>]) -> usize {
-    labels.iter().map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum()
 }
 
 /// Loss of `logits` `[b, s, vocab]` against `labels` (`[b][s]`, unshifted, −100 masked).

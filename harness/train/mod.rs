@@ -7,5 +7,6 @@ pub mod optim;
 pub mod trainer;
 pub mod untrained;
 
-pub use loss::{causal_lm_loss, IGNORE};
-pub use trainer::{Batch, EvalStrategy, History, RefTrainer, StepReport, TrainConfig};
+pub use crate::data::batch::{Batch, IGNORE};
+pub use loss::causal_lm_loss;
+pub use trainer::{EvalStrategy, History, RefTrainer, StepReport, TrainConfig};

@@ -5,91 +5,20 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Tensor};
 
-use crate::adapt::attach::{attach, Params};
+use crate::adapt::inject::{Bases, Inject, LoraValues, Params};
 use crate::adapt::linear::Base;
-use crate::adapt::lora::{LoraConfig, PROJECTIONS};
-use crate::adapt::qlora::{Quant4Linear, QuantConfig};
+use crate::adapt::lora::LoraConfig;
+use crate::adapt::qlora::QuantConfig;
+use crate::data::batch::{Batch, IGNORE};
 use crate::error::{Error, Result};
-use crate::model::transformer::Bases;
 use crate::model::{Mode, Transformer};
 use crate::spec::ArchSpec;
-use crate::train::loss::{causal_lm_loss, count_tokens, IGNORE};
+use crate::train::loss::causal_lm_loss;
 use crate::train::optim::{clip, AdamW, AdamWConfig, Schedule};
 use crate::train::untrained::{self, UntrainedPolicy};
 use crate::weights::Weights;
-
-/// A micro-batch: token ids and labels (`-100` masks a position), `[batch][seq]`, and which
-/// positions attention may read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    /// Token ids.
-    pub ids: Vec<Vec<u32>>,
-    /// Labels, unshifted (position t's label is token t; the loss shifts).
-    pub labels: Vec<Vec<i64>>,
-    /// transformers' `attention_mask` (1 = a real token, 0 = padding no position may attend
-    /// to); `None` means all ones. Right padding needs none (causal attention keeps padding
-    /// after a sequence invisible to it); left padding does. Rope positions stay `0..seq` for
-    /// every row, as transformers computes them when training.
-    pub attention_mask: Option<Vec<Vec<u8>>>,
-}
-
-impl Batch {
-    /// Left-pad `seqs` with `pad` to the longest: padded positions get label −100 and
-    /// attention mask 0.
-    pub fn left_padded(seqs: &[Vec<u32>], pad: u32) -> Self {
-        let s = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let fill = |q: &Vec<u32>| s - q.len();
-        let ids = seqs.iter().map(|q| std::iter::repeat_n(pad, fill(q)).chain(q.iter().copied()).collect()).collect();
-        let labels = seqs
-            .iter()
-            .map(|q| std::iter::repeat_n(IGNORE, fill(q)).chain(q.iter().map(|&t| t as i64)).collect())
-            .collect();
-        let mask =
-            seqs.iter().map(|q| std::iter::repeat_n(0u8, fill(q)).chain(q.iter().map(|_| 1)).collect()).collect();
-        Batch { ids, labels, attention_mask: Some(mask) }
-    }
-
-    /// The attention mask as an f32 `[batch, seq]` tensor on `device`, or `None` (all ones);
-    /// a mask whose shape differs from the ids' is an error.
-    pub fn mask_tensor(&self, device: &Device) -> Result<Option<Tensor>> {
-        let Some(m) = &self.attention_mask else { return Ok(None) };
-        let (b, s) = (self.ids.len(), self.ids.first().map_or(0, Vec::len));
-        if m.len() != b || m.iter().any(|r| r.len() != s) {
-            return Err(Error::Msg(format!("attention_mask is not [{b}, {s}] like input_ids")));
-        }
-        if m.iter().flatten().all(|&x| x == 1) {
-            return Ok(None);
-        }
-        let v: Vec<f32> = m.iter().flatten().map(|&x| f32::from(x != 0)).collect();
-        Ok(Some(Tensor::from_vec(v, (b, s), device)?))
-    }
-
-    /// Right-pad `seqs` with `pad` to the longest; padded positions get label −100.
-    pub fn from_sequences(seqs: &[Vec<u32>], pad: u32) -> Self {
-        let s = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let ids = seqs.iter().map(|q| q.iter().copied().chain(std::iter::repeat(pad)).take(s).collect()).collect();
-        let labels = seqs
-            .iter()
-            .map(|q| q.iter().map(|&t| t as i64).chain(std::iter::repeat(IGNORE)).take(s).collect())
-            .collect();
-        Batch { ids, labels, attention_mask: None }
-    }
-
-    /// Positions that enter the loss.
-    pub fn tokens(&self) -> usize {
-        count_tokens(&self.labels)
-    }
-
-    /// The ids as a `[batch, seq]` u32 tensor on `device`.
-    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
-        let b = self.ids.len();
-        let s = self.ids.first().map_or(0, Vec::len);
-        Ok(Tensor::from_vec(self.ids.iter().flatten().copied().collect::<Vec<_>>(), (b, s), device)?)
-    }
-}
 
 /// When to evaluate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,22 +146,6 @@ pub struct RefTrainer {
     faults: TrainFaults,
 }
 
-/// Quantize every projection of `weights` (not embeddings, norms or lm_head, as transformers).
-pub fn quantize_bases(spec: &ArchSpec, weights: &Weights, q: &QuantConfig) -> Result<Bases> {
-    let mut bases = Bases::new();
-    for (name, t) in weights {
-        let Some(path) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        let leaf = path.rsplit('.').next().unwrap_or(path);
-        if PROJECTIONS.contains(&leaf) {
-            bases.insert(path.to_string(), Base::Quant4(Box::new(Quant4Linear::quantize(t, q)?)));
-        }
-    }
-    debug_assert_eq!(bases.len(), spec.num_layers * 7);
-    Ok(bases)
-}
-
 impl RefTrainer {
     /// Build a trainer from a spec and base weights (on their device), with adapter `lora`
     /// (seeded by `adapter_seed`), optionally a 4-bit base, and `cfg`.
@@ -277,16 +190,17 @@ impl RefTrainer {
         } else {
             found
         };
-        let device =
-            weights.values().next().map(|t| t.device().clone()).ok_or_else(|| Error::Msg("no weights".into()))?;
+        if weights.is_empty() {
+            return Err(Error::Msg("no weights".into()));
+        }
         let bases = match &quant {
-            Some(q) => quantize_bases(spec, &weights, q)?,
+            Some(q) => crate::loader::quantize_bases(spec, &weights, q)?,
             None => Bases::new(),
         };
-        let map = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut model = Transformer::load_with_bases(VarBuilder::from_tensors(map, spec.dtype, &device), spec, &bases)?;
+        let values = LoraValues::Seeded { seed: adapter_seed, master: cfg.master_dtype };
+        let inject = Inject::none().with_bases(bases).with_lora(lora.clone(), values);
+        let crate::loader::Loaded { model, params } = crate::loader::build(spec, &weights, inject)?;
         model.set_dropout_seed(cfg.seed);
-        let params = attach(&mut model, lora, adapter_seed, cfg.master_dtype)?;
         Ok(RefTrainer {
             spec: spec.clone(),
             base,

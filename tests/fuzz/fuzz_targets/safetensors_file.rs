@@ -11,6 +11,6 @@ fuzz_target!(|data: &[u8]| {
     let dir = DIR.get_or_init(|| common::scratch(Some("models/llama_gqa")));
     std::fs::write(dir.join("model.safetensors"), data).expect("write");
     if let Ok(ck) = tunecheck::io::hf::load(dir, &candle_core::Device::Cpu, None) {
-        let _ = ck.model();
+        let _ = tunecheck::loader::checkpoint(&ck, None);
     }
 });
