@@ -219,3 +219,39 @@ fn a_head_multiplied_in_row_chunks_is_bitwise_the_whole_product() {
         assert!(bitwise_equal(&chunked, &whole).unwrap(), "{rows} rows at a time");
     }
 }
+
+/// A streamed model checks a saved adapter as the whole model does: a tensor for a layer the
+/// model does not have, a missing layer tensor and a wrongly shaped one are errors naming the
+/// adapter's weights file and the tensor.
+#[test]
+fn a_bad_adapter_on_a_streamed_model_is_named() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let (adir, bdir) = (root.join("adapters/llama_rslora_embed_head"), root.join("models/llama_gqa"));
+    let good = tunecheck::io::peft::read(&adir).unwrap();
+    let lazy = Lazy::open(&bdir, None).unwrap();
+    let x = ids(&lazy.spec);
+    let q0 = "model.layers.0.self_attn.q_proj.lora_A.weight";
+    let run = |a: &tunecheck::io::peft::Adapter| {
+        Streamed::open(&lazy, &Device::Cpu, Some((a, &adir)))
+            .and_then(|s| s.forward(&x, Mode::Eval))
+            .unwrap_err()
+            .to_string()
+    };
+    let mut extra = good.clone();
+    let t = extra.tensors[q0].clone();
+    extra.tensors.insert("model.layers.99.self_attn.q_proj.lora_A.weight".into(), t);
+    let e = run(&extra);
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("model.layers.99.") && e.contains("does not belong"),
+        "{e}"
+    );
+    let mut missing = good.clone();
+    missing.tensors.remove(q0);
+    let e = run(&missing);
+    assert!(e.contains("adapter_model.safetensors") && e.contains(q0) && e.contains("is missing"), "{e}");
+    let mut shape = good.clone();
+    let t = shape.tensors[q0].narrow(1, 0, 3).unwrap();
+    shape.tensors.insert(q0.into(), t);
+    let e = run(&shape);
+    assert!(e.contains(q0) && e.contains("has shape"), "{e}");
+}
