@@ -80,11 +80,6 @@ impl Inject {
         self
     }
 
-    /// The adapter configuration, if any.
-    pub fn lora(&self) -> Option<&LoraConfig> {
-        self.lora.as_ref().map(|(c, _)| c)
-    }
-
     /// Check the adapter against the architecture before anything is loaded.
     pub fn check(&self, spec: &ArchSpec) -> Result<()> {
         let Some((cfg, _)) = &self.lora else { return Ok(()) };

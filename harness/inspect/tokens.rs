@@ -67,11 +67,6 @@ impl Vocab {
         self.tokenizer.is_some()
     }
 
-    /// Whether a chat template was found.
-    pub fn has_template(&self) -> bool {
-        self.template.is_some()
-    }
-
     /// The token string of `id`.
     pub fn token(&self, id: u32) -> Option<String> {
         self.tokenizer.as_ref().and_then(|t| t.id_to_token(id))

@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
@@ -194,11 +194,6 @@ impl Transformer {
     /// The output head `[vocab, hidden]` (the embedding when tied).
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head
-    }
-
-    /// The embedding LoRA, if any.
-    pub fn embed_lora(&self) -> Option<&EmbedLora> {
-        self.embed_lora.as_ref()
     }
 
     /// The spec the model was built from.
@@ -411,9 +406,4 @@ impl<'a> Positions<'a> {
         };
         Ok((mask, cos, sin))
     }
-}
-
-/// Argmax over the last dimension of logits `[.., vocab]`, as u32.
-pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
-    Ok(logits.to_dtype(DType::F32)?.argmax(D::Minus1)?)
 }
