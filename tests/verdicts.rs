@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use candle_core::Device;
-use tunecheck::props::catalogue::{by_id, markdown_table, Property, CATALOGUE, STAMPED_NAMES};
+use tunecheck::props::catalogue::{by_id, Property, CATALOGUE, STAMPED_NAMES};
 use tunecheck::props::runner::{run, FailReason, PropConfig, Verdict};
+use tunecheck::report::readme::property_table;
 use tunecheck::subject::{reference, Capabilities, Factory, Setup, Trainer};
 
 /// The reference, declaring fewer capabilities.
@@ -149,7 +150,7 @@ fn readme_property_table_is_the_catalogue() {
     let (start, end) = ("<!-- catalogue:start -->\n", "<!-- catalogue:end -->");
     let a = readme.find(start).expect("README has the catalogue start marker") + start.len();
     let b = readme.find(end).expect("README has the catalogue end marker");
-    let want = markdown_table();
+    let want = property_table();
     if std::env::var("TUNECHECK_BLESS_README").is_ok_and(|v| v == "1") && readme[a..b] != want {
         let updated = format!("{}{want}{}", &readme[..a], &readme[b..]);
         std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"), updated).unwrap();

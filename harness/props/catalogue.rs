@@ -2,7 +2,8 @@
 //! invariant and its tolerances in words, the adapter kinds, dtypes and capabilities it needs,
 //! and the check). Everything else comes from here: `conformance!` stamps one test per entry
 //! (through [`for_each_property!`](crate::for_each_property)), `tunecheck check` runs every entry, the mutant
-//! matrix names entries, and the README's property table is [`markdown_table`] (a test keeps
+//! matrix names entries, and the README's property table is rendered from it by
+//! [`crate::report::readme::property_table`] (a test keeps
 //! it in sync). A new property is one file with its `PROPERTY` constant plus one line in
 //! `for_each_property!`.
 
@@ -67,39 +68,6 @@ pub fn subject_word(p: &Property) -> &'static str {
         Body::Kernels(_) => "tunecheck's 4-bit kernels",
         Body::Forward(_) => "tunecheck's model, per family",
     }
-}
-
-/// The README's property table (the README holds it between markers; a test compares).
-pub fn markdown_table() -> String {
-    let mut s = String::from(
-        "| id | test (`conformance!`) | invariant | tolerance (why) | kinds · dtypes | mutants it must catch |\n\
-         |----|------|-----------|-----------------|----------------|-----------------------|\n",
-    );
-    for p in CATALOGUE {
-        let kinds = if p.kinds.is_empty() {
-            subject_word(p).to_string()
-        } else {
-            p.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
-        };
-        let dtypes = p.dtypes.iter().map(|&d| crate::spec::short_dtype_name(d)).collect::<Vec<_>>().join("/");
-        let mutants = crate::mutants::catalogue()
-            .iter()
-            .filter(|m| m.caught_by == p.id)
-            .map(|m| format!("`{}`", m.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        s.push_str(&format!(
-            "| {} | `{}` | {} | {} | {} · {} | {} |\n",
-            p.id,
-            p.test_name,
-            p.invariant,
-            p.tolerance,
-            kinds,
-            if dtypes.is_empty() { "—".into() } else { dtypes },
-            if mutants.is_empty() { "— (needs a GPU)".to_string() } else { mutants }
-        ));
-    }
-    s
 }
 
 /// The body of one `conformance!` test: run `p` against `factory` on the named device
