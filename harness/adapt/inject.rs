@@ -96,7 +96,7 @@ impl Inject {
     /// The base of the projection `name` under `vb`: the ready base at its path, or the dense
     /// `[out, inp]` weight from `vb`.
     pub fn base(&self, vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
-        let path = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+        let path = module_path(vb, name);
         match self.bases.get(&path) {
             Some(base) => {
                 let l = Linear { base: base.clone(), lora: None };
@@ -112,7 +112,7 @@ impl Inject {
     /// [`Inject::base`] with the LoRA pair put on when the adapter targets it.
     pub fn projection(&mut self, vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
         let mut l = self.base(vb, out, inp, name)?;
-        let path = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+        let path = module_path(vb, name);
         self.adapt(&path, &mut l)?;
         Ok(l)
     }
@@ -218,6 +218,16 @@ impl Inject {
             }
         }
         Ok(self.params)
+    }
+}
+
+/// The module path of `name` under `vb` (`model.layers.0.self_attn.q_proj`, or `lm_head` at
+/// the root).
+fn module_path(vb: &VarBuilder, name: &str) -> String {
+    if vb.prefix().is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", vb.prefix())
     }
 }
 
