@@ -3,6 +3,9 @@
 //! A test that needs a GPU calls [`cuda_or_skip`]: without a usable CUDA device it prints
 //! why it was skipped and returns `None`, unless `TUNECHECK_REQUIRE_CUDA=1` is set, in which
 //! case the skip is a failure (for GPU CI, where a missing device is a broken runner).
+//!
+//! It also pins candle's CPU thread count once per process ([`pin_thread_count`]), which every
+//! forward pass and property run does before computing.
 
 use candle_core::Device;
 
@@ -21,15 +24,27 @@ pub fn cuda() -> Result<Device, String> {
 
 /// True when `TUNECHECK_REQUIRE_CUDA` is set to something other than `0` or empty.
 pub fn cuda_required() -> bool {
-    std::env::var(REQUIRE_CUDA_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+    required_by(std::env::var(REQUIRE_CUDA_ENV).ok().as_deref())
+}
+
+/// Whether a value of [`REQUIRE_CUDA_ENV`] (`None` when unset) demands a GPU: anything but
+/// unset, empty or `0`.
+pub fn required_by(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The CUDA device for a test named `what`; `None` (with a printed skip) when there is none,
 /// or a panic when [`REQUIRE_CUDA_ENV`] demands one.
 pub fn cuda_or_skip(what: &str) -> Option<Device> {
-    match cuda() {
+    skip_or_fail(what, cuda(), cuda_required())
+}
+
+/// The skip/require policy on an already-probed device: the device, or `None` with a printed
+/// skip, or a panic naming the reason when `required`.
+pub fn skip_or_fail(what: &str, probed: Result<Device, String>, required: bool) -> Option<Device> {
+    match probed {
         Ok(d) => Some(d),
-        Err(why) if cuda_required() => {
+        Err(why) if required => {
             panic!("{what}: CUDA required by {REQUIRE_CUDA_ENV}=1 but unavailable: {why}")
         }
         Err(why) => {
@@ -72,4 +87,22 @@ pub fn for_test(name: &str) -> Option<Device> {
         "cuda" => cuda_or_skip("conformance"),
         other => panic!("conformance!: unknown device `{other}` (cpu, cuda)"),
     }
+}
+
+/// Pin candle's CPU thread count for this process (to the value candle itself would choose) by
+/// setting `RAYON_NUM_THREADS` when it is unset. candle 0.11 reads that variable on every
+/// matmul and, when it is absent, works the default (the physical core count) out again by
+/// reading and parsing `/proc/cpuinfo` — 27 251 opens for one P4 run, 28 130 in 15 s of
+/// training, which made runs on tiny models 3–5× slower. Setting it to the same number
+/// changes no thread count and no result. A value the user set is kept. Called by every
+/// forward pass of [`crate::model::Transformer`] and every property run; a `Once` makes the
+/// later calls an atomic load.
+pub fn pin_thread_count() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = candle_core::utils::get_num_threads();
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    });
 }

@@ -2,7 +2,7 @@
 //! or field, never a panic. The messages are pinned in `golden/bad_input_errors.snap`
 //! (temp paths shown as `<dir>`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! bitwise; a QLoRA adapter reapplied on a base quantized the same way gives bitwise the
 //! trainer's logits; bad 4-bit files are named.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! Hugging Face checkpoint directories: bitwise save → load round trips (single file and
 //! sharded), and clear errors naming the file and key for every kind of bad checkpoint.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

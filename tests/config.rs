@@ -1,7 +1,7 @@
 //! `config.json` reading and writing: round trips over `arb_spec()`, transformers 4.x and 5.x
 //! field placement, explicit fields winning, and validation errors naming the field.
 
-mod common;
+use crate::common;
 
 use proptest::prelude::*;
 use serde_json::json;

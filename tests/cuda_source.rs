@@ -40,5 +40,5 @@ fn cuda_source_compiles_with_nvrtc() {
 #[cfg(not(feature = "nvrtc"))]
 #[test]
 fn cuda_source_compiles_with_nvrtc() {
-    skip("built without the `nvrtc` feature (cargo test --features nvrtc --test cuda_source)");
+    skip("built without the `nvrtc` feature (cargo test --features nvrtc --test all cuda_source::)");
 }

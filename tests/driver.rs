@@ -65,7 +65,14 @@ fn every_trainer_mutant_is_caught_through_the_protocol() {
                 let bug = m.trainer_bug().unwrap();
                 let f = start(&format!("--mutant {}", m.name), Duration::from_secs(120));
                 let p = catalogue::by_id(m.caught_by).unwrap();
-                let mut cfg = PropConfig { cases: 3, seed: 0, ..PropConfig::default() };
+                // Shrinking as `check --trainer` does against a driver (each step rebuilds the
+                // subject in the driver process).
+                let mut cfg = PropConfig {
+                    cases: 3,
+                    seed: 0,
+                    max_shrink_iters: tunecheck::cli::check::DRIVER_SHRINK_ITERS,
+                    ..PropConfig::default()
+                };
                 cfg.kinds = bug.kinds();
                 if let Some(fam) = bug.family() {
                     cfg.families = vec![fam];

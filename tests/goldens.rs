@@ -2,7 +2,7 @@
 //! to 4 decimals so they hold on any x86-64 with AVX2+FMA), the NF4/FP4 tables, and the
 //! manifest (names, shapes, dtypes) of a saved checkpoint and adapter.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use tunecheck::adapt::{LoraConfig, QuantConfig};

@@ -2,7 +2,7 @@
 //! passes on the reference), and the shrunk counterexample is the smallest model: pinned as a
 //! golden snapshot.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use tunecheck::model::Faults;

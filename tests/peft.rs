@@ -3,7 +3,7 @@
 //! the reference; tunecheck's saved adapters reload bitwise; the base's
 //! quantization recorded with an adapter is checked on load; bad adapter files are named.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@
 //! fields that change the computation and are not implemented are refused by name; unknown
 //! harmless fields are accepted. The messages are pinned in `golden/strict_field_errors.snap`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,15 +4,15 @@
 //! mutant — is pinned as a golden snapshot, with the shrunk counterexamples. Default 4 cases
 //! per adapter kind; PROPTEST_CASES scales.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use tunecheck::mutants::{Mutant, TrainerBug};
-use tunecheck::props::catalogue::{Body, CATALOGUE};
+use tunecheck::props::catalogue::{Body, Property, CATALOGUE};
 use tunecheck::props::runner::{run, PropConfig, Verdict};
 use tunecheck::subject::Reference;
 
-fn trainer_props() -> Vec<&'static tunecheck::props::catalogue::Property> {
+fn trainer_props() -> Vec<&'static Property> {
     CATALOGUE.iter().copied().filter(|p| matches!(p.body, Body::Trainer(_))).collect()
 }
 
@@ -29,31 +29,38 @@ fn reference_passes_every_trainer_property_without_skips() {
 
 /// Every mutant fails the property built for it, for the expected reason. Some bugs
 /// legitimately break more than one invariant (no gradient through a fused norm also stops the
-/// loss from falling): the matrix shows every cell.
+/// loss from falling): the matrix shows every cell. The cells are independent: two workers
+/// compute them and the table is assembled in catalogue order.
 #[test]
 fn each_mutant_is_caught_by_its_property_matrix_pinned() {
     let props = trainer_props();
+    let cells: Vec<(TrainerBug, &Property)> =
+        TrainerBug::ALL.iter().flat_map(|&bug| props.iter().map(move |&p| (bug, p))).collect();
+    let verdicts = in_parallel(&cells, |&(bug, p)| {
+        let own = p.id == bug.caught_by();
+        // Mutant failures are expected: keep them out of the regression file. Only the
+        // mutant's own property shrinks (the other cells only say pass or fail).
+        let cfg = PropConfig {
+            cases: if own { 4 } else { 2 },
+            seed: 1,
+            families: bug.family().map_or(tunecheck::spec::Family::ALL.to_vec(), |f| vec![f]),
+            max_shrink_iters: if own { 256 } else { 0 },
+            kinds: bug.kinds(),
+            ..PropConfig::default()
+        };
+        run(p, &Mutant(bug), &Device::Cpu, &cfg)
+    });
     let mut matrix = format!("{:<36}", "mutant");
     for p in &props {
         matrix.push_str(&format!(" {:<5}", p.id));
     }
     matrix.push('\n');
     let mut minimal_cases = String::from("\nshrunk counterexamples (the property built for each mutant):\n");
-    for bug in TrainerBug::ALL {
+    for (row, bug) in TrainerBug::ALL.iter().enumerate() {
         matrix.push_str(&format!("{:<36}", bug.name()));
-        for p in &props {
+        for (col, p) in props.iter().enumerate() {
+            let v = &verdicts[row * props.len() + col];
             let own = p.id == bug.caught_by();
-            // Mutant failures are expected: keep them out of the regression file. Only the
-            // mutant's own property shrinks (the other cells only say pass or fail).
-            let cfg = PropConfig {
-                cases: if own { 4 } else { 2 },
-                seed: 1,
-                families: bug.family().map_or(tunecheck::spec::Family::ALL.to_vec(), |f| vec![f]),
-                max_shrink_iters: if own { 256 } else { 0 },
-                kinds: bug.kinds(),
-                ..PropConfig::default()
-            };
-            let v = run(p, &Mutant(bug), &Device::Cpu, &cfg);
             if own {
                 assert!(
                     v.violates(p.id, bug.code()),
@@ -62,7 +69,7 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
                     p.id,
                     bug.code()
                 );
-                if let Verdict::Failed { minimal, detail, .. } = &v {
+                if let Verdict::Failed { minimal, detail, .. } = v {
                     minimal_cases.push_str(&format!(
                         "{}: {}\n    {}\n",
                         bug.name(),
@@ -71,7 +78,7 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
                     ));
                 }
             }
-            let cell = match (&v, own) {
+            let cell = match (v, own) {
                 (Verdict::Failed { .. }, true) => "FAIL*",
                 (Verdict::Failed { .. }, false) => "fail ",
                 (Verdict::Skipped { .. }, _) => "skip ",
@@ -84,4 +91,23 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
     matrix.push_str("(FAIL* = the property built for that mutant, failing for the expected reason)\n");
     matrix.push_str(&minimal_cases);
     common::golden().bind(|| insta::assert_snapshot!("trainer_mutant_matrix", matrix));
+}
+
+/// `f` over `items` on two threads; the results in the order of `items`.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::with_capacity(items.len()));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                done.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap();
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }

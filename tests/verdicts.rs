@@ -158,7 +158,7 @@ fn readme_property_table_is_the_catalogue() {
     }
     assert!(
         readme[a..b] == want,
-        "README's property table is out of date: run `TUNECHECK_BLESS_README=1 cargo test --test verdicts readme`, \
+        "README's property table is out of date: run `TUNECHECK_BLESS_README=1 cargo test --test all verdicts::readme`, \
          or replace it with:\n{want}"
     );
 }

@@ -1,7 +1,7 @@
 //! Seeded weights: pinned bits for a fixed seed (a change in the generator shows up here),
 //! independence from generation order, family norm conventions, zero-row planting.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use tunecheck::spec::{ArchSpec, Family};

@@ -257,6 +257,7 @@ impl Transformer {
         mut cache: Option<&mut KvCache>,
         mut next_layer: Option<NextLayer>,
     ) -> Result<Tensor> {
+        crate::device::pin_thread_count();
         if mode == Mode::Eval && cache.is_none() && self.faults.eval_path_unfilled_buffer {
             return self.eval_fast_path_unfilled_buffer(ids);
         }

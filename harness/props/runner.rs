@@ -13,8 +13,9 @@ use candle_core::{DType, Device};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
+use crate::device::pin_thread_count;
 use crate::props::property::{Body, Property};
-use crate::props::seeding::{pin_thread_count, seeded};
+use crate::props::seeding::seeded;
 pub use crate::props::verdict::{nondeterministic, reason_of};
 pub use crate::props::verdict::{FailReason, PropConfig, Verdict};
 use crate::props::Failure;
