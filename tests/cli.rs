@@ -204,3 +204,36 @@ fn every_subcommand_speaks_json_for_ci() {
     let v = parse(bin().args(["inspect", "--json"]).arg(&m).output().unwrap());
     assert!(v["findings"].as_array().unwrap().is_empty());
 }
+
+/// candle 0.11 parses `/proc/cpuinfo` on every matmul unless `RAYON_NUM_THREADS` is set
+/// (3–5× slower runs on tiny models): every forward pass pins the thread count first, so a
+/// `logits` run opens that file once (19 times without the pin). Needs strace (skipped with
+/// the reason otherwise; `TUNECHECK_REQUIRE_STRACE=1` makes that a failure).
+#[test]
+fn forward_passes_do_not_reparse_cpuinfo_per_matmul() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(std::env::var_os("TUNECHECK_REQUIRE_STRACE").is_none(), "strace required but not installed");
+        eprintln!("SKIPPED forward_passes_do_not_reparse_cpuinfo_per_matmul: strace is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let name = "llama_gqa";
+    let st = Command::new("strace")
+        .args(["-f", "-e", "trace=openat", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_tunecheck"))
+        .args(["logits", "--model"])
+        .arg(fixture(name))
+        .arg("--input")
+        .arg(fixture(name).join("reference.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("o.safetensors"))
+        .env_remove("RAYON_NUM_THREADS")
+        .env_remove("CANDLE_NUM_THREADS")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let opens = std::fs::read_to_string(&trace).unwrap().matches("\"/proc/cpuinfo\"").count();
+    assert!(opens <= 1, "/proc/cpuinfo opened {opens} times by one `logits` run: the thread count is not pinned");
+}
