@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common;
+
 use candle_core::Device;
 use tunecheck::process::ProcessFactory;
 use tunecheck::props::catalogue;
@@ -55,36 +57,28 @@ fn every_trainer_mutant_is_caught_through_the_protocol() {
     let mutants: Vec<_> = tunecheck::mutants::catalogue().into_iter().filter(|m| m.trainer_bug().is_some()).collect();
     assert!(mutants.len() >= 15, "{} trainer mutants", mutants.len());
     // Two workers (each with its own drivers): the mutants are independent.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let missed = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(m) = mutants.get(i) else { break };
-                let bug = m.trainer_bug().unwrap();
-                let f = start(&format!("--mutant {}", m.name), Duration::from_secs(120));
-                let p = catalogue::by_id(m.caught_by).unwrap();
-                // Shrinking as `check --trainer` does against a driver (each step rebuilds the
-                // subject in the driver process).
-                let mut cfg = PropConfig {
-                    cases: 3,
-                    seed: 0,
-                    max_shrink_iters: tunecheck::cli::check::DRIVER_SHRINK_ITERS,
-                    ..PropConfig::default()
-                };
-                cfg.kinds = bug.kinds();
-                if let Some(fam) = bug.family() {
-                    cfg.families = vec![fam];
-                }
-                let v = run(p, &f, &Device::Cpu, &cfg);
-                if !v.violates(m.caught_by, m.code) {
-                    missed.lock().unwrap().push(format!("{} ({} {:?}): {v:?}", m.name, m.caught_by, m.code));
-                }
-            });
+    let missed: Vec<String> = common::in_parallel(&mutants, |m| {
+        let bug = m.trainer_bug().unwrap();
+        let f = start(&format!("--mutant {}", m.name), Duration::from_secs(120));
+        let p = catalogue::by_id(m.caught_by).unwrap();
+        // Shrinking as `check --trainer` does against a driver (each step rebuilds the
+        // subject in the driver process).
+        let mut cfg = PropConfig {
+            cases: 3,
+            seed: 0,
+            max_shrink_iters: tunecheck::cli::check::DRIVER_SHRINK_ITERS,
+            ..PropConfig::default()
+        };
+        cfg.kinds = bug.kinds();
+        if let Some(fam) = bug.family() {
+            cfg.families = vec![fam];
         }
-    });
-    let missed = missed.into_inner().unwrap();
+        let v = run(p, &f, &Device::Cpu, &cfg);
+        (!v.violates(m.caught_by, m.code)).then(|| format!("{} ({} {:?}): {v:?}", m.name, m.caught_by, m.code))
+    })
+    .into_iter()
+    .flatten()
+    .collect();
     assert!(missed.is_empty(), "mutants not caught through the driver:\n{}", missed.join("\n"));
 }
 

@@ -36,7 +36,7 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
     let props = trainer_props();
     let cells: Vec<(TrainerBug, &Property)> =
         TrainerBug::ALL.iter().flat_map(|&bug| props.iter().map(move |&p| (bug, p))).collect();
-    let verdicts = in_parallel(&cells, |&(bug, p)| {
+    let verdicts = common::in_parallel(&cells, |&(bug, p)| {
         let own = p.id == bug.caught_by();
         // Mutant failures are expected: keep them out of the regression file. Only the
         // mutant's own property shrinks (the other cells only say pass or fail).
@@ -91,23 +91,4 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
     matrix.push_str("(FAIL* = the property built for that mutant, failing for the expected reason)\n");
     matrix.push_str(&minimal_cases);
     common::golden().bind(|| insta::assert_snapshot!("trainer_mutant_matrix", matrix));
-}
-
-/// `f` over `items` on two threads; the results in the order of `items`.
-fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let done = std::sync::Mutex::new(Vec::with_capacity(items.len()));
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let r = f(item);
-                done.lock().unwrap().push((i, r));
-            });
-        }
-    });
-    let mut done = done.into_inner().unwrap();
-    done.sort_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
 }

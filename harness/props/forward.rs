@@ -136,7 +136,6 @@ pub fn run_family(prop: ModelProperty, family: Family, device: &Device, cfg: &Pr
         Ok(c) => c,
         Err(e) => return Verdict::failed_with(FailReason::Config, e),
     };
-    crate::device::pin_thread_count();
     let config = Config {
         cases,
         source_file: cfg.source_file,

@@ -1,6 +1,7 @@
 //! What the command line prints: the `check` table and the mutant table ([`check`]), the
-//! `inspect` report ([`inspect`]), the README's property table ([`readme`]), JSON for `--json` ([`json`]), and the progress lines of
-//! `train` and `inspect` on a terminal. Rendering only: every function returns text.
+//! `inspect` report ([`inspect`]), the README's property table ([`readme`]), JSON for
+//! `--json` ([`json`]), and the progress lines of `train` and `inspect` on a terminal.
+//! Rendering only: every function returns text.
 
 pub mod check;
 pub mod inspect;
