@@ -10,12 +10,7 @@ use std::hint::black_box;
 use tunecheck::adapt::Quant4Linear;
 use tunecheck::quant::kernels::{dequantize_bf16_into, dequantize_f32_into, matmul_nt, Isa, Packed4, Q4View, Rounding};
 use tunecheck::quant::{quantize, QuantType, Quantized4};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    use rand_core::{RngCore, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.1).collect()
-}
+use tunecheck_benches::values;
 
 struct Weight {
     dense: Vec<f32>,

@@ -32,7 +32,8 @@
 //! - [`process`]: trainers in other processes (transformers + PEFT, any language) behind the
 //!   same trait, through a versioned JSON-lines protocol;
 //! - [`props`]: the invariants, one file each, described by [`props::property`], listed in
-//!   [`props::catalogue`], run by [`props::runner`] with honest verdicts ([`props::verdict`]);
+//!   [`props::catalogue`], run by [`props::runner`] (shrinking the simplest draw first:
+//!   [`props::shrink`]) with honest verdicts ([`props::verdict`]);
 //! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
 //! - [`suite`]: what `tunecheck check` runs;
 //! - [`inspect`]: `tunecheck inspect`, the checkpoint doctor;

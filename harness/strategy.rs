@@ -159,12 +159,14 @@ impl AdapterKind {
 /// first), seeded weights,
 /// an adapter of `kind` with non-zero B (so that comparisons see it), for QLoRA a 4-bit config
 /// with any compute dtype (f32, bf16, f16; the original dtype is the model's), and a training
-/// config with `grad_accum` micro-batches per step.
+/// config with `grad_accum` micro-batches per step. Architectures failing `precondition` are
+/// redrawn before any weights are generated (a rejected draw costs no weight generation).
 pub fn arb_setup(
     kind: AdapterKind,
     grad_accum: usize,
     dtypes: Vec<candle_core::DType>,
     families: Vec<Family>,
+    precondition: Option<fn(&ArchSpec) -> bool>,
 ) -> impl Strategy<Value = crate::subject::Setup> {
     use crate::adapt::lora::{LoraInit, PROJECTIONS};
     use crate::adapt::{LoraConfig, QuantConfig};
@@ -185,6 +187,7 @@ pub fn arb_setup(
             prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
         ),
     )
+        .prop_filter("the property's precondition", move |t| precondition.is_none_or(|f| f(&t.0)))
         .prop_map(move |(mut spec, dtype, seed, r, alpha, rslora, targets, (blocksize, dq, compute))| {
             spec.dtype = dtype;
             let weights = crate::weights::generate(&spec, seed, &candle_core::Device::Cpu).expect("valid spec");

@@ -29,6 +29,7 @@ mod nf4;
 mod parity;
 mod peft;
 mod report;
+mod shrinking;
 mod streaming;
 mod strict_fields;
 mod torch_conventions;

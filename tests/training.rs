@@ -3,6 +3,8 @@
 //! (every trainable tensor gets a finite non-zero gradient, frozen ones none), untrained
 //! tokens refused / fixed / trainable.
 
+use crate::common;
+
 use candle_core::{DType, Device};
 use tunecheck::adapt::{LoraConfig, QuantConfig};
 use tunecheck::data::{tokenizer, SuccessorTask};
@@ -28,28 +30,35 @@ fn trainer(family: Family, lora: &LoraConfig, quant: Option<QuantConfig>, cfg: T
     RefTrainer::new(&s, &w, lora, quant, cfg, 2).unwrap()
 }
 
+/// The twelve runs (4 families × LoRA, QLoRA f32 compute, QLoRA bf16 compute) are independent:
+/// two workers run them, the verdicts are checked in order.
 #[test]
 fn loss_falls_below_a_tenth_lora_and_qlora_every_family() {
     let t = task();
     let train = t.batches(10, 200, 8, 10);
-    for family in Family::ALL {
-        // LoRA, QLoRA in f32 compute, and the QLoRA paper's recipe (bf16 compute).
-        let f32_compute = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
-        for quant in [None, Some(f32_compute), Some(QuantConfig::default())] {
-            let lora = LoraConfig { r: 16, alpha: 32.0, ..LoraConfig::default() };
-            let cfg = TrainConfig {
-                optim: tunecheck::train::optim::AdamWConfig { lr: 3e-2, ..Default::default() },
-                schedule: tunecheck::train::optim::Schedule { warmup_steps: 10, total_steps: 200, min_ratio: 0.1 },
-                ..TrainConfig::default()
-            };
-            let mut tr = trainer(family, &lora, quant, cfg);
-            let first = tr.eval_loss(&train[..8]).unwrap();
-            let h = tr.fit(&train, &[]).unwrap();
-            let last = tr.eval_loss(&train[..8]).unwrap();
-            let what = quant.map_or("lora".to_string(), |q| format!("qlora/{:?}", q.compute_dtype));
-            println!("{family} {what} first {first:.3} last {last:.3} steps {}", h.train.len());
-            assert!(last < 0.1 * first, "{family} {what}: {first:.3} → {last:.3}");
-        }
+    // LoRA, QLoRA in f32 compute, and the QLoRA paper's recipe (bf16 compute).
+    let f32_compute = QuantConfig { compute_dtype: DType::F32, ..QuantConfig::default() };
+    let runs: Vec<(Family, Option<QuantConfig>)> = Family::ALL
+        .iter()
+        .flat_map(|&f| [None, Some(f32_compute), Some(QuantConfig::default())].map(|q| (f, q)))
+        .collect();
+    let results = common::in_parallel(&runs, |&(family, quant)| {
+        let lora = LoraConfig { r: 16, alpha: 32.0, ..LoraConfig::default() };
+        let cfg = TrainConfig {
+            optim: tunecheck::train::optim::AdamWConfig { lr: 3e-2, ..Default::default() },
+            schedule: tunecheck::train::optim::Schedule { warmup_steps: 10, total_steps: 200, min_ratio: 0.1 },
+            ..TrainConfig::default()
+        };
+        let mut tr = trainer(family, &lora, quant, cfg);
+        let first = tr.eval_loss(&train[..8]).unwrap();
+        let h = tr.fit(&train, &[]).unwrap();
+        let last = tr.eval_loss(&train[..8]).unwrap();
+        (first, last, h.train.len())
+    });
+    for (&(family, quant), (first, last, steps)) in runs.iter().zip(results) {
+        let what = quant.map_or("lora".to_string(), |q| format!("qlora/{:?}", q.compute_dtype));
+        println!("{family} {what} first {first:.3} last {last:.3} steps {steps}");
+        assert!(last < 0.1 * first, "{family} {what}: {first:.3} → {last:.3}");
     }
 }
 

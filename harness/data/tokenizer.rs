@@ -25,9 +25,11 @@ pub struct Specials {
     pub words: Vec<u32>,
 }
 
-/// Load the embedded fixture tokenizer.
+/// Load the embedded fixture tokenizer. (Parsed through `FromStr`, which the tokenizers crate
+/// compiles itself: the generic `from_bytes` would instantiate its whole deserializer in this
+/// crate again, about 6 % of tunecheck's compile.)
 pub fn fixture() -> Result<Tokenizer> {
-    Tokenizer::from_bytes(FIXTURE_JSON.as_bytes()).map_err(|e| Error::Msg(format!("fixtures/tokenizer.json: {e}")))
+    FIXTURE_JSON.parse::<Tokenizer>().map_err(|e| Error::Msg(format!("fixtures/tokenizer.json: {e}")))
 }
 
 /// Load a `tokenizer.json` from disk; errors name the file. The text is checked as JSON

@@ -1,6 +1,7 @@
 //! Invariants, one file per property, each a check that returns `Ok(())` or a [`Violation`]
 //! carrying the numbers that broke it, described by a [`property::Property`]; [`catalogue`] lists
-//! them all, [`runner`] runs them and [`verdict`] holds what a run concludes.
+//! them all, [`runner`] runs them (shrinking failures with [`shrink`]) and [`verdict`] holds
+//! what a run concludes.
 
 pub mod catalogue;
 pub mod compare;
@@ -20,6 +21,7 @@ pub mod p9_kernels;
 pub mod property;
 pub mod runner;
 pub mod seeding;
+pub mod shrink;
 pub mod verdict;
 
 pub use compare::{bitwise_equal, max_abs_diff, rel_l2, within};

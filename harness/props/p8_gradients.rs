@@ -37,7 +37,7 @@ pub const PROPERTY: Property = Property {
                 1.0e-5, 3.3e-2, 2.9e-1); the rest exact",
     // A window of 1 makes every key irrelevant (each query sees only itself, softmax = 1), so
     // k_proj's gradient is structurally zero there: not a batch that exercises it.
-    filter: Some(|s| s.spec.sliding_window.is_none_or(|w| w >= 2)),
+    filter: Some(|spec| spec.sliding_window.is_none_or(|w| w >= 2)),
     ..Property::trainer(check)
 };
 

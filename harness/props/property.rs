@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 
 use crate::props::verdict::{PropConfig, Verdict};
 use crate::props::Check;
+use crate::spec::ArchSpec;
 use crate::strategy::AdapterKind;
 use crate::subject::{Capabilities, Factory, Setup};
 
@@ -59,8 +60,9 @@ pub struct Property {
     pub needs: Capabilities,
     /// Micro-batches per optimizer step in its setups.
     pub grad_accum: usize,
-    /// Setups it cannot judge (a precondition), filtered out before running.
-    pub filter: Option<fn(&Setup) -> bool>,
+    /// Architectures it cannot judge (a precondition): such draws are redrawn before their
+    /// weights are generated, never run.
+    pub filter: Option<fn(&ArchSpec) -> bool>,
     /// The check.
     pub body: Body,
 }

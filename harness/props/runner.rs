@@ -1,7 +1,8 @@
 //! The one runner of every trainer property: a seeded proptest per (property, adapter kind)
-//! over [`arb_setup`], shrinking failures to the smallest setup, persisting them next to the
-//! caller's source file, and returning an honest [`Verdict`]: the cases that actually ran,
-//! every skip with its reason, and a failure with its typed reason and a replay line.
+//! over [`arb_setup`], shrinking failures to the smallest setup (the simplest draw first:
+//! [`SimplestFirst`]), persisting them next to the caller's source file, and returning an
+//! honest [`Verdict`]: the cases that actually ran, every skip with its reason, and a failure
+//! with its typed reason and a replay line.
 //!
 //! Rules: zero executed cases is a failure, never a pass; `PROPTEST_CASES=0` is an error;
 //! with `strict` any skip is a failure. The same `seed` gives the same cases for every
@@ -16,6 +17,7 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use crate::device::pin_thread_count;
 use crate::props::property::{Body, Property};
 use crate::props::seeding::seeded;
+use crate::props::shrink::SimplestFirst;
 pub use crate::props::verdict::{nondeterministic, reason_of};
 pub use crate::props::verdict::{FailReason, PropConfig, Verdict};
 use crate::props::Failure;
@@ -131,9 +133,8 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             // Shrinking keeps the kind of the first failure: a smaller setup that fails a
             // different clause (or errors) is not a smaller example of *this* failure.
             let first: std::cell::RefCell<Option<String>> = Default::default();
-            let strategy = arb_setup(kind, prop.grad_accum, dtypes.clone(), families.clone());
-            let filter = prop.filter;
-            let strategy = strategy.prop_filter("the property's precondition", move |s| filter.is_none_or(|f| f(s)));
+            let strategy =
+                SimplestFirst::new(arb_setup(kind, prop.grad_accum, dtypes.clone(), families.clone(), prop.filter));
             let config = Config {
                 cases,
                 source_file: cfg.source_file,
@@ -250,7 +251,7 @@ fn sub_seed(seed: u64, prop: &str, kind: AdapterKind) -> u64 {
 /// The first setup `prop` would draw for `kind` with `seed` (for probes and tests).
 pub fn first_setup(prop: &Property, kind: AdapterKind, seed: u64) -> Option<Setup> {
     let mut runner = TestRunner::new_with_rng(Config::default(), seeded(sub_seed(seed, prop.id, kind)));
-    arb_setup(kind, prop.grad_accum, prop.dtypes.to_vec(), Family::ALL.to_vec())
+    arb_setup(kind, prop.grad_accum, prop.dtypes.to_vec(), Family::ALL.to_vec(), prop.filter)
         .new_tree(&mut runner)
         .ok()
         .map(|t| t.current())
