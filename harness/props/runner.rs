@@ -26,6 +26,9 @@ use crate::spec::Family;
 use crate::strategy::{arb_setup, AdapterKind};
 use crate::subject::{Capabilities, Factory, Setup};
 
+/// Draws a property's precondition may reject in one run before the run is aborted.
+pub const MAX_PRECONDITION_REJECTS: u32 = 4096;
+
 /// A summary of a setup for reports: its config.json and adapter / training knobs.
 pub fn describe(s: &Setup) -> serde_json::Value {
     serde_json::json!({
@@ -140,6 +143,9 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 source_file: cfg.source_file,
                 failure_persistence: cfg.persistence(),
                 max_shrink_iters: cfg.max_shrink_iters,
+                // A precondition that rejects 4096 draws in a row is one no setup meets: the run
+                // aborts (zero cases, a failure) instead of drawing proptest's default 65 536.
+                max_local_rejects: MAX_PRECONDITION_REJECTS,
                 ..Config::default()
             };
             let mut runner = TestRunner::new_with_rng(config, seeded(sub_seed(cfg.seed, prop.id, kind)));
