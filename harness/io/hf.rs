@@ -155,7 +155,7 @@ impl Lazy {
         Ok(v)
     }
 
-    /// Drop the mapped pages of `key` (see [`StFile::release`]).
+    /// Drop the mapped pages of `key` (see [`crate::io::st::StFile::release`]).
     pub fn release(&self, key: &str) {
         if let Ok(st) = self.opened.file_of(key, &self.layout.listing) {
             st.release(key);

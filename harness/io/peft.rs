@@ -78,7 +78,8 @@ const REFUSED: &[Refused] = &[
     ("velora_config", |_| false, "VeLoRA's compressed backward pass is not implemented"),
 ];
 
-/// Parse an `adapter_config.json` value; see [`REFUSED`] for the fields that are refused.
+/// Parse an `adapter_config.json` value, refusing the fields (and values) tunecheck cannot
+/// honour, each named in the error.
 pub fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Option<Option<QuantConfig>>, Option<String>)> {
     let c = Fields::new(v, Some(path), "")?;
     match c.str("peft_type")? {

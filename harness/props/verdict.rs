@@ -121,7 +121,7 @@ pub enum Verdict {
         /// Cases run before the failure (including the failing one).
         cases_run: u32,
         /// A command that reproduces this failure, filled in by whoever knows how the run was
-        /// started (`tunecheck check`, a `conformance!` test); `None` from [`run`] itself.
+        /// started (`tunecheck check`, a `conformance!` test); `None` from [`crate::props::runner::run`] itself.
         replay: Option<String>,
     },
 }

@@ -1,7 +1,8 @@
 //! The CUDA C source of the 4-bit kernels (dequantize, `x·Wᵀ`, `g·W`, with the weight
 //! rounding of [`super::Rounding`]) and its compilation to PTX with NVRTC (feature `nvrtc`,
 //! which `cuda` includes). NVRTC needs no GPU, so CI compiles this source on machines without
-//! one (`tests/cuda_source.rs`); [`super::cuda`] launches it where a GPU exists.
+//! one (`tests/cuda_source.rs`); the `cuda` module (feature `cuda`) launches it where a GPU
+//! exists.
 
 /// The kernels' entry points.
 pub const KERNELS: [&str; 3] = ["tc_q4_nt", "tc_q4_nn", "tc_q4_dequant"];
