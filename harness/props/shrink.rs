@@ -34,17 +34,17 @@ impl<S: Strategy> Strategy for SimplestFirst<S> {
     type Value = S::Value;
 
     fn new_tree(&self, runner: &mut TestRunner) -> NewTree<Self> {
-        let rng = runner.rng().clone();
-        let config = runner.config().clone();
+        // The runner's configuration and RNG before the draw: enough to draw it again.
+        let stage = Stage::Untried(Box::new((runner.config().clone(), runner.rng().clone())));
         let tree = self.0.new_tree(runner)?;
-        Ok(SimplestFirstTree { strategy: self.0.clone(), twin: Some((config, rng)), tree, stage: Stage::Untried })
+        Ok(SimplestFirstTree { strategy: self.0.clone(), tree, stage })
     }
 }
 
 /// Where the shrink stands.
 enum Stage<T> {
-    /// No simplification asked yet.
-    Untried,
+    /// No simplification asked yet; what redraws the original case.
+    Untried(Box<(Config, TestRng)>),
     /// The simplest draw is the current value (under test).
     Simplest(T),
     /// Proptest's own shrinking of the original draw.
@@ -54,8 +54,6 @@ enum Stage<T> {
 /// The value tree of [`SimplestFirst`].
 pub struct SimplestFirstTree<S: Strategy> {
     strategy: Arc<S>,
-    /// The runner's configuration and RNG before the draw: enough to draw it again.
-    twin: Option<(Config, TestRng)>,
     tree: S::Tree,
     stage: Stage<S::Tree>,
 }
@@ -63,7 +61,7 @@ pub struct SimplestFirstTree<S: Strategy> {
 impl<S: Strategy> std::fmt::Debug for SimplestFirstTree<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let stage = match self.stage {
-            Stage::Untried => "untried",
+            Stage::Untried(..) => "untried",
             Stage::Simplest(_) => "simplest",
             Stage::Normal => "normal",
         };
@@ -72,9 +70,9 @@ impl<S: Strategy> std::fmt::Debug for SimplestFirstTree<S> {
 }
 
 impl<S: Strategy> SimplestFirstTree<S> {
-    /// The same draw again, simplified as far as it goes (`None` if it cannot be redrawn).
-    fn simplest(&mut self) -> Option<S::Tree> {
-        let (config, rng) = self.twin.take()?;
+    /// The draw made with `config` and `rng` again, simplified as far as it goes (`None` if it
+    /// cannot be redrawn).
+    fn simplest(&self, config: Config, rng: TestRng) -> Option<S::Tree> {
         let mut twin = TestRunner::new_with_rng(config, rng);
         let mut t = self.strategy.new_tree(&mut twin).ok()?;
         let mut steps = 0;
@@ -96,19 +94,19 @@ impl<S: Strategy> ValueTree for SimplestFirstTree<S> {
     }
 
     fn simplify(&mut self) -> bool {
-        match self.stage {
-            Stage::Untried => match self.simplest() {
+        match std::mem::replace(&mut self.stage, Stage::Normal) {
+            Stage::Untried(twin) => match self.simplest(twin.0, twin.1) {
                 Some(t) => {
                     self.stage = Stage::Simplest(t);
                     true
                 }
-                None => {
-                    self.stage = Stage::Normal;
-                    self.tree.simplify()
-                }
+                None => self.tree.simplify(),
             },
-            // The simplest draw failed: nothing is simpler.
-            Stage::Simplest(_) => false,
+            // The simplest draw failed: nothing is simpler, and it stays the current value.
+            Stage::Simplest(t) => {
+                self.stage = Stage::Simplest(t);
+                false
+            }
             Stage::Normal => self.tree.simplify(),
         }
     }

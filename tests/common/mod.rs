@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests.
 
 /// insta settings that keep snapshots in `golden/` without module prefixes.
-#[allow(dead_code)]
 pub fn golden() -> insta::Settings {
     let mut s = insta::Settings::clone_current();
     s.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/golden"));
@@ -10,13 +9,11 @@ pub fn golden() -> insta::Settings {
 }
 
 /// A path under `fixtures/`.
-#[allow(dead_code)]
 pub fn fixture(p: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
 }
 
 /// A copy of the fixture directory `src` in a fresh temp dir, to damage.
-#[allow(dead_code)]
 pub fn copy(src: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for f in std::fs::read_dir(fixture(src)).unwrap() {
@@ -28,7 +25,6 @@ pub fn copy(src: &str) -> tempfile::TempDir {
 
 /// `f` over `items` on two threads (each takes the next item when it is free); the results
 /// in the order of `items`.
-#[allow(dead_code)]
 pub fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::Mutex::new(Vec::with_capacity(items.len()));
