@@ -35,7 +35,9 @@
 //!   [`props::catalogue`], run by [`props::runner`] (shrinking the simplest draw first:
 //!   [`props::shrink`]) with honest verdicts ([`props::verdict`]);
 //! - [`mutants`]: planted-bug subjects, each with the property and clause that must catch it;
-//! - [`suite`]: what `tunecheck check` runs;
+//! - [`suite`]: what `tunecheck check` runs (or one `--partition` of it);
+//! - [`outcomes`]: a row's one-word outcome and the expected-outcomes files a framework's CI
+//!   pins (`check --expect`, `--bless`);
 //! - [`inspect`]: `tunecheck inspect`, the checkpoint doctor;
 //! - [`report`]: what the command line prints (tables, the inspect report, JSON, progress);
 //! - [`cli`]: the commands behind the `tunecheck` binary;
@@ -53,6 +55,7 @@ pub mod io;
 pub mod loader;
 pub mod model;
 pub mod mutants;
+pub mod outcomes;
 pub mod process;
 pub mod props;
 pub mod quant;

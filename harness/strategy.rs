@@ -155,24 +155,161 @@ impl AdapterKind {
     }
 }
 
+/// Which parts of the training recipe a property's setups draw; the others keep
+/// [`Recipe::SIMPLEST`]'s values. Real configurations differ in exactly these, and a trainer
+/// bug often hides in one of them (a weight decay that is dropped, a clipping norm applied
+/// twice, a schedule that restarts), so a property draws every part its invariant does not
+/// fix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draws {
+    /// Learning rate, weight decay (with transformers' parameter groups), betas, epsilon.
+    pub optimizer: bool,
+    /// Warmup steps (0, 1 or 2), the cosine's floor and horizon.
+    pub schedule: bool,
+    /// Gradient clipping off or on at several norms.
+    pub clipping: bool,
+    /// LoRA dropout probabilities to draw from (first: what shrinking goes toward).
+    pub dropout: &'static [f64],
+}
+
+impl Draws {
+    /// Nothing drawn: every setup trains with [`Recipe::SIMPLEST`].
+    pub const NONE: Draws = Draws { optimizer: false, schedule: false, clipping: false, dropout: &[0.0] };
+    /// Optimizer and clipping (a property that fixes its own schedule).
+    pub const OPTIMIZER: Draws = Draws { optimizer: true, clipping: true, ..Draws::NONE };
+    /// Optimizer, schedule and clipping.
+    pub const TRAINING: Draws = Draws { optimizer: true, schedule: true, clipping: true, ..Draws::NONE };
+
+    /// The knobs drawn, in words (for the README's table).
+    pub fn words(&self) -> String {
+        let mut w = Vec::new();
+        if self.optimizer {
+            w.push("lr, weight decay, betas, eps");
+        }
+        if self.schedule {
+            w.push("warmup, cosine floor");
+        }
+        if self.clipping {
+            w.push("clipping");
+        }
+        let dropout = match self.dropout {
+            [0.0] => None,
+            d => Some(format!("dropout {}", d.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/"))),
+        };
+        let mut s = w.join(", ");
+        if let Some(d) = dropout {
+            if !s.is_empty() {
+                s.push_str(", ");
+            }
+            s.push_str(&d);
+        }
+        if s.is_empty() {
+            "—".into()
+        } else {
+            s
+        }
+    }
+}
+
+/// One drawn training recipe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recipe {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Adam's betas.
+    pub betas: (f64, f64),
+    /// Adam's epsilon.
+    pub eps: f64,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// The cosine's floor as a fraction of the peak.
+    pub min_ratio: f64,
+    /// The cosine's horizon in optimizer steps.
+    pub total_steps: usize,
+    /// Gradient clipping norm.
+    pub max_grad_norm: Option<f64>,
+    /// LoRA dropout.
+    pub dropout: f64,
+}
+
+impl Recipe {
+    /// The recipe shrinking goes toward: AdamW at lr 1e-2 with torch's betas and epsilon, no
+    /// weight decay, no warmup, cosine to 0 over 200 steps, no clipping, no dropout.
+    pub const SIMPLEST: Recipe = Recipe {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        warmup: 0,
+        min_ratio: 0.0,
+        total_steps: 200,
+        max_grad_norm: None,
+        dropout: 0.0,
+    };
+
+    /// Apply to a training and an adapter configuration.
+    pub fn apply(&self, train: &mut crate::train::TrainConfig, lora: &mut crate::adapt::LoraConfig) {
+        train.optim.lr = self.lr;
+        train.optim.weight_decay = self.weight_decay;
+        (train.optim.beta1, train.optim.beta2) = self.betas;
+        train.optim.eps = self.eps;
+        train.schedule.warmup_steps = self.warmup;
+        train.schedule.min_ratio = self.min_ratio;
+        train.schedule.total_steps = self.total_steps;
+        train.max_grad_norm = self.max_grad_norm;
+        lora.dropout = self.dropout;
+    }
+}
+
+/// Training recipes per `draws`, each part shrinking toward [`Recipe::SIMPLEST`].
+pub fn arb_recipe(draws: Draws) -> impl Strategy<Value = Recipe> {
+    fn pick<T: Clone + std::fmt::Debug + 'static>(on: bool, choices: Vec<T>) -> BoxedStrategy<T> {
+        if on {
+            proptest::sample::select(choices).boxed()
+        } else {
+            Just(choices[0].clone()).boxed()
+        }
+    }
+    let s = Recipe::SIMPLEST;
+    (
+        pick(draws.optimizer, vec![s.lr, 3e-3, 3e-2]),
+        pick(draws.optimizer, vec![s.weight_decay, 0.01, 0.1]),
+        pick(draws.optimizer, vec![s.betas, (0.9, 0.95), (0.8, 0.99)]),
+        pick(draws.optimizer, vec![s.eps, 1e-6]),
+        pick(draws.schedule, vec![s.warmup, 1, 2]),
+        pick(draws.schedule, vec![s.min_ratio, 0.1]),
+        pick(draws.schedule, vec![s.total_steps, 8, 12]),
+        pick(draws.clipping, vec![s.max_grad_norm, Some(1.0), Some(0.1), Some(10.0)]),
+        pick(draws.dropout.len() > 1, draws.dropout.to_vec()),
+    )
+        .prop_map(|(lr, weight_decay, betas, eps, warmup, min_ratio, total_steps, max_grad_norm, dropout)| {
+            Recipe { lr, weight_decay, betas, eps, warmup, min_ratio, total_steps, max_grad_norm, dropout }
+        })
+}
+
 /// A trainer setup: a spec of one of `families` in one of `dtypes` (each shrinking toward the
 /// first), seeded weights,
 /// an adapter of `kind` with non-zero B (so that comparisons see it), for QLoRA a 4-bit config
-/// with any compute dtype (f32, bf16, f16; the original dtype is the model's), and a training
-/// config with `grad_accum` micro-batches per step. Architectures failing `precondition` are
-/// redrawn before any weights are generated (a rejected draw costs no weight generation).
+/// with any compute dtype (f32, bf16, f16; the original dtype is the model's), a training
+/// recipe per `draws`, and `grad_accum` micro-batches per step. Architectures failing
+/// any of `preconditions` are redrawn before any weights are generated (a rejected draw costs
+/// no weight generation).
 pub fn arb_setup(
     kind: AdapterKind,
     grad_accum: usize,
     dtypes: Vec<candle_core::DType>,
     families: Vec<Family>,
-    precondition: Option<fn(&ArchSpec) -> bool>,
+    preconditions: Vec<fn(&ArchSpec) -> bool>,
+    draws: Draws,
 ) -> impl Strategy<Value = crate::subject::Setup> {
     use crate::adapt::lora::{LoraInit, PROJECTIONS};
     use crate::adapt::{LoraConfig, QuantConfig};
     use candle_core::DType;
     assert!(!dtypes.is_empty(), "arb_setup needs at least one dtype");
     assert!(!families.is_empty(), "arb_setup needs at least one family");
+    assert!(!draws.dropout.is_empty(), "a property draws from at least one dropout probability");
     (
         proptest::sample::select(families).prop_flat_map(arb_family),
         proptest::sample::select(dtypes),
@@ -186,9 +323,10 @@ pub fn arb_setup(
             any::<bool>(),
             prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
         ),
+        arb_recipe(draws),
     )
-        .prop_filter("the property's precondition", move |t| precondition.is_none_or(|f| f(&t.0)))
-        .prop_map(move |(mut spec, dtype, seed, r, alpha, rslora, targets, (blocksize, dq, compute))| {
+        .prop_filter("the property's precondition", move |t| preconditions.iter().all(|f| f(&t.0)))
+        .prop_map(move |(mut spec, dtype, seed, r, alpha, rslora, targets, (blocksize, dq, compute), recipe)| {
             spec.dtype = dtype;
             let weights = crate::weights::generate(&spec, seed, &candle_core::Device::Cpu).expect("valid spec");
             let mut modules_to_save = Vec::new();
@@ -198,7 +336,7 @@ pub fn arb_setup(
                     modules_to_save.push("lm_head".to_string());
                 }
             }
-            let lora = LoraConfig {
+            let mut lora = LoraConfig {
                 r,
                 alpha,
                 use_rslora: rslora,
@@ -213,7 +351,8 @@ pub fn arb_setup(
                 compute_dtype: compute,
                 ..QuantConfig::default()
             });
-            let train = crate::train::TrainConfig { grad_accum, ..crate::train::TrainConfig::default() };
+            let mut train = crate::train::TrainConfig { grad_accum, ..crate::train::TrainConfig::default() };
+            recipe.apply(&mut train, &mut lora);
             crate::subject::Setup { spec, weights, lora, quant, train, adapter_seed: seed + 1 }
         })
 }

@@ -44,6 +44,11 @@ pub struct Capabilities {
     pub bf16: bool,
     /// Models held and computed in float16.
     pub f16: bool,
+    /// LoRA dropout (`lora_dropout` > 0): active in train mode only.
+    pub dropout: bool,
+    /// Train-mode dropout drawn from the setup's seed: two subjects built from one setup draw
+    /// the same masks.
+    pub reproducible_dropout: bool,
 }
 
 impl Capabilities {
@@ -57,6 +62,8 @@ impl Capabilities {
             train_embeddings: true,
             bf16: true,
             f16: true,
+            dropout: true,
+            reproducible_dropout: true,
         }
     }
 
@@ -70,6 +77,8 @@ impl Capabilities {
             train_embeddings: false,
             bf16: false,
             f16: false,
+            dropout: false,
+            reproducible_dropout: false,
         }
     }
 
@@ -92,6 +101,8 @@ impl Capabilities {
             (need.train_embeddings && !self.train_embeddings, "train_embeddings"),
             (need.bf16 && !self.bf16, "bf16"),
             (need.f16 && !self.f16, "f16"),
+            (need.dropout && !self.dropout, "dropout"),
+            (need.reproducible_dropout && !self.reproducible_dropout, "reproducible_dropout"),
         ]
         .into_iter()
         .find(|(missing, _)| *missing)

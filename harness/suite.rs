@@ -32,6 +32,8 @@ pub struct Row {
     pub subject: String,
     /// The verdict: cases run, skips with reasons, or the failure with its replay line.
     pub verdict: Verdict,
+    /// Wall time the row took, in seconds.
+    pub seconds: f64,
 }
 
 /// Options for a run.
@@ -53,6 +55,11 @@ pub struct Options {
     /// Shrinking steps after a failure (each rebuilds a subject: keep it small for a driver
     /// process).
     pub max_shrink_iters: u32,
+    /// Wall-time budget for shrinking one failure (`None`: no limit).
+    pub max_shrink_time: Option<std::time::Duration>,
+    /// Run only partition `k` of `n` (1-based): the rows whose index in the whole run is
+    /// `k − 1` modulo `n`, so the partitions together are exactly the whole run.
+    pub partition: Option<(usize, usize)>,
 }
 
 impl Options {
@@ -66,7 +73,14 @@ impl Options {
             strict: false,
             mutant: None,
             max_shrink_iters: PropConfig::default().max_shrink_iters,
+            max_shrink_time: None,
+            partition: None,
         }
+    }
+
+    /// Whether row `index` of the whole run (0-based, in run order) is in this run's partition.
+    pub fn in_partition(&self, index: usize) -> bool {
+        self.partition.is_none_or(|(k, n)| index % n == k - 1)
     }
 
     fn wants(&self, p: &Property) -> bool {
@@ -119,6 +133,7 @@ impl Options {
             strict: self.strict,
             families: self.families.clone(),
             max_shrink_iters: self.max_shrink_iters,
+            max_shrink_time: self.max_shrink_time,
             ..PropConfig::default()
         }
     }
@@ -147,54 +162,63 @@ pub fn run_catalogue(p: &Property, factory: &dyn Factory, device: &Device, opts:
     v
 }
 
-/// Run every catalogue property (or those in `opts.properties`) against the reference: the
-/// forward properties one row per family, the rest one row each; `progress` is told each row.
+/// Run every catalogue property (or those in `opts.properties`, in `opts.partition`) against
+/// the reference: the forward properties one row per family, the rest one row each;
+/// `progress` is told each row.
 pub fn run(device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> Vec<Row> {
     let mut out = Vec::new();
-    let mut push = |row: Row| {
-        progress(&row);
-        out.push(row);
-    };
+    let mut index = 0;
     for p in CATALOGUE.iter().filter(|p| opts.wants(p)) {
-        if let catalogue::Body::Forward(prop) = p.body {
-            for &family in &opts.families {
-                push(Row {
-                    family: family.to_string(),
-                    property: p.id,
-                    title: p.title,
-                    device: crate::device::name(device),
-                    subject: subject_name(p, &Reference),
-                    verdict: run_forward(device, family, prop, opts, Faults::default()),
-                });
+        let families: Vec<Option<Family>> = match p.body {
+            catalogue::Body::Forward(_) => opts.families.iter().copied().map(Some).collect(),
+            _ => vec![None],
+        };
+        for family in families {
+            index += 1;
+            if !opts.in_partition(index - 1) {
+                continue;
             }
-            continue;
+            let start = std::time::Instant::now();
+            let verdict = match (p.body, family) {
+                (catalogue::Body::Forward(prop), Some(f)) => run_forward(device, f, prop, opts, Faults::default()),
+                _ => run_catalogue(p, &Reference, device, opts),
+            };
+            let row = Row {
+                family: family.map_or("all".to_string(), |f| f.to_string()),
+                property: p.id,
+                title: p.title,
+                device: crate::device::name(device),
+                subject: subject_name(p, &Reference),
+                verdict,
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            progress(&row);
+            out.push(row);
         }
-        push(Row {
-            family: "all".into(),
-            property: p.id,
-            title: p.title,
-            device: crate::device::name(device),
-            subject: subject_name(p, &Reference),
-            verdict: run_catalogue(p, &Reference, device, opts),
-        });
     }
     out
 }
 
-/// Run every trainer property (or those in `opts.properties`) against an outside subject
-/// made by `factory` — a driver process, say — one row each. The forward and kernel
-/// properties judge tunecheck's own model and kernels, and P6 compares devices of tunecheck's
-/// own trainer, so they are not run; `progress` is told each row.
+/// Run every trainer property (or those in `opts.properties`, in `opts.partition`) against an
+/// outside subject made by `factory` — a driver process, say — one row each. The forward and
+/// kernel properties judge tunecheck's own model and kernels, and P6 compares devices of
+/// tunecheck's own trainer, so they are not run; `progress` is told each row.
 pub fn run_subject(factory: &dyn Factory, device: &Device, opts: &Options, mut progress: impl FnMut(&Row)) -> Vec<Row> {
     let mut out = Vec::new();
-    for p in subject_properties(opts) {
+    for (i, p) in subject_properties(opts).into_iter().enumerate() {
+        if !opts.in_partition(i) {
+            continue;
+        }
+        let start = std::time::Instant::now();
+        let verdict = run_catalogue(p, factory, device, opts);
         let row = Row {
             family: "all".into(),
             property: p.id,
             title: p.title,
             device: crate::device::name(device),
             subject: factory.name(),
-            verdict: run_catalogue(p, factory, device, opts),
+            verdict,
+            seconds: start.elapsed().as_secs_f64(),
         };
         progress(&row);
         out.push(row);
@@ -209,11 +233,12 @@ pub fn subject_properties(opts: &Options) -> Vec<&'static Property> {
 
 /// Rows [`run`] produces for `opts` (for progress counters).
 pub fn row_count(opts: &Options) -> usize {
-    CATALOGUE
+    let all: usize = CATALOGUE
         .iter()
         .filter(|p| opts.wants(p))
         .map(|p| if matches!(p.body, catalogue::Body::Forward(_)) { opts.families.len() } else { 1 })
-        .sum()
+        .sum();
+    (0..all).filter(|&i| opts.in_partition(i)).count()
 }
 
 fn subject_name(p: &Property, f: &dyn Factory) -> String {
@@ -261,6 +286,7 @@ pub fn run_mutant(m: &MutantInfo, device: &Device, opts: &Options) -> MutantRow 
             let family = bug.family().map_or("all".to_string(), |f| f.to_string());
             let mut cfg = opts.prop_config();
             cfg.kinds = bug.kinds();
+            cfg.precondition = bug.precondition();
             let mut v = crate::props::runner::run(p, &crate::mutants::Mutant(bug), device, &cfg);
             set_replay(&mut v, opts.replay(p.id, device, None));
             (family, v)
@@ -288,12 +314,15 @@ fn set_replay(v: &mut Verdict, line: String) {
     }
 }
 
-/// Run every mutant (or the one in `opts.mutant`) against the property that must catch it.
+/// Run every mutant (or the one in `opts.mutant`; those in `opts.partition`) against the
+/// property that must catch it.
 pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&MutantRow)) -> Vec<MutantRow> {
     crate::mutants::catalogue()
         .iter()
         .filter(|m| opts.mutant.as_deref().is_none_or(|n| n == m.name))
-        .map(|m| {
+        .enumerate()
+        .filter(|(i, _)| opts.in_partition(*i))
+        .map(|(_, m)| {
             let row = run_mutant(m, device, opts);
             progress(&row);
             row
@@ -304,9 +333,11 @@ pub fn run_mutants(device: &Device, opts: &Options, mut progress: impl FnMut(&Mu
 /// Run a named mutant as the subject of `check` (what a replay line does): the rows its
 /// property produces, which must fail.
 pub fn run_as_subject(m: &MutantInfo, device: &Device, opts: &Options) -> Vec<Row> {
+    let start = std::time::Instant::now();
     let row = run_mutant(m, device, opts);
     let title = catalogue::by_id(m.caught_by).map_or(m.caught_by, |p| p.title);
     vec![Row {
+        seconds: start.elapsed().as_secs_f64(),
         family: row.family,
         property: m.caught_by,
         title,

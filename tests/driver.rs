@@ -70,6 +70,7 @@ fn every_trainer_mutant_is_caught_through_the_protocol() {
             ..PropConfig::default()
         };
         cfg.kinds = bug.kinds();
+        cfg.precondition = bug.precondition();
         if let Some(fam) = bug.family() {
             cfg.families = vec![fam];
         }
@@ -138,7 +139,7 @@ fn a_case_the_driver_declares_unsupported_is_set_aside_and_shown() {
     let p = catalogue::by_id("P5").unwrap();
     let cfg = PropConfig { cases: 2, seed: 1, families: vec![Family::Llama], ..PropConfig::default() };
     match run(p, &f, &Device::Cpu, &cfg) {
-        Verdict::Passed { cases_run, skipped } => {
+        Verdict::Passed { cases_run, skipped, .. } => {
             assert!(cases_run >= 2, "the set-aside case must not count: {cases_run}");
             assert!(
                 skipped.iter().any(|s| s.contains("some cases set aside") && s.contains("beyond this subject")),

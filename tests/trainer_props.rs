@@ -46,6 +46,7 @@ fn each_mutant_is_caught_by_its_property_matrix_pinned() {
             families: bug.family().map_or(tunecheck::spec::Family::ALL.to_vec(), |f| vec![f]),
             max_shrink_iters: if own { 256 } else { 0 },
             kinds: bug.kinds(),
+            precondition: bug.precondition(),
             ..PropConfig::default()
         };
         run(p, &Mutant(bug), &Device::Cpu, &cfg)

@@ -42,7 +42,7 @@ fn a_skipped_kind_and_dtype_are_visible_and_fail_under_strict() {
     let mut caps = Capabilities::all();
     (caps.quant4, caps.f16) = (false, false);
     let v = run(p1(), &Limited(caps), &Device::Cpu, &cfg());
-    let Verdict::Passed { cases_run, skipped } = &v else { panic!("{v:?}") };
+    let Verdict::Passed { cases_run, skipped, .. } = &v else { panic!("{v:?}") };
     assert_eq!(*cases_run, 4, "two kinds × 2 cases ran");
     assert!(skipped.iter().any(|s| s == "f16: the subject does not declare `f16`"), "{skipped:?}");
     assert!(skipped.iter().any(|s| s == "qlora_nf4: the subject does not declare `quant4`"), "{skipped:?}");

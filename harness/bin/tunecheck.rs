@@ -64,6 +64,26 @@ enum Cmd {
         /// property fails (default: $TUNECHECK_DRIVER_TIMEOUT, else 300).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Seconds shrinking one failure may take; when they run out, the smallest failing
+        /// case found so far is reported (default: 180 with --trainer, else no limit).
+        #[arg(long, value_name = "SECS")]
+        shrink_time: Option<f64>,
+        /// Compare every row's outcome (pass, skip, fail:<clause>, error) with this file of
+        /// known outcomes (lines `property [family] outcome`, # comments): exit 0 when all
+        /// match, failures included; 1 naming each change.
+        #[arg(long, value_name = "FILE")]
+        expect: Option<PathBuf>,
+        /// With --expect FILE: write FILE from this run (keeping its comments and the rows this
+        /// run did not produce) instead of comparing.
+        #[arg(long, requires = "expect")]
+        bless: bool,
+        /// Write the rows as JUnit XML (a testcase per property and family) to FILE.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Run only partition K of N (K/N): row i of the whole run is in partition (i mod N) + 1,
+        /// so the partitions together are exactly the whole run.
+        #[arg(long, value_name = "K/N")]
+        partition: Option<String>,
     },
     /// Speak the driver protocol on stdin/stdout around the reference trainer (or a planted-bug
     /// mutant): the Rust driver that tests the protocol, and an example for driver authors.
@@ -232,7 +252,24 @@ fn on_terminal() -> bool {
 fn run(cmd: Cmd) -> CmdResult {
     match cmd {
         Cmd::Driver { mutant, fault } => cli::check::driver(mutant.as_deref(), &fault),
-        Cmd::Check { device, cases, seed, family, property, strict, json, mutants, mutant, trainer, timeout } => {
+        Cmd::Check {
+            device,
+            cases,
+            seed,
+            family,
+            property,
+            strict,
+            json,
+            mutants,
+            mutant,
+            trainer,
+            timeout,
+            shrink_time,
+            expect,
+            bless,
+            junit,
+            partition,
+        } => {
             let args = CheckArgs {
                 device,
                 cases,
@@ -245,6 +282,11 @@ fn run(cmd: Cmd) -> CmdResult {
                 mutant,
                 trainer,
                 timeout,
+                shrink_time,
+                expect,
+                bless,
+                junit,
+                partition,
             };
             cli::check::check(&args, &mut |line| eprintln!("{line}"))
         }

@@ -15,6 +15,9 @@ use crate::suite::{self, MutantRow, Options, Row};
 /// at every step.
 pub const DRIVER_SHRINK_ITERS: u32 = 24;
 
+/// Default wall-time budget for shrinking one failure of an outside trainer, in seconds.
+pub const DRIVER_SHRINK_SECS: f64 = 180.0;
+
 /// The arguments of `check`.
 #[derive(Debug, Clone)]
 pub struct CheckArgs {
@@ -40,6 +43,58 @@ pub struct CheckArgs {
     pub trainer: Option<String>,
     /// Seconds each driver operation may take.
     pub timeout: Option<f64>,
+    /// Seconds shrinking one failure may take (default: 180 with `--trainer`, else no limit).
+    pub shrink_time: Option<f64>,
+    /// Compare the outcomes with this expected-outcomes file (or write it, with `bless`).
+    pub expect: Option<std::path::PathBuf>,
+    /// Write `expect` from this run instead of comparing.
+    pub bless: bool,
+    /// Write JUnit XML here.
+    pub junit: Option<std::path::PathBuf>,
+    /// `k/n`: run only the k-th of n deterministic partitions of the rows.
+    pub partition: Option<String>,
+}
+
+impl CheckArgs {
+    /// The arguments of `tunecheck check` with everything at its default (CPU, 16 cases, seed
+    /// 0, every family and property, the reference).
+    pub fn new() -> Self {
+        CheckArgs {
+            device: "cpu".into(),
+            cases: 16,
+            seed: 0,
+            families: Vec::new(),
+            properties: Vec::new(),
+            strict: false,
+            json: false,
+            mutants: false,
+            mutant: None,
+            trainer: None,
+            timeout: None,
+            shrink_time: None,
+            expect: None,
+            bless: false,
+            junit: None,
+            partition: None,
+        }
+    }
+}
+
+impl Default for CheckArgs {
+    fn default() -> Self {
+        CheckArgs::new()
+    }
+}
+
+/// `k/n` with 1 ≤ k ≤ n.
+pub fn parse_partition(s: &str) -> Result<(usize, usize), Failure> {
+    let bad = || Failure::usage(format!("--partition {s}: expected k/n with 1 ≤ k ≤ n (e.g. 2/4)"));
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n) = (k.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+    if n == 0 || k == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
 }
 
 /// Run `check`; `progress` receives one line per finished row (none with `--json`).
@@ -71,6 +126,23 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
         })?),
         None => None,
     };
+    let partition = a.partition.as_deref().map(parse_partition).transpose()?;
+    let shrink_secs = match a.shrink_time {
+        Some(t) if t.is_finite() && t > 0.0 => Some(t),
+        Some(t) => return Err(Failure::usage(format!("--shrink-time {t}: not a positive number of seconds"))),
+        None => a.trainer.is_some().then_some(DRIVER_SHRINK_SECS),
+    };
+    if a.bless && a.expect.is_none() {
+        return Err(Failure::usage("--bless writes the file named by --expect FILE; give --expect"));
+    }
+    if a.mutants && (a.expect.is_some() || a.junit.is_some()) {
+        return Err(Failure::usage("--expect and --junit record property rows; --mutants has its own table"));
+    }
+    let expected = match &a.expect {
+        Some(path) if a.bless && !path.exists() => Some(crate::outcomes::Expected::default()),
+        Some(path) => Some(crate::outcomes::Expected::read(path)?),
+        None => None,
+    };
     let opts = Options {
         cases: a.cases,
         seed: a.seed,
@@ -83,6 +155,8 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
         } else {
             PropConfig::default().max_shrink_iters
         },
+        max_shrink_time: shrink_secs.map(Duration::from_secs_f64),
+        partition,
     };
     let start = Instant::now();
     let mut say = |line: String| {
@@ -108,16 +182,17 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
             crate::process::ProcessFactory::start(cmd, timeout).map_err(|e| Failure::failed(e.to_string()))?;
         let h = factory.hello();
         say(format!("subject: {} {} via `{cmd}`", h.framework, h.version));
-        let total = suite::subject_properties(&opts).len();
+        let total = (0..suite::subject_properties(&opts).len()).filter(|&i| opts.in_partition(i)).count();
         let mut done = 0;
         let rows = suite::run_subject(&factory, &device, &opts, |r: &Row| {
             done += 1;
             say(progress_subject_row(done, total, start.elapsed().as_secs_f64(), r));
         });
-        return Ok(rows_outcome(&rows, a.json));
+        return finish(a, &rows, expected.as_ref(), &format!("tunecheck check: {} {}", h.framework, h.version));
     }
     if a.mutants {
-        let total = if named.is_some() { 1 } else { crate::mutants::catalogue().len() };
+        let all = if named.is_some() { 1 } else { crate::mutants::catalogue().len() };
+        let total = (0..all).filter(|&i| opts.in_partition(i)).count();
         let mut done = 0;
         let rows = suite::run_mutants(&device, &opts, |r: &MutantRow| {
             done += 1;
@@ -137,7 +212,60 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
             })
         }
     };
-    Ok(rows_outcome(&rows, a.json))
+    let subject = a.mutant.as_ref().map_or("reference".to_string(), |m| format!("mutant/{m}"));
+    finish(a, &rows, expected.as_ref(), &format!("tunecheck check: {subject}"))
+}
+
+/// The run's output and exit code: the table (or JSON), the JUnit file when asked, and with an
+/// expected-outcomes file either the comparison (exit 0 when every outcome is as expected,
+/// failures included; 1 naming each change) or, with `--bless`, the file rewritten.
+fn finish(a: &CheckArgs, rows: &[Row], expected: Option<&crate::outcomes::Expected>, suite_name: &str) -> CmdResult {
+    if let Some(path) = &a.junit {
+        crate::io::atomic::write_atomic(path, crate::report::junit::render(suite_name, rows).as_bytes())?;
+    }
+    let mut out = rows_outcome(rows, a.json);
+    let (Some(expected), Some(path)) = (expected, &a.expect) else { return Ok(out) };
+    if a.bless {
+        let blessed = expected.blessed(rows);
+        crate::io::atomic::write_atomic(path, blessed.render().as_bytes())?;
+        out.stderr.push_str(&format!(
+            "tunecheck check: wrote {} ({} rows from this run)\n",
+            path.display(),
+            rows.len()
+        ));
+        out.code = u8::from(rows.is_empty());
+        return Ok(out);
+    }
+    let changes = expected.changes(rows);
+    let not_run = expected.not_run(rows);
+    if !not_run.is_empty() {
+        let names: Vec<String> =
+            not_run.iter().map(|(p, f)| if f == "all" { p.clone() } else { format!("{p} {f}") }).collect();
+        out.stderr.push_str(&format!(
+            "tunecheck check: {} expected outcome(s) not run here (filtered, or in another partition): {}\n",
+            names.len(),
+            names.join(", ")
+        ));
+    }
+    if changes.is_empty() {
+        out.stderr.push_str(&format!(
+            "tunecheck check: every outcome as expected in {} ({} rows)\n",
+            path.display(),
+            rows.len()
+        ));
+        out.code = u8::from(rows.is_empty());
+    } else {
+        out.stderr.push_str(&format!(
+            "tunecheck check: {} outcome(s) changed from {}:\n",
+            changes.len(),
+            path.display()
+        ));
+        for c in &changes {
+            out.stderr.push_str(&format!("  {c}\n"));
+        }
+        out.code = 1;
+    }
+    Ok(out)
 }
 
 /// The table (or JSON) of `rows`; exit code 1 when a row failed or none ran.

@@ -11,4 +11,5 @@ pub mod layout;
 pub mod manifest;
 pub mod peft;
 pub mod quantize;
+pub mod scratch;
 pub mod st;

@@ -30,4 +30,10 @@ pub struct Faults {
     /// Every RMSNorm squares its input in the model dtype: in fp16, |x| > 256 overflows to inf
     /// and the norm returns zeros (Gemma's scaled activations reach hundreds).
     pub norm_variance_in_half: bool,
+    /// Dropout stays active in eval mode (a module left in train mode: PEFT's `get_peft_model`
+    /// returning an eval-mode model in train mode, the first cause named for a QLoRA adapter
+    /// that predicts differently after save and reload).
+    pub eval_keeps_dropout: bool,
+    /// Train mode applies no dropout (a dropout module built with p = 0, or never called).
+    pub train_ignores_dropout: bool,
 }

@@ -263,7 +263,11 @@ impl Transformer {
         }
         let (ids, b, s) = self.check_ids(ids)?;
         let pad_bias = self.pad_bias(attention_mask, cache.is_some(), b, s)?;
-        let ctx = Ctx { train: mode == Mode::Train, rng: &self.dropout_rng };
+        let dropout_on = match mode {
+            Mode::Train => !self.faults.train_ignores_dropout,
+            Mode::Eval => self.faults.eval_keeps_dropout,
+        };
+        let ctx = Ctx { train: dropout_on, rng: &self.dropout_rng };
         let mut x = self.embed_tokens(&ids, b, s)?;
         let mut positions = Positions::new(self, s, cache.as_ref().map(|c| c.len()));
         let streamed = next_layer.is_some();

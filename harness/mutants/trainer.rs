@@ -31,6 +31,10 @@ pub enum TrainerBug {
     OptimizerStateNotSaved,
     /// P3: a fit resumed mid-epoch starts the epoch again (the data position is lost).
     ResumeRestartsEpoch,
+    /// P3: the scheduler is not restored on reload (the first step uses the carried lr).
+    SchedulerNotRestored,
+    /// P3: a save writes the adapter as it was built, not as trained.
+    SaveInitialAdapter,
     /// P4: optimizer state reset at every epoch boundary.
     ResetAtEpoch,
     /// P4: learning-rate schedule restarted at every epoch boundary.
@@ -43,6 +47,14 @@ pub enum TrainerBug {
     PerMicroBatchMean,
     /// P10: tokens counted before the causal shift, in every path alike.
     TokensBeforeShift,
+    /// P10: the configured weight decay is ignored.
+    WeightDecayDropped,
+    /// P10: weight decay 0 configured, torch's AdamW default 0.01 applied.
+    WeightDecayDefault,
+    /// P13: dropout active in eval mode.
+    EvalKeepsDropout,
+    /// P13: no dropout in train mode.
+    TrainIgnoresDropout,
     /// P8: candle's fused RMSNorm (no backward) everywhere in the training path.
     FusedRmsNorm,
     /// P8: a fused norm without backward in the last decoder layer only.
@@ -57,7 +69,7 @@ pub enum TrainerBug {
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 20] = [
+    pub const ALL: [TrainerBug; 26] = [
         TrainerBug::EvalFastPathWrongNorm,
         TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
@@ -67,12 +79,18 @@ impl TrainerBug {
         TrainerBug::ReloadBaseDtype,
         TrainerBug::OptimizerStateNotSaved,
         TrainerBug::ResumeRestartsEpoch,
+        TrainerBug::SchedulerNotRestored,
+        TrainerBug::SaveInitialAdapter,
         TrainerBug::ResetAtEpoch,
         TrainerBug::ScheduleRestartAtEpoch,
         TrainerBug::PartialWindowOverK,
         TrainerBug::SkipEval,
         TrainerBug::PerMicroBatchMean,
         TrainerBug::TokensBeforeShift,
+        TrainerBug::WeightDecayDropped,
+        TrainerBug::WeightDecayDefault,
+        TrainerBug::EvalKeepsDropout,
+        TrainerBug::TrainIgnoresDropout,
         TrainerBug::FusedRmsNorm,
         TrainerBug::FusedLastLayerNorms,
         TrainerBug::FusedQkNorms,
@@ -92,12 +110,18 @@ impl TrainerBug {
             TrainerBug::ReloadBaseDtype => "reload_ignores_base_dtype",
             TrainerBug::OptimizerStateNotSaved => "optimizer_state_not_saved",
             TrainerBug::ResumeRestartsEpoch => "resume_restarts_epoch",
+            TrainerBug::SchedulerNotRestored => "scheduler_not_restored",
+            TrainerBug::SaveInitialAdapter => "save_writes_initial_adapter",
             TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
             TrainerBug::ScheduleRestartAtEpoch => "schedule_restart_at_epoch",
             TrainerBug::PartialWindowOverK => "short_window_over_k",
             TrainerBug::SkipEval => "eval_skipped",
             TrainerBug::PerMicroBatchMean => "per_microbatch_mean",
             TrainerBug::TokensBeforeShift => "tokens_before_shift",
+            TrainerBug::WeightDecayDropped => "weight_decay_dropped",
+            TrainerBug::WeightDecayDefault => "weight_decay_torch_default",
+            TrainerBug::EvalKeepsDropout => "eval_keeps_dropout",
+            TrainerBug::TrainIgnoresDropout => "train_ignores_dropout",
             TrainerBug::FusedRmsNorm => "fused_rms_norm_no_backward",
             TrainerBug::FusedLastLayerNorms => "fused_norm_one_layer",
             TrainerBug::FusedQkNorms => "fused_qk_norms_gemma3",
@@ -124,6 +148,10 @@ impl TrainerBug {
             TrainerBug::ReloadBaseDtype => "reload loads the base in f32 whatever torch_dtype was saved",
             TrainerBug::OptimizerStateNotSaved => "checkpoint without optimizer moments: resume restarts Adam",
             TrainerBug::ResumeRestartsEpoch => "resume from a mid-epoch checkpoint repeats the epoch's first batches",
+            TrainerBug::SchedulerNotRestored => {
+                "scheduler not restored on reload: the first step uses the carried lr, then the schedule restarts"
+            }
+            TrainerBug::SaveInitialAdapter => "save writes the adapter as initialised (a stale state dict), not as trained",
             TrainerBug::ResetAtEpoch => "optimizer state reset at the epoch boundary (the 0.07 -> 4.83 spike)",
             TrainerBug::ScheduleRestartAtEpoch => "learning-rate schedule restarted at every epoch (warmup again)",
             TrainerBug::PartialWindowOverK => {
@@ -134,6 +162,10 @@ impl TrainerBug {
             TrainerBug::TokensBeforeShift => {
                 "loss normalised by the tokens counted before the causal shift (position 0 included), alike in every path"
             }
+            TrainerBug::WeightDecayDropped => "the optimizer ignores the configured weight decay",
+            TrainerBug::WeightDecayDefault => "weight_decay 0 configured, torch AdamW's default 0.01 applied",
+            TrainerBug::EvalKeepsDropout => "LoRA dropout active in eval mode (a module left in train mode)",
+            TrainerBug::TrainIgnoresDropout => "LoRA dropout configured but never applied in train mode",
             TrainerBug::FusedRmsNorm => "fused rms_norm without backward in the training path",
             TrainerBug::FusedLastLayerNorms => {
                 "fused rms_norm without backward in one layer: wrong, non-zero gradients"
@@ -148,18 +180,22 @@ impl TrainerBug {
     pub fn caught_by(self) -> &'static str {
         match self {
             TrainerBug::EvalFastPathWrongNorm | TrainerBug::EvalPathCollapse => "P1",
-            TrainerBug::IgnoreUntrained | TrainerBug::ZeroRowsNormWithoutEps => "P2",
+            TrainerBug::IgnoreUntrained => "P14",
+            TrainerBug::ZeroRowsNormWithoutEps => "P2",
             TrainerBug::ReloadWithDefaultQuant
             | TrainerBug::ReloadComputeDtype
             | TrainerBug::ReloadBaseDtype
             | TrainerBug::OptimizerStateNotSaved
-            | TrainerBug::ResumeRestartsEpoch => "P3",
+            | TrainerBug::ResumeRestartsEpoch
+            | TrainerBug::SchedulerNotRestored
+            | TrainerBug::SaveInitialAdapter => "P3",
             TrainerBug::ResetAtEpoch
             | TrainerBug::ScheduleRestartAtEpoch
             | TrainerBug::PartialWindowOverK
             | TrainerBug::SkipEval => "P4",
             TrainerBug::PerMicroBatchMean => "P5",
-            TrainerBug::TokensBeforeShift => "P10",
+            TrainerBug::TokensBeforeShift | TrainerBug::WeightDecayDropped | TrainerBug::WeightDecayDefault => "P10",
+            TrainerBug::EvalKeepsDropout | TrainerBug::TrainIgnoresDropout => "P13",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedLastLayerNorms | TrainerBug::FusedQkNorms => "P8",
             TrainerBug::HalfPrecisionMaster => "P11",
             TrainerBug::NormVarianceInHalf => "P12",
@@ -178,12 +214,17 @@ impl TrainerBug {
             }
             TrainerBug::OptimizerStateNotSaved => "resume_differs",
             TrainerBug::ResumeRestartsEpoch => "resume_mid_epoch",
+            TrainerBug::SchedulerNotRestored => "resume_differs",
+            TrainerBug::SaveInitialAdapter => "logits_differ",
             TrainerBug::ResetAtEpoch | TrainerBug::ScheduleRestartAtEpoch | TrainerBug::PartialWindowOverK => {
                 "epoch_boundary"
             }
             TrainerBug::SkipEval => "eval_missing",
             TrainerBug::PerMicroBatchMean => "accumulation_mismatch",
             TrainerBug::TokensBeforeShift => "token_count",
+            TrainerBug::WeightDecayDropped | TrainerBug::WeightDecayDefault => "update_mismatch",
+            TrainerBug::EvalKeepsDropout => "eval_dropout",
+            TrainerBug::TrainIgnoresDropout => "dropout_inactive",
             TrainerBug::FusedLastLayerNorms => "gradient_mismatch",
             TrainerBug::FusedRmsNorm | TrainerBug::FusedQkNorms => return None,
             TrainerBug::HalfPrecisionMaster => "stall",
@@ -198,6 +239,26 @@ impl TrainerBug {
             TrainerBug::ReloadWithDefaultQuant | TrainerBug::ReloadComputeDtype | TrainerBug::ReloadBaseDtype => {
                 Some(vec![crate::strategy::AdapterKind::QLora])
             }
+            _ => None,
+        }
+    }
+
+    /// The setups where the bug exists, when it needs more than any. A fused norm in the last
+    /// layer gives wrong-but-non-zero gradients only where a layer precedes it and the layer's
+    /// own projections still get a gradient: with Gemma 2/3's norms after attention and the
+    /// MLP, it cuts the last layer's projections off entirely (no gradient: the
+    /// `fused_rms_norm_no_backward` mutant's symptom). Reloading with bf16 compute changes
+    /// nothing where the recorded compute dtype is bf16, nor in a bf16 model computing in f32
+    /// (the inputs and weights are bf16 values already, and the f32 product is rounded to
+    /// bf16 either way).
+    pub fn precondition(self) -> Option<fn(&crate::subject::Setup) -> bool> {
+        match self {
+            TrainerBug::FusedLastLayerNorms => Some(|s| s.spec.num_layers >= 2 && !s.spec.family.has_sandwich_norms()),
+            TrainerBug::ReloadComputeDtype => Some(|s| {
+                s.quant.is_some_and(|q| {
+                    q.compute_dtype != DType::BF16 && !(s.spec.dtype == DType::BF16 && q.compute_dtype == DType::F32)
+                })
+            }),
             _ => None,
         }
     }
@@ -219,6 +280,8 @@ impl TrainerBug {
             TrainerBug::FusedLastLayerNorms => Faults { fused_last_layer_norms: true, ..Faults::default() },
             TrainerBug::FusedQkNorms => Faults { fused_qk_norms: true, ..Faults::default() },
             TrainerBug::NormVarianceInHalf => Faults { norm_variance_in_half: true, ..Faults::default() },
+            TrainerBug::EvalKeepsDropout => Faults { eval_keeps_dropout: true, ..Faults::default() },
+            TrainerBug::TrainIgnoresDropout => Faults { train_ignores_dropout: true, ..Faults::default() },
             _ => Faults::default(),
         }
     }
@@ -236,6 +299,10 @@ impl TrainerBug {
             TrainerBug::SkipEval => f.skip_eval = true,
             TrainerBug::PerMicroBatchMean => f.per_microbatch_mean = true,
             TrainerBug::TokensBeforeShift => f.tokens_before_shift = true,
+            TrainerBug::WeightDecayDropped => f.drop_weight_decay = true,
+            TrainerBug::WeightDecayDefault => f.default_weight_decay = true,
+            TrainerBug::SchedulerNotRestored => f.schedule_not_restored = true,
+            TrainerBug::SaveInitialAdapter => f.save_initial_adapter = true,
             _ => {}
         }
         f

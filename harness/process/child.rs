@@ -39,6 +39,8 @@ pub struct Child {
     next_id: u64,
     /// Set once the driver broke the protocol, died or timed out: it is not asked again.
     broken: bool,
+    /// The work directory handed to the driver, removed once its process group is dead.
+    work: Option<std::path::PathBuf>,
 }
 
 impl Child {
@@ -94,7 +96,13 @@ impl Child {
             }
         });
         let stdin = process.stdin.take();
-        Ok(Child { command: command.to_string(), process, stdin, lines, stderr, next_id: 0, broken: false })
+        Ok(Child { command: command.to_string(), process, stdin, lines, stderr, next_id: 0, broken: false, work: None })
+    }
+
+    /// Take ownership of `dir` (the work directory given to the driver): it is removed after
+    /// the driver's process group is killed, whether the driver ended cleanly or not.
+    pub fn own_dir(&mut self, dir: std::path::PathBuf) {
+        self.work = Some(dir);
     }
 
     /// The command line the driver was started with.
@@ -234,6 +242,9 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.work.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -163,14 +163,7 @@ impl Server<'_> {
                 "protocol": wire::VERSION,
                 "framework": "tunecheck",
                 "version": format!("{} ({})", env!("CARGO_PKG_VERSION"), self.factory.name()),
-                "capabilities": {
-                    "save_load": self.factory.capabilities().save_load,
-                    "quant4": self.factory.capabilities().quant4,
-                    "grad_accum": self.factory.capabilities().grad_accum,
-                    "train_embeddings": self.factory.capabilities().train_embeddings,
-                    "bf16": self.factory.capabilities().bf16,
-                    "f16": self.factory.capabilities().f16,
-                },
+                "capabilities": wire::capabilities_json(&self.factory.capabilities()),
                 "families": crate::spec::Family::ALL.iter().map(|&f| f.short_name()).collect::<Vec<_>>(),
             }),
             "build" => {

@@ -45,14 +45,15 @@ impl ProcessFactory {
     /// Start one driver, check its handshake and keep it for the first subject. `timeout`
     /// bounds every operation (the handshake included).
     pub fn start(command: &str, timeout: Duration) -> Result<ProcessFactory> {
-        let (child, hello) = spawn(command, timeout)?;
+        let work = Rc::new(WorkDir::new()?);
+        let (child, hello) = spawn(command, &work, timeout)?;
         Ok(ProcessFactory {
             command: command.to_string(),
             timeout,
             hello,
             idle: Rc::new(RefCell::new(vec![child])),
             spare: RefCell::new(None),
-            work: Rc::new(WorkDir::new()?),
+            work,
         })
     }
 
@@ -84,10 +85,10 @@ impl ProcessFactory {
         let spare = self.spare.borrow_mut().take();
         let child = match spare {
             Some(c) => handshake(c, self.timeout)?.0,
-            None => spawn(&self.command, self.timeout)?.0,
+            None => spawn(&self.command, &self.work, self.timeout)?.0,
         };
         if fresh {
-            *self.spare.borrow_mut() = Some(start_process(&self.command)?);
+            *self.spare.borrow_mut() = Some(start_process(&self.command, &self.work)?);
         }
         Ok(child)
     }
@@ -121,12 +122,28 @@ impl ProcessFactory {
     }
 }
 
-fn start_process(command: &str) -> Result<Child> {
-    Child::spawn(command, &[("TUNECHECK_PROTOCOL", wire::VERSION.to_string())])
+/// Environment variable naming the driver's own work directory.
+pub const WORK_ENV: &str = "TUNECHECK_DRIVER_WORK";
+
+/// Start the driver with its own empty work directory (inside tunecheck's, named in
+/// [`WORK_ENV`]), which tunecheck removes once the driver is gone.
+fn start_process(command: &str, work: &WorkDir) -> Result<Child> {
+    let dir = work.fresh("driver", "");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let env = [("TUNECHECK_PROTOCOL", wire::VERSION.to_string()), (WORK_ENV, dir.display().to_string())];
+    let mut child = match Child::spawn(command, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    child.own_dir(dir);
+    Ok(child)
 }
 
-fn spawn(command: &str, timeout: Duration) -> Result<(Child, Hello)> {
-    handshake(start_process(command)?, timeout)
+fn spawn(command: &str, work: &WorkDir, timeout: Duration) -> Result<(Child, Hello)> {
+    handshake(start_process(command, work)?, timeout)
 }
 
 fn handshake(mut child: Child, timeout: Duration) -> Result<(Child, Hello)> {

@@ -70,6 +70,8 @@ impl Hello {
         capabilities.train_embeddings = flag("train_embeddings")?;
         capabilities.bf16 = flag("bf16")?;
         capabilities.f16 = flag("f16")?;
+        capabilities.dropout = flag("dropout")?;
+        capabilities.reproducible_dropout = flag("reproducible_dropout")?;
         // Incremental decoding is not part of the protocol: P1's cache clause needs the Rust
         // trait.
         capabilities.kv_cache = false;
@@ -140,8 +142,22 @@ pub fn error_answer(e: &Error) -> Value {
 }
 
 /// Capability names a driver may declare in `hello`.
-pub const CAPABILITY_NAMES: [&str; 7] =
-    ["save_load", "quant4", "grad_accum", "train_embeddings", "bf16", "f16", "dropout"];
+pub const CAPABILITY_NAMES: [&str; 8] =
+    ["save_load", "quant4", "grad_accum", "train_embeddings", "bf16", "f16", "dropout", "reproducible_dropout"];
+
+/// `capabilities` as a `hello` answer declares them.
+pub fn capabilities_json(c: &Capabilities) -> Value {
+    json!({
+        "save_load": c.save_load,
+        "quant4": c.quant4,
+        "grad_accum": c.grad_accum,
+        "train_embeddings": c.train_embeddings,
+        "bf16": c.bf16,
+        "f16": c.f16,
+        "dropout": c.dropout,
+        "reproducible_dropout": c.reproducible_dropout,
+    })
+}
 
 /// Write the directory a driver builds a subject from: `base/` (a Hugging Face checkpoint of
 /// the synthetic base in its dtype), `adapter/` (a PEFT adapter directory holding tunecheck's
@@ -271,14 +287,14 @@ pub fn read_tensors(
 
 /// A scratch work directory for one factory (removed on drop), handing out fresh paths.
 pub struct WorkDir {
-    dir: crate::props::p3_reload::Scratch,
+    dir: crate::io::scratch::Scratch,
     next: std::cell::Cell<u64>,
 }
 
 impl WorkDir {
     /// A new directory under the system temp dir.
     pub fn new() -> Result<WorkDir> {
-        Ok(WorkDir { dir: crate::props::p3_reload::Scratch::new("driver")?, next: std::cell::Cell::new(0) })
+        Ok(WorkDir { dir: crate::io::scratch::Scratch::new("driver")?, next: std::cell::Cell::new(0) })
     }
 
     /// A fresh path inside, named `<what>-<n><ext>`.

@@ -41,6 +41,8 @@ macro_rules! for_each_property {
             p10_oracle_agreement => $crate::props::p10_oracle::PROPERTY,
             p11_no_precision_stall => $crate::props::p11_precision::PROPERTY,
             p12_half_precision_range => $crate::props::p12_half_range::PROPERTY,
+            p13_dropout => $crate::props::p13_dropout::PROPERTY,
+            p14_untrained_token_guard => $crate::props::p14_untrained_guard::PROPERTY,
         }
     };
 }

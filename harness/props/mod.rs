@@ -6,9 +6,12 @@
 pub mod catalogue;
 pub mod compare;
 pub mod forward;
+pub mod oracle;
 pub mod p10_oracle;
 pub mod p11_precision;
 pub mod p12_half_range;
+pub mod p13_dropout;
+pub mod p14_untrained_guard;
 pub mod p1_modes;
 pub mod p2_untrained;
 pub mod p3_reload;
@@ -22,6 +25,7 @@ pub mod property;
 pub mod runner;
 pub mod seeding;
 pub mod shrink;
+pub mod tolerance;
 pub mod verdict;
 
 pub use compare::{bitwise_equal, max_abs_diff, rel_l2, within};

@@ -1,16 +1,23 @@
 //! P1 — eval path = train path: with dropout 0, train-mode logits equal eval-mode logits
-//! bitwise (the same computation); both are finite; the eval argmax does not collapse to one
-//! id where the train argmax does not (checked first, on its own: a separate eval-only fast
-//! path can collapse whatever else it does); the KV-cache decode equals the full forward within
-//! the dtype's path tolerance (different matmul shapes) and greedy generations are identical.
+//! within the dtype's path tolerance (a framework may run different code in its two modes and
+//! round differently; the measured difference is reported), and both are finite; the eval
+//! argmax does not collapse to one id where the train argmax does not (checked first, on its
+//! own: a separate eval-only fast path can collapse whatever else it does); the KV-cache decode
+//! equals the full forward within the path tolerance (different matmul shapes) and greedy
+//! generations agree, up to a near-tie of the two chosen tokens' logits. Bitwise equality of
+//! the two modes is F1's clause for tunecheck's own model; for any subject, the bug this
+//! property exists for (one token id everywhere, a mean logit gap of 2.17) is far beyond the
+//! tolerance. The precision is the setup's effective dtype (a 4-bit base's compute dtype when
+//! coarser than the model's).
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::model::Mode;
-use crate::props::forward::path_tolerance;
+use crate::props::compare::{greedy_agree, Greedy};
 use crate::props::property::Property;
-use crate::props::{bitwise_equal, rel_l2, Check, Violation};
+use crate::props::tolerance::{effective_dtype, observe, path_tolerance};
+use crate::props::{rel_l2, within, Check, Violation};
 use crate::strategy::random_batches;
 use crate::subject::{Factory, Setup};
 
@@ -21,10 +28,11 @@ pub const PROPERTY: Property = Property {
     id: "P1",
     test_name: "p1_eval_train_equivalence",
     title: "train == eval, no collapse, kv-cache",
-    invariant: "dropout 0: train logits == eval logits, both finite; eval argmax not collapsed to one id where \
-                train's is not (checked first, on its own); KV-cache decode == full forward; greedy decode identical",
-    tolerance: "train/eval bitwise in every dtype (same path); KV cache rel L2 f32 1e-5, bf16 2e-2, f16 5e-3 \
-                (other matmul shapes)",
+    invariant: "dropout 0: train logits == eval logits within tolerance (the difference reported), both finite; eval \
+                argmax not collapsed to one id where train's is not (checked first, on its own); KV-cache decode == \
+                full forward; greedy decode identical up to near-ties",
+    tolerance: "train/eval and KV cache rel L2 ≤ the path tolerance of the effective dtype: f32 1e-5, bf16 2e-2, \
+                f16 5e-3 (other op orders); greedy tokens equal up to a near-tie (two logits within 2·tol·‖logits‖)",
     ..Property::trainer(check)
 };
 
@@ -66,26 +74,33 @@ pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
             ),
         );
     }
-    if !bitwise_equal(&train, &eval)? {
+    let tol = path_tolerance(effective_dtype(setup));
+    let gap = rel_l2(&train, &eval)?;
+    observe("train vs eval logits, rel L2", gap, tol);
+    if !within(gap, tol) {
         return fail(
             "train_eval_differ",
-            format!("dropout is 0 but train and eval logits differ: rel L2 {:.3e}", rel_l2(&train, &eval)?),
+            format!("dropout is 0 but train and eval logits differ: rel L2 {gap:.3e} > {tol:.0e}"),
         );
     }
     if f.capabilities().kv_cache {
         let s = ids.dim(1)?;
         if let Some(cached) = t.cached_logits(&ids, s.div_ceil(2))? {
-            let tol = path_tolerance(setup.spec.dtype);
             let err = rel_l2(&cached, &eval)?;
-            if err.is_nan() || err > tol {
+            observe("KV-cache vs full forward logits, rel L2", err, tol);
+            if !within(err, tol) {
                 return fail("kv_cache", format!("KV-cache decode vs full forward: rel L2 {err:.3e} > {tol:.0e}"));
             }
         }
         let prompt = ids.narrow(1, 0, 2)?;
         let decoded = t.decode(&prompt, 4)?;
         let reference = crate::model::generate::greedy_with(|x| t.logits(x, Mode::Eval), &prompt, 4)?;
-        if decoded != reference {
-            return fail("decode", format!("greedy decode {decoded:?} differs from full-forward greedy {reference:?}"));
+        match greedy_agree(&decoded, &reference, &prompt, |x| t.logits(x, Mode::Eval), tol)? {
+            Greedy::Differ(detail) => return fail("decode", detail),
+            Greedy::NearTie { margin, allowance, .. } => {
+                observe("greedy decode near-tie, logit margin", margin, allowance)
+            }
+            Greedy::Same => {}
         }
     }
     Ok(())

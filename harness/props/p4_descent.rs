@@ -10,6 +10,7 @@ use candle_core::Device;
 
 use crate::props::property::Property;
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
+use crate::strategy::Draws;
 use crate::subject::{Factory, FitPlan, Setup};
 use crate::train::{Batch, IGNORE};
 
@@ -30,6 +31,7 @@ pub const PROPERTY: Property = Property {
                 boundary, short last window normalised by its own tokens)",
     tolerance: "bitwise for fit vs steps (same steps, same values); descent strict; eval change ≥ 1e-5 relative (~100 f32 ulps)",
     grad_accum: GRAD_ACCUM,
+    draws: Draws::OPTIMIZER,
     ..Property::trainer(check)
 };
 

@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device};
 
+use crate::io::scratch::Scratch;
 use crate::model::Mode;
-use crate::props::p3_reload::Scratch;
 use crate::props::property::{Body, Property, ALL_DTYPES};
 use crate::props::{bitwise_equal, rel_l2, within, Check, Violation};
 use crate::strategy::{random_batches, AdapterKind};
@@ -28,6 +28,7 @@ pub const PROPERTY: Property = Property {
     needs: Capabilities { save_load: true, ..Capabilities::none() },
     grad_accum: 1,
     filter: None,
+    draws: crate::strategy::Draws::NONE,
     body: Body::CrossDevice(check),
 };
 

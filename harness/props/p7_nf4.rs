@@ -25,6 +25,7 @@ pub const PROPERTY: Property = Property {
     needs: crate::subject::Capabilities::none(),
     grad_accum: 1,
     filter: None,
+    draws: crate::strategy::Draws::NONE,
     body: Body::Kernels(|cfg| nf4_round_trip(crate::quant::quantize, cfg)),
 };
 
@@ -145,7 +146,7 @@ pub fn nf4_round_trip(quantize: Quantizer, cfg: &PropConfig) -> Verdict {
         Ok(())
     });
     match result {
-        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
+        Ok(()) => Verdict::passed_all(cases),
         Err(e) => violated("round_trip", e.to_string()),
     }
 }

@@ -34,6 +34,7 @@ pub const PROPERTY: Property = Property {
     needs: crate::subject::Capabilities::none(),
     grad_accum: 1,
     filter: None,
+    draws: crate::strategy::Draws::NONE,
     body: Body::Kernels(|cfg| kernels_match_oracle(&crate::quant::kernels::Isa::best(), cfg)),
 };
 
@@ -182,7 +183,7 @@ pub fn kernels_match_oracle(kernels: &dyn Q4Kernels, cfg: &PropConfig) -> Verdic
         Config { cases, source_file: cfg.source_file, failure_persistence: cfg.persistence(), ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, crate::props::seeding::seeded(cfg.seed));
     match runner.run(&arb_kernel_case(), |c| check_case(kernels, &c)) {
-        Ok(()) => Verdict::Passed { cases_run: cases, skipped: Vec::new() },
+        Ok(()) => Verdict::passed_all(cases),
         Err(TestError::Fail(why, c)) => {
             let minimal = serde_json::json!({
                 "rows": c.q.shape[0],

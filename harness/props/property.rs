@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use crate::props::verdict::{PropConfig, Verdict};
 use crate::props::Check;
 use crate::spec::ArchSpec;
-use crate::strategy::AdapterKind;
+use crate::strategy::{AdapterKind, Draws};
 use crate::subject::{Capabilities, Factory, Setup};
 
 /// A forward property of the model, run per family (its checks live in
@@ -63,13 +63,16 @@ pub struct Property {
     /// Architectures it cannot judge (a precondition): such draws are redrawn before their
     /// weights are generated, never run.
     pub filter: Option<fn(&ArchSpec) -> bool>,
+    /// The parts of the training recipe its setups draw (the rest stay at the simplest).
+    pub draws: Draws,
     /// The check.
     pub body: Body,
 }
 
 impl Property {
     /// A trainer property over `check` with the common defaults — every adapter kind, every
-    /// dtype, no extra capability, one micro-batch per step, no precondition — for struct
+    /// dtype, no extra capability, one micro-batch per step, no precondition, the simplest
+    /// recipe — for struct
     /// update: `Property { id, test_name, title, invariant, tolerance, ..Property::trainer(check) }`
     /// (the words are left empty here; the catalogue test rejects an entry that keeps them).
     pub const fn trainer(check: TrainerCheck) -> Property {
@@ -84,6 +87,7 @@ impl Property {
             needs: Capabilities::none(),
             grad_accum: 1,
             filter: None,
+            draws: Draws::NONE,
             body: Body::Trainer(check),
         }
     }

@@ -39,6 +39,13 @@ pub fn describe(s: &Setup) -> serde_json::Value {
         },
         "quantization_config": s.quant.as_ref().map(crate::io::config::quant_to_json),
         "grad_accum": s.train.grad_accum,
+        "recipe": {
+            "learning_rate": s.train.optim.lr, "weight_decay": s.train.optim.weight_decay,
+            "adam_beta1": s.train.optim.beta1, "adam_beta2": s.train.optim.beta2, "adam_epsilon": s.train.optim.eps,
+            "warmup_steps": s.train.schedule.warmup_steps, "min_lr_ratio": s.train.schedule.min_ratio,
+            "total_steps": s.train.schedule.total_steps, "max_grad_norm": s.train.max_grad_norm,
+            "lora_dropout": s.lora.dropout,
+        },
         "adapter_seed": s.adapter_seed,
     })
 }
@@ -56,6 +63,7 @@ pub fn kind_needs(kind: AdapterKind, grad_accum: usize) -> Capabilities {
 /// Run trainer property `prop` against subjects from `factory` on `device`.
 pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropConfig) -> Verdict {
     pin_thread_count();
+    crate::props::tolerance::clear_observed();
     let cases = match cfg.effective_cases() {
         Ok(c) => c,
         Err(e) => return Verdict::failed_with(FailReason::Config, e),
@@ -133,16 +141,27 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                 continue;
             }
             let counter = Cell::new(0u32);
+            let precondition = cfg.precondition;
             // Shrinking keeps the kind of the first failure: a smaller setup that fails a
             // different clause (or errors) is not a smaller example of *this* failure.
             let first: std::cell::RefCell<Option<String>> = Default::default();
-            let strategy =
-                SimplestFirst::new(arb_setup(kind, prop.grad_accum, dtypes.clone(), families.clone(), prop.filter));
+            let strategy = SimplestFirst::new(
+                arb_setup(
+                    kind,
+                    prop.grad_accum,
+                    dtypes.clone(),
+                    families.clone(),
+                    prop.filter.into_iter().collect(),
+                    prop.draws,
+                )
+                .prop_filter("the planted bug's precondition", move |s| precondition.is_none_or(|f| f(s))),
+            );
             let config = Config {
                 cases,
                 source_file: cfg.source_file,
                 failure_persistence: cfg.persistence(),
                 max_shrink_iters: cfg.max_shrink_iters,
+                max_shrink_time: cfg.max_shrink_time.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
                 // A precondition that rejects 4096 draws in a row is one no setup meets: the run
                 // aborts (zero cases, a failure) instead of drawing proptest's default 65 536.
                 max_local_rejects: MAX_PRECONDITION_REJECTS,
@@ -222,7 +241,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             }
         }
     }
-    finish(cfg, Verdict::Passed { cases_run, skipped })
+    finish(cfg, Verdict::Passed { cases_run, skipped, measured: crate::props::tolerance::take_observed() })
 }
 
 /// What kind of failure `f` is: the violated property and clause, or `error`.
@@ -236,10 +255,10 @@ fn failure_key(f: &Failure) -> String {
 /// The last rules: zero cases run is a failure; under `strict` any skip is one.
 fn finish(cfg: &PropConfig, v: Verdict) -> Verdict {
     let v = match v {
-        Verdict::Passed { cases_run: 0, skipped } if skipped.is_empty() => {
+        Verdict::Passed { cases_run: 0, skipped, .. } if skipped.is_empty() => {
             return Verdict::failed_with(FailReason::NoCases, "no case ran")
         }
-        Verdict::Passed { cases_run: 0, skipped } => Verdict::Skipped { reason: skipped.join("; ") },
+        Verdict::Passed { cases_run: 0, skipped, .. } => Verdict::Skipped { reason: skipped.join("; ") },
         other => other,
     };
     let skips = v.skips();
@@ -257,8 +276,15 @@ fn sub_seed(seed: u64, prop: &str, kind: AdapterKind) -> u64 {
 /// The first setup `prop` would draw for `kind` with `seed` (for probes and tests).
 pub fn first_setup(prop: &Property, kind: AdapterKind, seed: u64) -> Option<Setup> {
     let mut runner = TestRunner::new_with_rng(Config::default(), seeded(sub_seed(seed, prop.id, kind)));
-    arb_setup(kind, prop.grad_accum, prop.dtypes.to_vec(), Family::ALL.to_vec(), prop.filter)
-        .new_tree(&mut runner)
-        .ok()
-        .map(|t| t.current())
+    arb_setup(
+        kind,
+        prop.grad_accum,
+        prop.dtypes.to_vec(),
+        Family::ALL.to_vec(),
+        prop.filter.into_iter().collect(),
+        prop.draws,
+    )
+    .new_tree(&mut runner)
+    .ok()
+    .map(|t| t.current())
 }

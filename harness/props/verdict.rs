@@ -5,6 +5,7 @@
 use proptest::test_runner::FileFailurePersistence;
 use serde::Serialize;
 
+use crate::props::tolerance::Measured;
 use crate::props::Failure;
 use crate::spec::Family;
 use crate::strategy::AdapterKind;
@@ -27,6 +28,13 @@ pub struct PropConfig {
     pub max_shrink_iters: u32,
     /// Only these adapter kinds of each property (`None`: all of them).
     pub kinds: Option<Vec<AdapterKind>>,
+    /// Wall-time budget for shrinking one failure (`None`: no limit); when it runs out, the
+    /// smallest failing case found so far is reported.
+    pub max_shrink_time: Option<std::time::Duration>,
+    /// A precondition on the setup on top of the property's own (a planted bug that exists
+    /// only where the model has two layers, or where a 4-bit base computes in another dtype
+    /// than the bug forces): draws failing it are redrawn.
+    pub precondition: Option<fn(&crate::subject::Setup) -> bool>,
 }
 
 impl Default for PropConfig {
@@ -39,6 +47,8 @@ impl Default for PropConfig {
             families: Family::ALL.to_vec(),
             max_shrink_iters: 256,
             kinds: None,
+            max_shrink_time: None,
+            precondition: None,
         }
     }
 }
@@ -104,6 +114,10 @@ pub enum Verdict {
         cases_run: u32,
         /// Adapter kinds, dtypes or capabilities not exercised, each with its reason.
         skipped: Vec<String>,
+        /// The worst each bounded comparison came to its bound over the cases, worst ratio
+        /// first (empty for exact comparisons).
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        measured: Vec<Measured>,
     },
     /// Nothing could run, for this reason.
     Skipped {
@@ -151,6 +165,19 @@ impl Verdict {
             Verdict::Passed { skipped, .. } => skipped.clone(),
             Verdict::Skipped { reason } => vec![reason.clone()],
             Verdict::Failed { .. } => Vec::new(),
+        }
+    }
+
+    /// A pass of `cases_run` cases with nothing skipped and nothing measured.
+    pub fn passed_all(cases_run: u32) -> Self {
+        Verdict::Passed { cases_run, skipped: Vec::new(), measured: Vec::new() }
+    }
+
+    /// What a pass measured against its bounds (empty otherwise).
+    pub fn measured(&self) -> &[Measured] {
+        match self {
+            Verdict::Passed { measured, .. } => measured,
+            _ => &[],
         }
     }
 

@@ -155,10 +155,26 @@ pub fn summarize(v: &serde_json::Value) -> Option<String> {
                     q["bnb_4bit_compute_dtype"].as_str().unwrap_or("?")
                 )
             });
-            format!(
+            let mut s = format!(
                 "{model}; lora r={} targets={} save={}; 4-bit={quant}; grad_accum={}",
                 l["r"], l["target_modules"], l["modules_to_save"], v["grad_accum"]
-            )
+            );
+            if let Some(r) = v.get("recipe") {
+                s.push_str(&format!(
+                    "; lr={} wd={} betas=({}, {}) eps={} warmup={} min_lr_ratio={} total={} clip={} dropout={}",
+                    r["learning_rate"],
+                    r["weight_decay"],
+                    r["adam_beta1"],
+                    r["adam_beta2"],
+                    r["adam_epsilon"],
+                    r["warmup_steps"],
+                    r["min_lr_ratio"],
+                    r["total_steps"],
+                    r["max_grad_norm"],
+                    r["lora_dropout"]
+                ));
+            }
+            s
         }
         None => model,
     })

@@ -1,10 +1,11 @@
 //! What the command line prints: the `check` table and the mutant table ([`check`]), the
-//! `inspect` report ([`inspect`]), the README's property table ([`readme`]), JSON for
-//! `--json` ([`json`]), and the progress lines of `train` and `inspect` on a terminal.
+//! `inspect` report ([`inspect`]), the README's property table ([`readme`]), JUnit XML for
+//! `--junit` ([`junit`]), JSON for `--json` ([`json`]), and the progress lines of `train` and `inspect` on a terminal.
 //! Rendering only: every function returns text.
 
 pub mod check;
 pub mod inspect;
+pub mod junit;
 pub mod readme;
 
 /// `value` as pretty-printed JSON (an unserializable value prints as an empty string).

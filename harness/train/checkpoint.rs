@@ -43,7 +43,7 @@ pub fn owns(name: &str) -> bool {
 }
 
 fn write_into(st: &mut Staged, tr: &RefTrainer, base_model: &str) -> Result<()> {
-    peft::write_into(st, tr.model(), tr.lora(), tr.params(), tr.quant(), base_model)?;
+    peft::write_into(st, tr.model(), tr.lora(), tr.saved_params(), tr.quant(), base_model)?;
     crate::io::hf::write_into(st, &format!("{BASE}/"), tr.spec(), tr.base_weights(), crate::io::hf::Sharding::Single)?;
     let moments = if tr.faults().skip_optimizer_state { BTreeMap::new() } else { tr.optimizer().state_tensors()? };
     stage_tensors(st, OPTIMIZER, hosted(&moments)?)?;
@@ -107,6 +107,9 @@ pub fn load_with(device: &Device, dir: &Path, faults: TrainFaults, reload: Reloa
     let lora = crate::adapt::LoraConfig { init: crate::adapt::lora::LoraInit::Default, ..adapter.lora.clone() };
     let mut tr = RefTrainer::build(&base.spec, &base.weights, &lora, quant, cfg, 0, faults)?;
     restore_values(&mut tr, dir, &adapter.tensors, &root)?;
+    if faults.schedule_not_restored {
+        tr.restart_schedule_keep_carried_lr();
+    }
     Ok(tr)
 }
 

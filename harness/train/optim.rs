@@ -62,8 +62,8 @@ impl Schedule {
     }
 }
 
-/// AdamW as torch's `torch.optim.AdamW` computes it (single-tensor path): per parameter,
-/// `p ← p·(1 − lr·wd)`, `m ← m + (g − m)(1 − β₁)`, `v ← β₂v + (1 − β₂)g²`, then
+/// AdamW as torch's `torch.optim.AdamW` computes it (single-tensor path), with the weight decay
+/// of transformers' parameter groups ([`decays`]): per parameter, `p ← p·(1 − lr·wd)`, `m ← m + (g − m)(1 − β₁)`, `v ← β₂v + (1 − β₂)g²`, then
 /// `p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)` where `t` is *that parameter's* step
 /// count: a parameter without a gradient at some step is skipped and its count does not move,
 /// as torch keeps `state[p]["step"]` per parameter.
@@ -103,7 +103,8 @@ impl AdamW {
             let c1 = 1.0 - b1.powi(t as i32);
             let c2_sqrt = (1.0 - b2.powi(t as i32)).sqrt();
             let p = var.as_tensor().to_dtype(DType::F32)?;
-            let decayed = (&p * (1.0 - lr * self.cfg.weight_decay))?;
+            let wd = if decays(name) { self.cfg.weight_decay } else { 0.0 };
+            let decayed = (&p * (1.0 - lr * wd))?;
             let denom = ((v.sqrt()? / c2_sqrt)? + self.cfg.eps)?;
             let new = (decayed - ((&m / denom)? * (lr / c1))?)?;
             var.set(&new.to_dtype(var.dtype())?)?;
@@ -179,6 +180,17 @@ impl AdamW {
         self.v.clear();
         self.steps.clear();
     }
+}
+
+/// Whether parameter `name` gets weight decay, as transformers' `Trainer` builds its two
+/// parameter groups (`get_decay_parameter_names`): not biases, not the weights of norm layers
+/// (any name containing `bias`, `layernorm` or `rmsnorm`, a segment `norm`, or a segment
+/// ending in `_norm`, lower-cased); everything else, LoRA factors and `modules_to_save`
+/// copies included, decays.
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_lowercase();
+    let norm_segment = lower.split('.').any(|seg| seg == "norm" || seg.ends_with("_norm"));
+    !(lower.contains("bias") || lower.contains("layernorm") || lower.contains("rmsnorm") || norm_segment)
 }
 
 /// Global L2 norm of `grads`.

@@ -61,6 +61,17 @@ pub struct TrainFaults {
     /// included), in every path alike: every gradient and the reported loss shrink by
     /// `tokens / (tokens + rows)` (transformers' `num_items_in_batch` once counted this way).
     pub tokens_before_shift: bool,
+    /// The optimizer ignores the configured weight decay.
+    pub drop_weight_decay: bool,
+    /// Weight decay 0 configured, torch's `AdamW` default 0.01 applied.
+    pub default_weight_decay: bool,
+    /// A reloaded trainer does not restore the schedule: its first step uses the learning
+    /// rate the optimizer carried (as torch's optimizer state holds it), then the schedule
+    /// starts again from step 1.
+    pub schedule_not_restored: bool,
+    /// A save writes the adapter values as they were when the trainer was built, not the
+    /// trained ones (a stale copy of the state dict).
+    pub save_initial_adapter: bool,
 }
 
 /// Trainer configuration.
@@ -143,6 +154,11 @@ pub struct RefTrainer {
     /// Accumulation windows of the current epoch already trained (a fit stopped mid-epoch
     /// resumes after them, as transformers skips the batches it has seen).
     window_in_epoch: usize,
+    /// A learning rate the next step uses instead of the schedule's (the
+    /// `schedule_not_restored` fault only).
+    carried_lr: Option<f64>,
+    /// The adapter values at build (the `save_initial_adapter` fault only).
+    initial: Option<Params>,
     faults: TrainFaults,
 }
 
@@ -201,12 +217,29 @@ impl RefTrainer {
         let inject = Inject::none().with_bases(bases).with_lora(lora.clone(), values);
         let crate::loader::Loaded { model, params } = crate::loader::build(spec, &weights, inject)?;
         model.set_dropout_seed(cfg.seed);
+        let mut optim = cfg.optim;
+        if faults.drop_weight_decay {
+            optim.weight_decay = 0.0;
+        }
+        if faults.default_weight_decay && optim.weight_decay == 0.0 {
+            optim.weight_decay = 0.01;
+        }
+        let initial = if faults.save_initial_adapter {
+            Some(
+                params
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), candle_core::Var::from_tensor(&v.as_tensor().copy()?)?)))
+                    .collect::<Result<Params>>()?,
+            )
+        } else {
+            None
+        };
         Ok(RefTrainer {
             spec: spec.clone(),
             base,
             model,
             params,
-            opt: AdamW::new(cfg.optim),
+            opt: AdamW::new(optim),
             cfg,
             lora: lora.clone(),
             quant,
@@ -214,6 +247,8 @@ impl RefTrainer {
             schedule_step: 0,
             epoch: 0,
             window_in_epoch: 0,
+            carried_lr: None,
+            initial,
             faults,
         })
     }
@@ -320,6 +355,20 @@ impl RefTrainer {
         self.epoch = epoch;
     }
 
+    /// The adapter values a save writes: the current ones (the initial ones under the
+    /// `save_initial_adapter` fault).
+    pub fn saved_params(&self) -> &Params {
+        self.initial.as_ref().unwrap_or(&self.params)
+    }
+
+    /// After a reload, forget the schedule position as a trainer that does not restore its
+    /// scheduler does (the `schedule_not_restored` fault): the next step still runs at the
+    /// learning rate the optimizer carried, the ones after it from the schedule's step 1.
+    pub fn restart_schedule_keep_carried_lr(&mut self) {
+        self.carried_lr = Some(self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step));
+        self.schedule_step = 0;
+    }
+
     /// Accumulation windows of the current epoch already trained.
     pub fn window_in_epoch(&self) -> usize {
         self.window_in_epoch
@@ -419,7 +468,8 @@ impl RefTrainer {
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite { what: "gradient norm", value: grad_norm, step: self.opt.step });
         }
-        let lr = self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step);
+        let scheduled = self.cfg.optim.lr * self.cfg.schedule.factor(self.schedule_step);
+        let lr = self.carried_lr.take().unwrap_or(scheduled);
         self.opt.apply(&self.params, &grads, lr)?;
         self.schedule_step += 1;
         Ok(StepReport { loss, tokens, grad_norm, lr })
