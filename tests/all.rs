@@ -13,6 +13,7 @@ mod atomic_saves;
 mod bad_input;
 mod bnb_checkpoint;
 mod checkpoint_io;
+mod ci_formats;
 mod cli;
 mod config;
 mod conformance;

@@ -400,7 +400,9 @@ def main():
                            version=f"transformers {transformers.__version__}, peft {peft.__version__}, "
                                    f"torch {torch.__version__}",
                            capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                         "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False},
+                                         "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False,
+                                         # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
+                                         "dropout": True, "reproducible_dropout": True},
                            families=have, unsupported=unsupported)
             elif op == "shutdown":
                 print(json.dumps(ans), file=_proto, flush=True)

@@ -245,11 +245,50 @@ impl Server<'_> {
     }
 }
 
+/// The driver's own work directory, as a driver in another language keeps one: the one
+/// tunecheck hands over in [`WORK_ENV`](crate::process::subject::WORK_ENV) (tunecheck removes
+/// it), else one of its own under the temp directory, removed after a clean `shutdown` — so a
+/// driver killed right after answering leaves it behind, which is why tunecheck hands one over.
+/// It holds `driver.log`, the operations served.
+struct Work {
+    dir: PathBuf,
+    own: bool,
+    log: Option<std::fs::File>,
+}
+
+impl Work {
+    fn open() -> Work {
+        let (dir, own) = match std::env::var_os(crate::process::subject::WORK_ENV) {
+            Some(d) => (PathBuf::from(d), false),
+            None => (std::env::temp_dir().join(format!("tunecheck-driver-{}", std::process::id())), true),
+        };
+        let log = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(dir.join("driver.log")))
+            .map_err(|e| eprintln!("driver: no work directory {}: {e}", dir.display()))
+            .ok();
+        Work { dir, own, log }
+    }
+
+    fn note(&mut self, op: &str) {
+        if let Some(f) = self.log.as_mut() {
+            let _ = writeln!(f, "{op}");
+        }
+    }
+
+    fn close(mut self) {
+        self.log = None;
+        if self.own {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// Serve `factory` over stdin/stdout until `shutdown` or end of input.
 pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     let mut server = Server { factory, subject: None, faults };
+    let mut work = Work::open();
     for line in stdin.lock().lines() {
         let line = line.map_err(|e| Error::Msg(format!("reading stdin: {e}")))?;
         if line.trim().is_empty() {
@@ -265,6 +304,7 @@ pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
         let id = req.get("id").cloned().unwrap_or(Value::Null);
         let op = req.get("op").and_then(Value::as_str).unwrap_or("").to_string();
         let fault = server.fault(&op);
+        work.note(&op);
         match fault {
             Some(FaultKind::Die) => {
                 eprintln!("driver: planted fault: dying during `{op}`");
@@ -309,5 +349,6 @@ pub fn serve(factory: &dyn Factory, faults: Vec<DriverFault>) -> Result<()> {
             break;
         }
     }
+    work.close();
     Ok(())
 }
