@@ -110,7 +110,11 @@ fn junit_is_valid_xml_with_a_testcase_per_row_failures_and_skips() {
     }
     // A failure carries the clause, the detail, the minimal setup and the replay line; a
     // detail with markup characters survives escaping.
-    let o = bin().args(["check", "--mutant", "per_microbatch_mean", "--cases", "4", "--junit"]).arg(&file).output().unwrap();
+    let o = bin()
+        .args(["check", "--mutant", "per_microbatch_mean", "--cases", "4", "--junit"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let xml = std::fs::read_to_string(&file).unwrap();
     let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}:\n{xml}"));

@@ -39,7 +39,7 @@ fn streamed_forward_is_the_whole_models_bitwise() {
             assert!(bitwise_equal(&streamed(tmp.path(), &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?}");
             // A 4-bit checkpoint streams too.
             let q = tmp.path().join("q");
-            tunecheck::io::quantize::quantize_dir(tmp.path(), &q, &QuantConfig::default()).unwrap();
+            tunecheck::io::quantize::quantize_dir(tmp.path(), &q, &QuantConfig::default(), 20_000).unwrap();
             let whole = loader::open(&q, &Device::Cpu, None).unwrap().model;
             let want = whole.forward(&ids(&spec), Mode::Eval).unwrap();
             assert!(bitwise_equal(&streamed(&q, &ids(&spec)), &want).unwrap(), "{family:?} {dtype:?} 4-bit");
@@ -71,14 +71,24 @@ fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
         let w = tunecheck::weights::generate(&spec, 4, &Device::Cpu).unwrap();
         let dense = tmp.path().join("dense");
         hf::save(&dense, &spec, &w, Sharding::Single).unwrap();
-        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let (a, b, one) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("one"));
         tunecheck::io::quantize::save_quantized(&a, &spec, &w, &cfg).unwrap();
-        tunecheck::io::quantize::quantize_dir(&dense, &b, &cfg).unwrap();
+        // Shards of at most a byte: every layer (and the shell) in a shard of its own.
+        tunecheck::io::quantize::quantize_dir(&dense, &b, &cfg, 1).unwrap();
+        // Below transformers' default shard size: one plain file, no index, same bytes.
+        tunecheck::io::quantize::quantize_dir(&dense, &one, &cfg, tunecheck::io::quantize::DEFAULT_MAX_SHARD_BYTES)
+            .unwrap();
+        let mut files: Vec<String> =
+            std::fs::read_dir(&one).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        files.sort();
+        assert_eq!(files, ["config.json", "model.safetensors", "tunecheck-save.json"], "{family:?}");
+        let c1 = hf::load(&one, &Device::Cpu, None).unwrap();
         let (ca, cb) = (hf::load(&a, &Device::Cpu, None).unwrap(), hf::load(&b, &Device::Cpu, None).unwrap());
         assert_eq!(ca.quant, cb.quant);
         assert_eq!(ca.weights.keys().collect::<Vec<_>>(), cb.weights.keys().collect::<Vec<_>>());
         for (k, t) in &ca.weights {
             assert!(bitwise_equal(t, &cb.weights[k]).unwrap(), "{k}");
+            assert!(bitwise_equal(t, &c1.weights[k]).unwrap(), "{k} (one file)");
         }
         let x = ids(&spec);
         let (la, lb) = (
@@ -92,7 +102,7 @@ fn streamed_quantization_writes_what_the_in_memory_quantizer_writes() {
             .count();
         assert_eq!(shards, spec.num_layers + 1);
         // A quantized input is refused, naming it.
-        let e = tunecheck::io::quantize::quantize_dir(&a, &tmp.path().join("c"), &cfg).unwrap_err().to_string();
+        let e = tunecheck::io::quantize::quantize_dir(&a, &tmp.path().join("c"), &cfg, 1).unwrap_err().to_string();
         assert!(e.contains("already quantized"), "{e}");
     }
 }

@@ -110,7 +110,8 @@ enum Cmd {
         /// Output directory (created; existing files are replaced atomically).
         #[arg(long)]
         out: PathBuf,
-        /// Split weights into shards of at most this many bytes (writes an index).
+        /// Split weights into shards of at most this many bytes (with an index) when the
+        /// checkpoint is larger (one model.safetensors below it, as transformers writes).
         #[arg(long)]
         shard_bytes: Option<usize>,
         /// Print the result as JSON on stdout (for CI).
@@ -164,6 +165,10 @@ enum Cmd {
         /// bnb_4bit_compute_dtype: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         compute_dtype: String,
+        /// Split into shards of at most this many bytes (with an index) when the checkpoint is
+        /// larger; default transformers' 50 GB (one model.safetensors below it).
+        #[arg(long)]
+        shard_bytes: Option<usize>,
         /// Print the result as JSON on stdout (for CI).
         #[arg(long)]
         json: bool,
@@ -290,8 +295,9 @@ fn run(cmd: Cmd) -> CmdResult {
             };
             cli::check::check(&args, &mut |line| eprintln!("{line}"))
         }
-        Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype, json } => {
-            files::quantize(&model, &out, &files::QuantArgs { quant, blocksize, double_quant, compute_dtype }, json)
+        Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype, shard_bytes, json } => {
+            let args = files::QuantArgs { quant, blocksize, double_quant, compute_dtype, shard_bytes };
+            files::quantize(&model, &out, &args, json)
         }
         Cmd::Train { model, out, steps, rank, targets, quant, seed, json } => {
             let recipe = files::Recipe { steps, rank, targets, quant, seed };

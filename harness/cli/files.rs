@@ -65,6 +65,8 @@ pub struct QuantArgs {
     pub double_quant: bool,
     /// `f32`, `bf16` or `f16`.
     pub compute_dtype: String,
+    /// Largest file (bytes) before the checkpoint is sharded (`None`: transformers' 50 GB).
+    pub shard_bytes: Option<usize>,
 }
 
 fn quant_type(name: &str) -> Result<QuantType, Failure> {
@@ -81,7 +83,11 @@ pub fn quantize(model: &Path, out: &Path, q: &QuantArgs, json: bool) -> CmdResul
     let compute_dtype = crate::spec::parse_dtype(&q.compute_dtype)
         .ok_or_else(|| Failure::usage(format!("--compute-dtype: `{}` is not f32, bf16 or f16", q.compute_dtype)))?;
     let cfg = QuantConfig { quant_type, blocksize, double_quant: q.double_quant, compute_dtype };
-    crate::io::quantize::quantize_dir(model, out, &cfg)?;
+    let max = q.shard_bytes.unwrap_or(crate::io::quantize::DEFAULT_MAX_SHARD_BYTES);
+    if max == 0 {
+        return Err(Failure::usage("--shard-bytes 0: a shard must hold at least one byte"));
+    }
+    crate::io::quantize::quantize_dir(model, out, &cfg, max)?;
     let layers = crate::io::config::read(&model.join(hf::CONFIG))?.num_layers;
     Ok(Outcome::done(
         json,

@@ -178,7 +178,8 @@ pub enum Sharding {
     /// One `model.safetensors`.
     #[default]
     Single,
-    /// Shards of at most this many bytes (a larger tensor gets a shard of its own) and an index.
+    /// Shards of at most this many bytes (a larger tensor gets a shard of its own) and an index;
+    /// one plain `model.safetensors` when everything fits in one, as transformers writes.
     MaxBytes(usize),
 }
 
@@ -252,6 +253,10 @@ fn plan(spec: &ArchSpec, sharding: Sharding) -> Vec<ShardPlan> {
         groups.last_mut().expect("one shard").push((k, shape));
     }
     let n = groups.len();
+    if n == 1 {
+        // Below the shard size transformers writes one plain file, without an index.
+        return vec![(SINGLE.to_string(), groups.remove(0))];
+    }
     groups.into_iter().enumerate().map(|(i, g)| (format!("model-{:05}-of-{:05}.safetensors", i + 1, n), g)).collect()
 }
 
@@ -283,7 +288,7 @@ fn write_generated(
         }
         stage_tensors(st, &format!("{prefix}{file}"), hosted)?;
     }
-    if matches!(sharding, Sharding::MaxBytes(_)) {
+    if shards.len() > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Msg(e.to_string()))?;
         st.write(&format!("{prefix}{INDEX}"), &bytes)?;

@@ -237,11 +237,7 @@ pub fn stage_tensors(st: &mut Staged, rel: &str, tensors: Vec<(String, HostTenso
 /// Write tensors as `rel` of a directory save, streaming each one's bytes to the file (a view
 /// may borrow from a mapped input file, so nothing is copied in memory).
 pub fn stage_views<V: View>(st: &mut Staged, rel: &str, tensors: Vec<(String, V)>) -> Result<()> {
-    let meta: HashMap<String, String> = [
-        ("format".to_string(), "pt".to_string()),
-        (crate::io::manifest::SAVE_ID_KEY.to_string(), st.save_id().to_string()),
-    ]
-    .into();
+    let meta = save_metadata(st);
     st.write_with(rel, |path| {
         safetensors::serialize_to_file(tensors, Some(meta), path)
             .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
@@ -286,4 +282,93 @@ impl View for OutTensor<'_> {
             OutTensor::Mapped(v) => v.data().len(),
         }
     }
+}
+
+/// A safetensors file written one tensor at a time, for outputs larger than memory whose
+/// tensors are only known as they are produced (a layer quantized at a time). Room for the
+/// header is reserved up front (`header_room` bytes, an upper bound the caller computes from
+/// the names it will write); tensors are appended as they come; [`StreamedFile::finish`]
+/// writes the header into the room, padded with spaces as the format allows. Written through
+/// [`Staged::write_with`], so it is fsynced and recorded like every other file of a save.
+pub struct StreamedFile {
+    file: std::io::BufWriter<File>,
+    path: PathBuf,
+    room: usize,
+    offset: usize,
+    entries: Vec<(String, StDtype, Vec<usize>, usize, usize)>,
+}
+
+impl StreamedFile {
+    /// Start `path` with `header_room` bytes (rounded up to 8) reserved for the header.
+    pub fn create(path: &Path, header_room: usize) -> Result<StreamedFile> {
+        use std::io::Write;
+        let room = header_room.div_ceil(8) * 8;
+        let mut file = std::io::BufWriter::new(File::create(path).map_err(|e| Error::io(path, e))?);
+        file.write_all(&vec![b' '; 8 + room]).map_err(|e| Error::io(path, e))?;
+        Ok(StreamedFile { file, path: path.to_path_buf(), room, offset: 0, entries: Vec::new() })
+    }
+
+    /// An upper bound of the header bytes one tensor named `name` takes.
+    pub fn room_for(name: &str) -> usize {
+        // {"name":{"dtype":"BF16","shape":[d0,d1],"data_offsets":[b,e]}}, numbers ≤ 20 digits.
+        name.len() + 160
+    }
+
+    /// Append one tensor.
+    pub fn push(&mut self, name: &str, dtype: StDtype, shape: &[usize], data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let want = (shape.iter().product::<usize>() * dtype.bitsize()).div_ceil(8);
+        if data.len() != want {
+            return Err(Error::tensor(
+                &self.path,
+                name,
+                format!("{} bytes for shape {shape:?} of {dtype:?}", data.len()),
+            ));
+        }
+        self.file.write_all(data).map_err(|e| Error::io(&self.path, e))?;
+        self.entries.push((name.to_string(), dtype, shape.to_vec(), self.offset, self.offset + data.len()));
+        self.offset += data.len();
+        Ok(())
+    }
+
+    /// Append a tensor that implements safetensors' `View` (host bytes or a mapped view).
+    pub fn push_view(&mut self, name: &str, v: &impl View) -> Result<()> {
+        let data = v.data();
+        self.push(name, v.dtype(), v.shape(), &data)
+    }
+
+    /// Write the header (with `metadata`) into the reserved room and close the file.
+    pub fn finish(self, metadata: &HashMap<String, String>) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+        for (name, dtype, shape, start, end) in &self.entries {
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": format!("{dtype:?}"), "shape": shape, "data_offsets": [start, end]}),
+            );
+        }
+        let text = serde_json::to_string(&header).map_err(|e| Error::Msg(e.to_string()))?;
+        if text.len() > self.room {
+            return Err(Error::file(
+                &self.path,
+                format!(
+                    "the header takes {} bytes, {} were reserved (a bug in the room estimate)",
+                    text.len(),
+                    self.room
+                ),
+            ));
+        }
+        let mut file = self.file.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&self.path, e))?;
+        file.write_all(&(self.room as u64).to_le_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        file.write_all(text.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        Ok(())
+    }
+}
+
+/// The header metadata every safetensors file of a save carries: the format and the save id.
+pub fn save_metadata(st: &Staged) -> HashMap<String, String> {
+    [("format".to_string(), "pt".to_string()), (crate::io::manifest::SAVE_ID_KEY.to_string(), st.save_id().to_string())]
+        .into()
 }

@@ -126,11 +126,17 @@ impl ProcessFactory {
 pub const WORK_ENV: &str = "TUNECHECK_DRIVER_WORK";
 
 /// Start the driver with its own empty work directory (inside tunecheck's, named in
-/// [`WORK_ENV`]), which tunecheck removes once the driver is gone.
+/// [`WORK_ENV`] and made its `TMPDIR`, so that whatever its libraries put in the temp
+/// directory — torch's compile caches, say — lands there too), which tunecheck removes once
+/// the driver is gone.
 fn start_process(command: &str, work: &WorkDir) -> Result<Child> {
     let dir = work.fresh("driver", "");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let env = [("TUNECHECK_PROTOCOL", wire::VERSION.to_string()), (WORK_ENV, dir.display().to_string())];
+    let env = [
+        ("TUNECHECK_PROTOCOL", wire::VERSION.to_string()),
+        (WORK_ENV, dir.display().to_string()),
+        ("TMPDIR", dir.display().to_string()),
+    ];
     let mut child = match Child::spawn(command, &env) {
         Ok(c) => c,
         Err(e) => {

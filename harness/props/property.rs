@@ -71,8 +71,8 @@ pub struct Property {
 
 impl Property {
     /// A trainer property over `check` with the common defaults — every adapter kind, every
-    /// dtype, no extra capability, one micro-batch per step, no precondition, the simplest
-    /// recipe — for struct
+    /// dtype, no extra capability, one micro-batch per step, models where every trainable
+    /// tensor gets a gradient ([`every_tensor_exercised`]), the simplest recipe — for struct
     /// update: `Property { id, test_name, title, invariant, tolerance, ..Property::trainer(check) }`
     /// (the words are left empty here; the catalogue test rejects an entry that keeps them).
     pub const fn trainer(check: TrainerCheck) -> Property {
@@ -86,7 +86,7 @@ impl Property {
             dtypes: &ALL_DTYPES,
             needs: Capabilities::none(),
             grad_accum: 1,
-            filter: None,
+            filter: Some(every_tensor_exercised),
             draws: Draws::NONE,
             body: Body::Trainer(check),
         }
@@ -97,6 +97,15 @@ impl std::fmt::Debug for Property {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Property({})", self.id)
     }
+}
+
+/// A model where a batch exercises every tensor LoRA can adapt. A sliding window of 1 makes
+/// each query see only itself: the softmax over one key is 1 whatever the scores, so the
+/// query and key projections of those layers get a structurally zero gradient, and a setup
+/// adapting only them cannot train at all (no descent, no change to save) — a model no
+/// trainer property can judge a trainer on.
+pub fn every_tensor_exercised(spec: &ArchSpec) -> bool {
+    spec.sliding_window.is_none_or(|w| w >= 2)
 }
 
 /// Every model dtype, f32 first (what shrinking walks toward).
