@@ -58,6 +58,10 @@ fn group_keys(spec: &ArchSpec, k: usize) -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
+/// A group's tensors (key, shape), the names it is written under, and an upper bound of its
+/// bytes.
+type Group = (Vec<(String, Vec<usize>)>, Vec<String>, usize);
+
 fn is_projection(key: &str) -> Option<&str> {
     let path = key.strip_suffix(".weight")?;
     let leaf = path.rsplit('.').next().unwrap_or(path);
@@ -97,7 +101,7 @@ pub fn quantize_dir(src: &Path, dir: &Path, cfg: &QuantConfig, max_shard_bytes: 
     let spec = lazy.spec.clone();
     crate::quant::blockwise::check_blocksize(cfg.blocksize)?;
     // Plan: every group's names and an upper bound of its bytes, packed into shards.
-    let groups: Vec<(Vec<(String, Vec<usize>)>, Vec<String>, usize)> = (0..=spec.num_layers)
+    let groups: Vec<Group> = (0..=spec.num_layers)
         .map(|k| {
             let keys = group_keys(&spec, k);
             let (mut names, mut bytes) = (Vec::new(), 0usize);
