@@ -35,6 +35,8 @@ pub enum TrainerBug {
     SchedulerNotRestored,
     /// P3: a save writes the adapter as it was built, not as trained.
     SaveInitialAdapter,
+    /// P3: the dropout RNG's position is not restored on reload.
+    RngNotRestored,
     /// P4: optimizer state reset at every epoch boundary.
     ResetAtEpoch,
     /// P4: learning-rate schedule restarted at every epoch boundary.
@@ -69,7 +71,7 @@ pub enum TrainerBug {
 
 impl TrainerBug {
     /// Every trainer bug.
-    pub const ALL: [TrainerBug; 26] = [
+    pub const ALL: [TrainerBug; 27] = [
         TrainerBug::EvalFastPathWrongNorm,
         TrainerBug::EvalPathCollapse,
         TrainerBug::IgnoreUntrained,
@@ -81,6 +83,7 @@ impl TrainerBug {
         TrainerBug::ResumeRestartsEpoch,
         TrainerBug::SchedulerNotRestored,
         TrainerBug::SaveInitialAdapter,
+        TrainerBug::RngNotRestored,
         TrainerBug::ResetAtEpoch,
         TrainerBug::ScheduleRestartAtEpoch,
         TrainerBug::PartialWindowOverK,
@@ -112,6 +115,7 @@ impl TrainerBug {
             TrainerBug::ResumeRestartsEpoch => "resume_restarts_epoch",
             TrainerBug::SchedulerNotRestored => "scheduler_not_restored",
             TrainerBug::SaveInitialAdapter => "save_writes_initial_adapter",
+            TrainerBug::RngNotRestored => "dropout_rng_not_restored",
             TrainerBug::ResetAtEpoch => "optimizer_reset_at_epoch",
             TrainerBug::ScheduleRestartAtEpoch => "schedule_restart_at_epoch",
             TrainerBug::PartialWindowOverK => "short_window_over_k",
@@ -152,6 +156,7 @@ impl TrainerBug {
                 "scheduler not restored on reload: the first step uses the carried lr, then the schedule restarts"
             }
             TrainerBug::SaveInitialAdapter => "save writes the adapter as initialised (a stale state dict), not as trained",
+            TrainerBug::RngNotRestored => "dropout RNG not restored on reload: the continuation redraws the first masks",
             TrainerBug::ResetAtEpoch => "optimizer state reset at the epoch boundary (the 0.07 -> 4.83 spike)",
             TrainerBug::ScheduleRestartAtEpoch => "learning-rate schedule restarted at every epoch (warmup again)",
             TrainerBug::PartialWindowOverK => {
@@ -188,7 +193,8 @@ impl TrainerBug {
             | TrainerBug::OptimizerStateNotSaved
             | TrainerBug::ResumeRestartsEpoch
             | TrainerBug::SchedulerNotRestored
-            | TrainerBug::SaveInitialAdapter => "P3",
+            | TrainerBug::SaveInitialAdapter
+            | TrainerBug::RngNotRestored => "P3",
             TrainerBug::ResetAtEpoch
             | TrainerBug::ScheduleRestartAtEpoch
             | TrainerBug::PartialWindowOverK
@@ -214,7 +220,7 @@ impl TrainerBug {
             }
             TrainerBug::OptimizerStateNotSaved => "resume_differs",
             TrainerBug::ResumeRestartsEpoch => "resume_mid_epoch",
-            TrainerBug::SchedulerNotRestored => "resume_differs",
+            TrainerBug::SchedulerNotRestored | TrainerBug::RngNotRestored => "resume_differs",
             TrainerBug::SaveInitialAdapter => "logits_differ",
             TrainerBug::ResetAtEpoch | TrainerBug::ScheduleRestartAtEpoch | TrainerBug::PartialWindowOverK => {
                 "epoch_boundary"
@@ -250,10 +256,12 @@ impl TrainerBug {
     /// `fused_rms_norm_no_backward` mutant's symptom). Reloading with bf16 compute changes
     /// nothing where the recorded compute dtype is bf16, nor in a bf16 model computing in f32
     /// (the inputs and weights are bf16 values already, and the f32 product is rounded to
-    /// bf16 either way).
+    /// bf16 either way). An RNG position matters only where dropout draws from it.
     pub fn precondition(self) -> Option<fn(&crate::subject::Setup) -> bool> {
         match self {
             TrainerBug::FusedLastLayerNorms => Some(|s| s.spec.num_layers >= 2 && !s.spec.family.has_sandwich_norms()),
+            // Without dropout no mask is drawn, so no RNG position matters.
+            TrainerBug::RngNotRestored => Some(|s| s.lora.dropout > 0.0),
             TrainerBug::ReloadComputeDtype => Some(|s| {
                 s.quant.is_some_and(|q| {
                     q.compute_dtype != DType::BF16 && !(s.spec.dtype == DType::BF16 && q.compute_dtype == DType::F32)
@@ -303,6 +311,7 @@ impl TrainerBug {
             TrainerBug::WeightDecayDefault => f.default_weight_decay = true,
             TrainerBug::SchedulerNotRestored => f.schedule_not_restored = true,
             TrainerBug::SaveInitialAdapter => f.save_initial_adapter = true,
+            TrainerBug::RngNotRestored => f.rng_not_restored = true,
             _ => {}
         }
         f

@@ -28,7 +28,7 @@ use crate::error::Result;
 use crate::props::compare::grad_diff;
 use crate::props::oracle::{step_at, OracleStep};
 use crate::props::property::Property;
-use crate::props::tolerance::{effective_dtype, observe, Bound};
+use crate::props::tolerance::{count, effective_dtype, observe, Bound};
 use crate::props::{bitwise_equal, within, Check, Violation};
 use crate::strategy::{random_batches, Draws};
 use crate::subject::{Factory, Setup};
@@ -49,8 +49,8 @@ pub const PROPERTY: Property = Property {
     ..Property::trainer(check)
 };
 
-/// What [`judge_gradients`] reports as the fraction of tensors it could not judge.
-pub const UNJUDGED: &str = "gradient tensors not judged: the reference's own error over cap / 20 (fraction)";
+/// What [`judge_gradients`] counts: the tensors it could not judge.
+pub const UNJUDGED: &str = "gradient tensors not judged (the reference's own error in this dtype is over cap / 20)";
 
 /// The per-tensor bound for effective dtype `dtype`.
 pub fn bound(dtype: DType) -> Bound {
@@ -70,7 +70,7 @@ fn fail(code: &'static str, detail: String) -> Check {
 /// oracle, each tensor within [`bound`] of its floor: the worst tensor over its tolerance, if
 /// any, as (name, error, tolerance, floor). A tensor whose floor puts it beyond the cap (in
 /// half precision, a narrow random model can get a gradient wrong by more than its size) is
-/// not judged, and the fraction of such tensors is reported ([`UNJUDGED`]); finiteness and
+/// not judged, and such tensors are counted ([`UNJUDGED`]); finiteness and
 /// non-zero gradients are checked for every tensor regardless. `what` names the comparison in
 /// measurements.
 pub fn judge_gradients(
@@ -97,7 +97,7 @@ pub fn judge_gradients(
             worst = Some((name.clone(), e, tol, f));
         }
     }
-    observe(UNJUDGED, unjudged as f64, diff.per_tensor.len().max(1) as f64);
+    count(UNJUDGED, unjudged, diff.per_tensor.len());
     Ok(worst)
 }
 

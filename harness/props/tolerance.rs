@@ -99,15 +99,18 @@ impl Bound {
     }
 }
 
-/// The worst a passing run came to one of its bounds.
+/// The worst a passing run came to one of its bounds, or a count over its cases.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Measured {
-    /// What was compared (`train vs eval logits, rel L2`).
+    /// What was compared (`train vs eval logits, rel L2`) or counted.
     pub what: String,
-    /// The worst measured value.
+    /// The worst measured value (a count: how many).
     pub value: f64,
-    /// The bound it was held to in that case.
+    /// The bound it was held to in that case (a count: out of how many).
     pub bound: f64,
+    /// A count summed over the cases rather than a worst value.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub count: bool,
 }
 
 impl Measured {
@@ -119,10 +122,19 @@ impl Measured {
             self.value / self.bound
         }
     }
+
+    /// One line for a report.
+    pub fn line(&self) -> String {
+        if self.count {
+            format!("{} of {} {}", self.value, self.bound, self.what)
+        } else {
+            format!("{:.3e} / {:.1e}  {}", self.value, self.bound, self.what)
+        }
+    }
 }
 
 thread_local! {
-    static OBSERVED: RefCell<BTreeMap<&'static str, (f64, f64)>> = const { RefCell::new(BTreeMap::new()) };
+    static OBSERVED: RefCell<BTreeMap<&'static str, (f64, f64, bool)>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 /// Record that `what` measured `value` against `bound` in this case; the worst ratio of a run
@@ -133,10 +145,21 @@ pub fn observe(what: &'static str, value: f64, bound: f64) {
     }
     OBSERVED.with(|o| {
         let mut o = o.borrow_mut();
-        let worse = o.get(what).is_none_or(|&(v, b)| value / bound > v / b);
+        let worse = o.get(what).is_none_or(|&(v, b, _)| value / bound > v / b);
         if worse {
-            o.insert(what, (value, bound));
+            o.insert(what, (value, bound, false));
         }
+    });
+}
+
+/// Count `hits` of `total` for `what` in this case (summed over the run's cases), for what a
+/// comparison could not judge.
+pub fn count(what: &'static str, hits: usize, total: usize) {
+    OBSERVED.with(|o| {
+        let mut o = o.borrow_mut();
+        let e = o.entry(what).or_insert((0.0, 0.0, true));
+        e.0 += hits as f64;
+        e.1 += total as f64;
     });
 }
 
@@ -150,19 +173,28 @@ pub fn take_observed() -> Vec<Measured> {
     let mut v: Vec<Measured> = OBSERVED.with(|o| {
         std::mem::take(&mut *o.borrow_mut())
             .into_iter()
-            .map(|(what, (value, bound))| Measured { what: what.to_string(), value, bound })
+            .map(|(what, (value, bound, count))| Measured { what: what.to_string(), value, bound, count })
             .collect()
     });
     v.sort_by(|a, b| b.ratio().total_cmp(&a.ratio()));
     v
 }
 
-/// The worst entry per `what` across several runs' measurements, worst ratio first.
+/// The worst entry per `what` across several runs' measurements (counts summed), worst ratio
+/// first.
 pub fn worst_of(runs: impl IntoIterator<Item = Vec<Measured>>) -> Vec<Measured> {
     let mut by: BTreeMap<String, Measured> = BTreeMap::new();
     for m in runs.into_iter().flatten() {
-        if by.get(&m.what).is_none_or(|w| m.ratio() > w.ratio()) {
-            by.insert(m.what.clone(), m);
+        match by.get_mut(&m.what) {
+            Some(w) if m.count => {
+                w.value += m.value;
+                w.bound += m.bound;
+            }
+            Some(w) if m.ratio() > w.ratio() => *w = m,
+            Some(_) => {}
+            None => {
+                by.insert(m.what.clone(), m);
+            }
         }
     }
     let mut v: Vec<Measured> = by.into_values().collect();

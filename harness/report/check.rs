@@ -67,6 +67,14 @@ pub fn table(rows: &[Row]) -> String {
             s.push_str(&format!("skip {} / {}: {why}\n", r.family, r.property));
         }
     }
+    let measured: Vec<(&Row, &crate::props::tolerance::Measured)> =
+        rows.iter().flat_map(|r| r.verdict.measured().iter().map(move |m| (r, m))).collect();
+    if !measured.is_empty() {
+        s.push_str("\nmeasured on the passing cases (worst value / its bound there):\n");
+        for (r, m) in measured {
+            s.push_str(&format!("  {} {} {}\n", pad(&r.family, family_w), pad(r.property, id_w), m.line()));
+        }
+    }
     for r in rows {
         if let Verdict::Failed { detail, minimal, replay, cases_run, .. } = &r.verdict {
             s.push_str(&format!("\nFAIL {} / {} after {cases_run} case(s): {detail}\n", r.family, r.property));

@@ -74,7 +74,7 @@ pub fn render(name: &str, rows: &[Row]) -> String {
             Verdict::Passed { cases_run, skipped, measured } => {
                 let mut out = format!("{cases_run} case(s) passed\n");
                 for m in measured {
-                    out.push_str(&format!("measured {}: {:.3e} (bound {:.1e})\n", m.what, m.value, m.bound));
+                    out.push_str(&format!("measured: {}\n", m.line()));
                 }
                 for why in skipped {
                     out.push_str(&format!("skipped: {why}\n"));

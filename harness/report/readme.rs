@@ -4,8 +4,8 @@
 /// The README's property table (the README holds it between markers; a test compares).
 pub fn property_table() -> String {
     let mut s = String::from(
-        "| id | test (`conformance!`) | invariant | tolerance (why) | kinds · dtypes | mutants it must catch |\n\
-         |----|------|-----------|-----------------|----------------|-----------------------|\n",
+        "| id | test (`conformance!`) | invariant | tolerance (why) | kinds · dtypes | recipe drawn | mutants it must catch |\n\
+         |----|------|-----------|-----------------|----------------|--------------|-----------------------|\n",
     );
     for p in crate::props::catalogue::CATALOGUE {
         let kinds = if p.kinds.is_empty() {
@@ -20,14 +20,21 @@ pub fn property_table() -> String {
             .map(|m| format!("`{}`", m.name))
             .collect::<Vec<_>>()
             .join(", ");
+        let draws = match p.body {
+            crate::props::catalogue::Body::Trainer(_) | crate::props::catalogue::Body::CrossDevice(_) => {
+                p.draws.words()
+            }
+            _ => "—".into(),
+        };
         s.push_str(&format!(
-            "| {} | `{}` | {} | {} | {} · {} | {} |\n",
+            "| {} | `{}` | {} | {} | {} · {} | {} | {} |\n",
             p.id,
             p.test_name,
             p.invariant,
             p.tolerance,
             kinds,
             if dtypes.is_empty() { "—".into() } else { dtypes },
+            draws,
             if mutants.is_empty() { "— (needs a GPU)".to_string() } else { mutants }
         ));
     }

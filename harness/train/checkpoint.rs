@@ -168,7 +168,9 @@ fn restore_values(
     tr.set_progress(schedule_step, epoch);
     tr.set_window_in_epoch(f.usize("window_in_epoch")?);
     let pos: u128 = f.str("dropout_word_pos")?.parse().map_err(|_| f.bad("dropout_word_pos", "not an integer"))?;
-    tr.model().set_dropout_word_pos(pos);
+    if !tr.faults().rng_not_restored {
+        tr.model().set_dropout_word_pos(pos);
+    }
     Ok(())
 }
 

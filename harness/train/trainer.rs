@@ -72,6 +72,9 @@ pub struct TrainFaults {
     /// A save writes the adapter values as they were when the trainer was built, not the
     /// trained ones (a stale copy of the state dict).
     pub save_initial_adapter: bool,
+    /// A reload does not restore the dropout RNG's position: the continuation draws the masks
+    /// the run drew from its start.
+    pub rng_not_restored: bool,
 }
 
 /// Trainer configuration.
