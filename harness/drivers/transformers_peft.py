@@ -27,34 +27,21 @@ import json
 import math
 import os
 import shutil
-import sys
-import traceback
 
-PROTOCOL = 1
-_proto = sys.stdout
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
-sys.stdout = sys.stderr  # library prints must not corrupt the protocol channel
+import tunecheck_driver as td  # first: moves library prints off the protocol channel
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import peft  # noqa: E402
 from packaging.version import Version  # noqa: E402
 from peft import PeftModel  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from tunecheck_driver import Refusal, base_key, first, load_batch, saved_key  # noqa: E402
 
 TF = Version(transformers.__version__)
 torch.set_num_threads(1)  # tiny models: threads only add overhead (results are the same)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-IGNORE = -100
-
-
-class Refusal(Exception):
-    """An error answer with a protocol `kind`."""
-
-    def __init__(self, msg, **fields):
-        super().__init__(msg)
-        self.fields = fields
 
 
 def families():
@@ -81,52 +68,6 @@ class Batches(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def load_batch(path):
-    t = load_file(path)
-    return {"input_ids": t["input_ids"].long(), "attention_mask": t["attention_mask"].long(),
-            "labels": t["labels"].long()}
-
-
-def first(items):
-    return items[0]
-
-
-def saved_key(param_name):
-    """PEFT's in-memory parameter name -> the key PEFT saves it under."""
-    n = param_name.replace(".modules_to_save.default", "").replace(".original_module", "")
-    return n.replace(".default.", ".").removesuffix(".default")
-
-
-def base_key(param_name):
-    """A frozen parameter's name in the base checkpoint."""
-    n = param_name.removeprefix("base_model.model.")
-    return n.replace(".base_layer", "").replace(".original_module", "")
-
-
-def adapter_for_this_peft(adapter_dir, out):
-    """The adapter directory as the installed PEFT reads it: fields an older `LoraConfig` does
-    not know are dropped when they hold their neutral value (tunecheck's own
-    `tunecheck_base_quantization` is informational), and refused otherwise."""
-    import dataclasses
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    neutral = {"ensure_weight_tying": False, "tunecheck_base_quantization": None}
-    unknown = [k for k in cfg if k not in known]
-    if not unknown:
-        return adapter_dir
-    for k in unknown:
-        if k in neutral and cfg[k] == neutral[k] or k == "tunecheck_base_quantization":
-            del cfg[k]
-        else:
-            raise RuntimeError(f"peft {peft.__version__} does not support adapter_config field {k}={cfg[k]!r}")
-    os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(adapter_dir, "adapter_model.safetensors"), out)
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return out
-
-
 class Subject:
     def __init__(self, base_dir, adapter_dir, train_json, work):
         self.base_dir, self.work = base_dir, work
@@ -150,7 +91,7 @@ class Subject:
             # wants the heads to divide the hidden size): a case it cannot take, not a failure.
             raise Refusal(f"transformers {transformers.__version__} rejects this configuration: {e}",
                           kind="unsupported")
-        adapter_dir = adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
+        adapter_dir = td.adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
         self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
         # Whether this version's Trainer hands the accumulation count to accelerate (which then
         # divides each micro-batch's loss by it, as transformers < 4.46 does) or keeps it at 1.
@@ -226,7 +167,7 @@ class Subject:
         if num_items is not None:
             tokens = int(num_items)
         else:
-            tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            tokens = td.shifted_tokens(batches)
         if not math.isfinite(loss):
             raise Refusal(f"non-finite loss {loss}", kind="non_finite", what="loss", value=None,
                           step=t.state.global_step)
@@ -383,66 +324,21 @@ def main():
     dtypes = set(opts.dtypes.split(","))
     if not dtypes <= set(DTYPES):
         ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
-    work = os.environ.get("TUNECHECK_DRIVER_WORK") or os.path.join("/tmp", f"tunecheck-tfpeft-{os.getpid()}")
-    os.makedirs(work, exist_ok=True)
-    subject = None
-    n = 0
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        op = req.get("op")
-        ans = {"id": req.get("id"), "ok": True}
-        try:
-            if op == "hello":
-                have, unsupported = families()
-                ans.update(protocol=PROTOCOL, framework="transformers+peft",
-                           version=f"transformers {transformers.__version__}, peft {peft.__version__}, "
-                                   f"torch {torch.__version__}",
-                           capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                         "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False,
-                                         # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
-                                         "dropout": True, "reproducible_dropout": True},
-                           families=have, unsupported=unsupported)
-            elif op == "shutdown":
-                print(json.dumps(ans), file=_proto, flush=True)
-                break
-            elif op == "reset":
-                subject = None
-            elif op in ("build", "load"):
-                n += 1
-                sub_work = os.path.join(work, f"s{n}")
-                if op == "build":
-                    d = req["setup"]
-                    subject = Subject(os.path.join(d, "base"), os.path.join(d, "adapter"),
-                                      os.path.join(d, "train.json"), sub_work)
-                else:
-                    subject = Subject.load(req["dir"], sub_work)
-                ans.update(subject.describe())
-            elif subject is None:
-                raise RuntimeError("no subject: send build or load first")
-            elif op in ("logits", "gradients", "step", "eval_loss", "fit", "tensors", "save"):
-                ans.update(getattr(subject, op)(req))
-            else:
-                raise RuntimeError(f"unknown operation {op!r}")
-        except Refusal as e:
-            ans = {"id": req.get("id"), "ok": False, "error": str(e), **e.fields}
-        except Exception as e:  # reported to tunecheck, which fails the property with it
-            traceback.print_exc(file=sys.stderr)
-            ans = {"id": req.get("id"), "ok": False, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(finite_or_null(ans)), file=_proto, flush=True)
-    shutil.rmtree(work, ignore_errors=True)
 
+    def hello():
+        have, unsupported = families()
+        return dict(framework="transformers+peft",
+                    version=f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}",
+                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
+                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False,
+                                  # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
+                                  "dropout": True, "reproducible_dropout": True},
+                    families=have, unsupported=unsupported)
 
-def finite_or_null(v):
-    """JSON has no NaN or infinity: a non-finite number is sent as null (read back as NaN)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: finite_or_null(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [finite_or_null(x) for x in v]
-    return v
+    def build(d, work):
+        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
+
+    td.serve(hello, build, Subject.load, name="tunecheck-tfpeft")
 
 
 if __name__ == "__main__":
