@@ -295,8 +295,15 @@ pub struct StreamedFile {
     path: PathBuf,
     room: usize,
     offset: usize,
+    /// Bytes appended since the written pages were last flushed and dropped from the cache.
+    unflushed: usize,
     entries: Vec<(String, StDtype, Vec<usize>, usize, usize)>,
 }
+
+/// Bytes a [`StreamedFile`] appends before it writes them out and drops them from the page
+/// cache: a multi-gigabyte file otherwise fills the cache with dirty pages, which count
+/// against a memory limit (a cgroup's) although nothing reads them again.
+const FLUSH_EVERY: usize = 256 << 20;
 
 impl StreamedFile {
     /// Start `path` with `header_room` bytes (rounded up to 8) reserved for the header.
@@ -305,7 +312,7 @@ impl StreamedFile {
         let room = header_room.div_ceil(8) * 8;
         let mut file = std::io::BufWriter::new(File::create(path).map_err(|e| Error::io(path, e))?);
         file.write_all(&vec![b' '; 8 + room]).map_err(|e| Error::io(path, e))?;
-        Ok(StreamedFile { file, path: path.to_path_buf(), room, offset: 0, entries: Vec::new() })
+        Ok(StreamedFile { file, path: path.to_path_buf(), room, offset: 0, unflushed: 0, entries: Vec::new() })
     }
 
     /// An upper bound of the header bytes one tensor named `name` takes.
@@ -328,6 +335,19 @@ impl StreamedFile {
         self.file.write_all(data).map_err(|e| Error::io(&self.path, e))?;
         self.entries.push((name.to_string(), dtype, shape.to_vec(), self.offset, self.offset + data.len()));
         self.offset += data.len();
+        self.unflushed += data.len();
+        if self.unflushed >= FLUSH_EVERY {
+            self.unflushed = 0;
+            self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+            let f = self.file.get_ref();
+            f.sync_data().map_err(|e| Error::io(&self.path, e))?;
+            #[cfg(target_os = "linux")]
+            // SAFETY: plain syscall on a file descriptor this struct owns; advice only.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
         Ok(())
     }
 

@@ -75,3 +75,16 @@ pub fn step_at(setup: &Setup, values: &[(String, Tensor)], batches: &[Batch]) ->
     let (own, own_loss, tokens) = reference_at(setup, values)?.gradients(batches, Mode::Train)?;
     Ok(OracleStep { exact, exact_loss, own, own_loss, tokens })
 }
+
+/// How far rounding in the setup's own precision moves the eval logits of `ids` from the f64
+/// model (relative L2), for the setup's initial values: the floor two correct computation
+/// paths of those logits are judged against.
+pub fn logits_floor(setup: &Setup, ids: &Tensor) -> Result<f64> {
+    let ids = ids.to_device(&Device::Cpu)?;
+    let own = crate::subject::reference(setup, &Device::Cpu)?.logits(&ids, Mode::Eval)?;
+    let exact = crate::subject::reference(&f64_setup(setup)?, &Device::Cpu)?.logits(&ids, Mode::Eval)?;
+    let (a, b) = (own.to_dtype(DType::F64)?, exact.to_dtype(DType::F64)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(num / den.max(1e-300))
+}
