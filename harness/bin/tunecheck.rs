@@ -26,65 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every property on seeded synthetic models of each family and print a table.
-    Check {
-        /// Device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Random cases per family and property.
-        #[arg(long, default_value_t = 16)]
-        cases: u32,
-        /// Seed of the case generator (same seed, same cases).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Only these families (llama, gemma, gemma2, gemma3); repeatable. Default: all.
-        #[arg(long)]
-        family: Vec<String>,
-        /// Only these properties (F1, P1, P2, ..., or `forward` for F1-F3); repeatable. Default: all.
-        #[arg(long)]
-        property: Vec<String>,
-        /// Fail on any skip (a skipped adapter kind, dtype, capability or device).
-        #[arg(long)]
-        strict: bool,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Run each planted-bug mutant against the property that must catch it instead.
-        #[arg(long)]
-        mutants: bool,
-        /// Run the property of this one planted-bug mutant against it (what a mutant's replay
-        /// line does); exits 1 when the property catches it.
-        #[arg(long)]
-        mutant: Option<String>,
-        /// Judge the trainer behind this driver command (the driver protocol, e.g.
-        /// "python harness/drivers/transformers_peft.py") instead of the reference: every
-        /// trainer property the driver can take; what it cannot is shown as skipped.
-        #[arg(long)]
-        trainer: Option<String>,
-        /// Seconds each driver operation may take before the driver is killed and the
-        /// property fails (default: $TUNECHECK_DRIVER_TIMEOUT, else 300).
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// Seconds shrinking one failure may take; when they run out, the smallest failing
-        /// case found so far is reported (default: 180 with --trainer, else no limit).
-        #[arg(long, value_name = "SECS")]
-        shrink_time: Option<f64>,
-        /// Compare every row's outcome (pass, skip, fail:<clause>, error) with this file of
-        /// known outcomes (lines `property [family] outcome`, # comments): exit 0 when all
-        /// match, failures included; 1 naming each change.
-        #[arg(long, value_name = "FILE")]
-        expect: Option<PathBuf>,
-        /// With --expect FILE: write FILE from this run (keeping its comments and the rows this
-        /// run did not produce) instead of comparing.
-        #[arg(long, requires = "expect")]
-        bless: bool,
-        /// Write the rows as JUnit XML (a testcase per property and family) to FILE.
-        #[arg(long, value_name = "FILE")]
-        junit: Option<PathBuf>,
-        /// Run only partition K of N (K/N): row i of the whole run is in partition (i mod N) + 1,
-        /// so the partitions together are exactly the whole run.
-        #[arg(long, value_name = "K/N")]
-        partition: Option<String>,
-    },
+    Check(CheckArgs),
     /// Speak the driver protocol on stdin/stdout around the reference trainer (or a planted-bug
     /// mutant): the Rust driver that tests the protocol, and an example for driver authors.
     Driver {
@@ -222,7 +164,7 @@ enum Cmd {
 impl Cmd {
     fn name(&self) -> &'static str {
         match self {
-            Cmd::Check { .. } => "check",
+            Cmd::Check(_) => "check",
             Cmd::Driver { .. } => "driver",
             Cmd::Synth { .. } => "synth",
             Cmd::Train { .. } => "train",
@@ -257,44 +199,7 @@ fn on_terminal() -> bool {
 fn run(cmd: Cmd) -> CmdResult {
     match cmd {
         Cmd::Driver { mutant, fault } => cli::check::driver(mutant.as_deref(), &fault),
-        Cmd::Check {
-            device,
-            cases,
-            seed,
-            family,
-            property,
-            strict,
-            json,
-            mutants,
-            mutant,
-            trainer,
-            timeout,
-            shrink_time,
-            expect,
-            bless,
-            junit,
-            partition,
-        } => {
-            let args = CheckArgs {
-                device,
-                cases,
-                seed,
-                families: family,
-                properties: property,
-                strict,
-                json,
-                mutants,
-                mutant,
-                trainer,
-                timeout,
-                shrink_time,
-                expect,
-                bless,
-                junit,
-                partition,
-            };
-            cli::check::check(&args, &mut |line| eprintln!("{line}"))
-        }
+        Cmd::Check(args) => cli::check::check(&args, &mut |line| eprintln!("{line}")),
         Cmd::Quantize { model, out, quant, blocksize, double_quant, compute_dtype, shard_bytes, json } => {
             let args = files::QuantArgs { quant, blocksize, double_quant, compute_dtype, shard_bytes };
             files::quantize(&model, &out, &args, json)

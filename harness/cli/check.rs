@@ -18,72 +18,67 @@ pub const DRIVER_SHRINK_ITERS: u32 = 24;
 /// Default wall-time budget for shrinking one failure of an outside trainer, in seconds.
 pub const DRIVER_SHRINK_SECS: f64 = 180.0;
 
-/// The arguments of `check`.
-#[derive(Debug, Clone)]
+/// The arguments of `check` (parsed by the `tunecheck` binary; each field's doc is its
+/// `--help` text).
+#[derive(Debug, Clone, clap::Args)]
 pub struct CheckArgs {
-    /// Device name.
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Random cases per family and property.
+    #[arg(long, default_value_t = 16)]
     pub cases: u32,
-    /// Seed of the case generator.
+    /// Seed of the case generator (same seed, same cases).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Family names (empty: all).
+    /// Only these families (llama, gemma, gemma2, gemma3); repeatable. Default: all.
+    #[arg(long = "family", value_name = "FAMILY")]
     pub families: Vec<String>,
-    /// Property ids or `forward` (empty: all).
+    /// Only these properties (F1, P1, P2, ..., or `forward` for F1-F3); repeatable. Default: all.
+    #[arg(long = "property", value_name = "ID")]
     pub properties: Vec<String>,
-    /// Fail on any skip.
+    /// Fail on any skip (a skipped adapter kind, dtype, capability or device).
+    #[arg(long)]
     pub strict: bool,
-    /// JSON instead of a table.
+    /// Print JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
-    /// Run every planted-bug mutant against its property.
+    /// Run each planted-bug mutant against the property that must catch it instead.
+    #[arg(long)]
     pub mutants: bool,
-    /// Run this one mutant as the subject.
+    /// Run the property of this one planted-bug mutant against it (what a mutant's replay
+    /// line does); exits 1 when the property catches it.
+    #[arg(long)]
     pub mutant: Option<String>,
-    /// A driver command to judge instead of the reference.
+    /// Judge the trainer behind this driver command (the driver protocol, e.g.
+    /// "python harness/drivers/transformers_peft.py") instead of the reference: every
+    /// trainer property the driver can take; what it cannot is shown as skipped.
+    #[arg(long)]
     pub trainer: Option<String>,
-    /// Seconds each driver operation may take.
+    /// Seconds each driver operation may take before the driver is killed and the
+    /// property fails (default: $TUNECHECK_DRIVER_TIMEOUT, else 300).
+    #[arg(long)]
     pub timeout: Option<f64>,
-    /// Seconds shrinking one failure may take (default: 180 with `--trainer`, else no limit).
+    /// Seconds shrinking one failure may take; when they run out, the smallest failing
+    /// case found so far is reported (default: 180 with --trainer, else no limit).
+    #[arg(long, value_name = "SECS")]
     pub shrink_time: Option<f64>,
-    /// Compare the outcomes with this expected-outcomes file (or write it, with `bless`).
+    /// Compare every row's outcome (pass, skip, fail:<clause>, error) with this file of
+    /// known outcomes (lines `property [family] outcome`, # comments): exit 0 when all
+    /// match, failures included; 1 naming each change.
+    #[arg(long, value_name = "FILE")]
     pub expect: Option<std::path::PathBuf>,
-    /// Write `expect` from this run instead of comparing.
+    /// With --expect FILE: write FILE from this run (keeping its comments and the rows this
+    /// run did not produce) instead of comparing.
+    #[arg(long, requires = "expect")]
     pub bless: bool,
-    /// Write JUnit XML here.
+    /// Write the rows as JUnit XML (a testcase per property and family) to FILE.
+    #[arg(long, value_name = "FILE")]
     pub junit: Option<std::path::PathBuf>,
-    /// `k/n`: run only the k-th of n deterministic partitions of the rows.
+    /// Run only partition K of N (K/N): row i of the whole run is in partition (i mod N) + 1,
+    /// so the partitions together are exactly the whole run.
+    #[arg(long, value_name = "K/N")]
     pub partition: Option<String>,
-}
-
-impl CheckArgs {
-    /// The arguments of `tunecheck check` with everything at its default (CPU, 16 cases, seed
-    /// 0, every family and property, the reference).
-    pub fn new() -> Self {
-        CheckArgs {
-            device: "cpu".into(),
-            cases: 16,
-            seed: 0,
-            families: Vec::new(),
-            properties: Vec::new(),
-            strict: false,
-            json: false,
-            mutants: false,
-            mutant: None,
-            trainer: None,
-            timeout: None,
-            shrink_time: None,
-            expect: None,
-            bless: false,
-            junit: None,
-            partition: None,
-        }
-    }
-}
-
-impl Default for CheckArgs {
-    fn default() -> Self {
-        CheckArgs::new()
-    }
 }
 
 /// `k/n` with 1 ≤ k ≤ n.

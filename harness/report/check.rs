@@ -78,18 +78,28 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         if let Verdict::Failed { detail, minimal, replay, cases_run, .. } = &r.verdict {
             s.push_str(&format!("\nFAIL {} / {} after {cases_run} case(s): {detail}\n", r.family, r.property));
-            if let Some(summary) = summarize(minimal) {
-                s.push_str(&format!("  minimal setup: {summary}\n"));
-            }
-            if !minimal.is_null() {
-                s.push_str(&format!("  minimal case: {minimal}\n"));
-            }
-            if let Some(line) = replay {
-                s.push_str(&format!("  replay: {line}\n"));
+            for line in failure_lines(minimal, replay.as_deref()) {
+                s.push_str(&format!("  {line}\n"));
             }
         }
     }
     s
+}
+
+/// What a failure report adds to its detail: the minimal setup in short, the whole minimal
+/// case, and the replay line (each when known).
+pub fn failure_lines(minimal: &serde_json::Value, replay: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(summary) = summarize(minimal) {
+        out.push(format!("minimal setup: {summary}"));
+    }
+    if !minimal.is_null() {
+        out.push(format!("minimal case: {minimal}"));
+    }
+    if let Some(line) = replay {
+        out.push(format!("replay: {line}"));
+    }
+    out
 }
 
 /// A table of mutant outcomes.

@@ -5,7 +5,7 @@
 
 use crate::outcomes::outcome;
 use crate::props::runner::{FailReason, Verdict};
-use crate::report::check::summarize;
+use crate::report::check::failure_lines;
 use crate::suite::Row;
 
 /// XML-escape text for an attribute or element body.
@@ -54,14 +54,8 @@ pub fn render(name: &str, rows: &[Row]) -> String {
             Verdict::Failed { reason, detail, minimal, replay, cases_run } => {
                 let tag = if matches!(reason, FailReason::Violated { .. }) { "failure" } else { "error" };
                 let mut body = format!("{detail}\ncases run: {cases_run}\n");
-                if let Some(summary) = summarize(minimal) {
-                    body.push_str(&format!("minimal setup: {summary}\n"));
-                }
-                if !minimal.is_null() {
-                    body.push_str(&format!("minimal case: {minimal}\n"));
-                }
-                if let Some(line) = replay {
-                    body.push_str(&format!("replay: {line}\n"));
+                for line in failure_lines(minimal, replay.as_deref()) {
+                    body.push_str(&format!("{line}\n"));
                 }
                 s.push_str(&format!(
                     "      <{tag} message=\"{}\" type=\"{}\">{}</{tag}>\n",
