@@ -162,7 +162,9 @@ impl AdapterKind {
 /// fix.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Draws {
-    /// Learning rate, weight decay (with transformers' parameter groups), betas, epsilon.
+    /// The peak learning rate.
+    pub lr: bool,
+    /// Weight decay (with transformers' parameter groups), betas, epsilon.
     pub optimizer: bool,
     /// Warmup steps (0, 1 or 2), the cosine's floor and horizon.
     pub schedule: bool,
@@ -174,17 +176,20 @@ pub struct Draws {
 
 impl Draws {
     /// Nothing drawn: every setup trains with [`Recipe::SIMPLEST`].
-    pub const NONE: Draws = Draws { optimizer: false, schedule: false, clipping: false, dropout: &[0.0] };
-    /// Optimizer and clipping (a property that fixes its own schedule).
-    pub const OPTIMIZER: Draws = Draws { optimizer: true, clipping: true, ..Draws::NONE };
-    /// Optimizer, schedule and clipping.
-    pub const TRAINING: Draws = Draws { optimizer: true, schedule: true, clipping: true, ..Draws::NONE };
+    pub const NONE: Draws = Draws { lr: false, optimizer: false, schedule: false, clipping: false, dropout: &[0.0] };
+    /// Learning rate, optimizer and clipping (a property that fixes its own schedule).
+    pub const OPTIMIZER: Draws = Draws { lr: true, optimizer: true, clipping: true, ..Draws::NONE };
+    /// Learning rate, optimizer, schedule and clipping.
+    pub const TRAINING: Draws = Draws { schedule: true, ..Draws::OPTIMIZER };
 
     /// The knobs drawn, in words (for the README's table).
     pub fn words(&self) -> String {
         let mut w = Vec::new();
+        if self.lr {
+            w.push("lr");
+        }
         if self.optimizer {
-            w.push("lr, weight decay, betas, eps");
+            w.push("weight decay, betas, eps");
         }
         if self.schedule {
             w.push("warmup, cosine floor");
@@ -274,7 +279,7 @@ pub fn arb_recipe(draws: Draws) -> impl Strategy<Value = Recipe> {
     }
     let s = Recipe::SIMPLEST;
     (
-        pick(draws.optimizer, vec![s.lr, 3e-3, 3e-2]),
+        pick(draws.lr, vec![s.lr, 3e-3, 3e-2]),
         pick(draws.optimizer, vec![s.weight_decay, 0.01, 0.1]),
         pick(draws.optimizer, vec![s.betas, (0.9, 0.95), (0.8, 0.99)]),
         pick(draws.optimizer, vec![s.eps, 1e-6]),

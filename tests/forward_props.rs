@@ -32,7 +32,7 @@ proptest! {
     #[test]
     fn kv_cache_decode_equals_full_forward((spec, ids, seed) in arb_case(), split in 1usize..12) {
         let m = build(&spec, seed);
-        forward::kv_cache_matches(&m, &ids, split, 3).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        forward::kv_cache_matches(&m, &ids, split, 3, 0.0).map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
 
     #[test]
@@ -80,7 +80,7 @@ fn kv_cache_in_half_precision() {
             let mut spec = ArchSpec::tiny(family);
             spec.dtype = dtype;
             let m = build(&spec, 2);
-            forward::kv_cache_matches(&m, &[vec![3, 1, 4, 1, 5, 9, 2, 6], vec![2, 7, 1, 8, 2, 8, 1, 8]], 3, 0)
+            forward::kv_cache_matches(&m, &[vec![3, 1, 4, 1, 5, 9, 2, 6], vec![2, 7, 1, 8, 2, 8, 1, 8]], 3, 0, 0.0)
                 .unwrap_or_else(|e| panic!("{family} {dtype:?}: {e}"));
         }
     }

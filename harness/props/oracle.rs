@@ -76,15 +76,25 @@ pub fn step_at(setup: &Setup, values: &[(String, Tensor)], batches: &[Batch]) ->
     Ok(OracleStep { exact, exact_loss, own, own_loss, tokens })
 }
 
-/// How far rounding in the setup's own precision moves the eval logits of `ids` from the f64
-/// model (relative L2), for the setup's initial values: the floor two correct computation
-/// paths of those logits are judged against.
-pub fn logits_floor(setup: &Setup, ids: &Tensor) -> Result<f64> {
+/// How far rounding in the setup's own precision moves the reference's eval logits of `ids`
+/// from the same computation in f64 (relative L2), for the setup's initial values: on the full
+/// forward, and on the KV-cache path (`prefill` positions, then one at a time). Two correct
+/// paths are equal in exact arithmetic, so they differ by at most the sum of their floors.
+pub fn logits_floors(setup: &Setup, ids: &Tensor, prefill: usize) -> Result<(f64, f64)> {
     let ids = ids.to_device(&Device::Cpu)?;
-    let own = crate::subject::reference(setup, &Device::Cpu)?.logits(&ids, Mode::Eval)?;
-    let exact = crate::subject::reference(&f64_setup(setup)?, &Device::Cpu)?.logits(&ids, Mode::Eval)?;
-    let (a, b) = (own.to_dtype(DType::F64)?, exact.to_dtype(DType::F64)?);
+    let own = crate::subject::reference(setup, &Device::Cpu)?;
+    let exact = crate::subject::reference(&f64_setup(setup)?, &Device::Cpu)?;
+    let full = rel_l2_f64(&own.logits(&ids, Mode::Eval)?, &exact.logits(&ids, Mode::Eval)?)?;
+    let cached = rel_l2_f64(
+        &crate::props::forward::cached_logits(own.model(), &ids, prefill)?,
+        &crate::props::forward::cached_logits(exact.model(), &ids, prefill)?,
+    )?;
+    Ok((full, cached))
+}
+
+/// Relative L2 of `a` against `b`, both read in f64 (the f64 side not rounded to f32).
+pub fn rel_l2_f64(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
     let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    Ok(num / den.max(1e-300))
+    Ok(num / b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-300))
 }

@@ -69,14 +69,14 @@ pub fn path_tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// The bound between two computation paths of the same logits, from a measured floor `f` (how
-/// far the setup's own precision moves the logits from f64): each correct path lands about `f`
-/// from the exact logits, so two of them differ by at most about `2f` (the triangle
-/// inequality); allowed `4f`, at least [`path_tolerance`], at most 10 × it (beyond it the
+/// The bound between two computation paths of the same logits, from a measured floor `f`: the
+/// sum of how far each path's precision moves its logits from the same path in f64. Two
+/// correct paths are equal in exact arithmetic, so by the triangle inequality they differ by at
+/// most `f`; allowed `2f`, at least [`path_tolerance`], at most 10 × it (beyond it the
 /// comparison is not made).
 pub fn path_bound(dtype: DType) -> Bound {
     let anchor = path_tolerance(dtype);
-    Bound { anchor, cap: 10.0 * anchor, factor: 4.0 }
+    Bound { anchor, cap: 10.0 * anchor, factor: 2.0 }
 }
 
 /// A tolerance from a measured floor: `clamp(factor × floor, anchor, cap)`.
