@@ -189,3 +189,32 @@ fn families_a_driver_lacks_are_skipped_with_its_reason() {
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// The setup directory carries a tokenizer of the synthetic vocabulary (for the stacks that
+/// load one with the model): the tokenizers crate reads it, every id is one token, and the
+/// config names the special tokens and a chat template.
+#[test]
+fn the_setup_base_has_a_tokenizer_of_its_vocabulary() {
+    use tunecheck::data::vocab;
+    let p = catalogue::by_id("P1").unwrap();
+    let setup = tunecheck::props::runner::first_setup(p, tunecheck::strategy::AdapterKind::Lora, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tunecheck::process::wire::write_setup(dir.path(), &setup).unwrap();
+    let base = dir.path().join("base");
+    let tok = tunecheck::data::tokenizer::load(&base.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.get_vocab_size(true), setup.spec.vocab_size);
+    for i in 0..setup.spec.vocab_size {
+        assert_eq!(tok.token_to_id(&vocab::token(i)), Some(i as u32), "id {i}");
+    }
+    let enc = tok.encode("t5 t6 <s>", false).unwrap();
+    assert_eq!(enc.get_ids(), &[5, 6, 1][..]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(cfg["pad_token"], "<pad>");
+    assert_eq!(cfg["eos_token"], "</s>");
+    assert!(cfg["chat_template"].as_str().unwrap().contains("messages"));
+    // The checkpoint still loads as it is (the tokenizer files are not the save's).
+    tunecheck::io::hf::load(&base, &Device::Cpu, None).unwrap();
+    assert!(vocab::files(4, 8).is_err(), "a vocabulary without room for the special tokens is refused");
+}

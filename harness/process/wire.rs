@@ -160,13 +160,15 @@ pub fn capabilities_json(c: &Capabilities) -> Value {
 }
 
 /// Write the directory a driver builds a subject from: `base/` (a Hugging Face checkpoint of
-/// the synthetic base in its dtype), `adapter/` (a PEFT adapter directory holding tunecheck's
+/// the synthetic base in its dtype, with a tokenizer of its vocabulary), `adapter/` (a PEFT adapter directory holding tunecheck's
 /// seeded initial values, B non-zero) and `train.json` (the training configuration, the 4-bit
 /// configuration, the dtype, and the seed and B scale the initial adapter was drawn with, for
 /// drivers that rebuild it rather than read it).
 pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::io::hf::save(&dir.join("base"), &setup.spec, &setup.weights, crate::io::hf::Sharding::Single)?;
+    // The stacks that load a tokenizer with the model (TRL, Unsloth, LLaMA-Factory) need one.
+    crate::data::vocab::write(&dir.join("base"), &setup.spec)?;
     // The initial adapter: tunecheck's seeded LoRA factors, and full copies of the base's
     // `modules_to_save` tensors as they are (untrained rows included: fixing them is the
     // trainer's job).
