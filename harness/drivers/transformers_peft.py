@@ -103,26 +103,47 @@ class Subject:
         self.resume = None  # a checkpoint the next fit resumes from
         self.dirty = False  # trained since the last checkpoint
 
-    # -- the framework's objects ------------------------------------------------------------
-    def make_trainer(self, accum, epochs, eval_on, train=None, evals=None):
+    # -- the framework's objects (a Trainer-based stack overrides these) ----------------------
+    def training_arguments(self, **kw):
+        """The framework's arguments class, with what `make_trainer` fills in."""
+        return TrainingArguments(remove_unused_columns=False, **kw)
+
+    def trainer_class(self):
+        """The framework's Trainer class."""
+        return Trainer
+
+    def trainer_kwargs(self):
+        """What the Trainer class takes beyond model, args and datasets."""
+        return {"data_collator": first}
+
+    def dataset(self, paths):
+        """The framework's dataset of the batch files `paths` and its per-device batch size: here
+        each item is a whole pre-collated micro-batch."""
+        return Batches(paths), 1
+
+    def micro_batches(self, paths):
+        """The micro-batches of a step as the framework's data pipeline delivers them."""
+        return [load_batch(p) for p in paths]
+
+    def make_trainer(self, accum, epochs, eval_on, train=None, evals=None, rows=1):
         tc = self.tc
         sched = "cosine"
         sched_kw = {}
         if tc["min_lr_ratio"] > 0:
             sched, sched_kw = "cosine_with_min_lr", {"min_lr_rate": tc["min_lr_ratio"]}
         eval_key = "eval_strategy" if TF >= Version("4.41") else "evaluation_strategy"
-        args = TrainingArguments(
-            output_dir=os.path.join(self.work, "out"), per_device_train_batch_size=1,
-            per_device_eval_batch_size=1, gradient_accumulation_steps=accum, learning_rate=tc["learning_rate"],
+        args = self.training_arguments(
+            output_dir=os.path.join(self.work, "out"), per_device_train_batch_size=rows,
+            per_device_eval_batch_size=rows, gradient_accumulation_steps=accum, learning_rate=tc["learning_rate"],
             adam_beta1=tc["adam_beta1"], adam_beta2=tc["adam_beta2"], adam_epsilon=tc["adam_epsilon"],
             weight_decay=tc["weight_decay"], max_grad_norm=tc["max_grad_norm"] or 0.0, lr_scheduler_type=sched,
             lr_scheduler_kwargs=sched_kw, warmup_steps=tc["warmup_steps"], num_train_epochs=epochs,
             optim="adamw_torch", seed=int(tc["seed"]), report_to=[], save_strategy="no", logging_steps=1,
-            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True,
+            disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
             **{eval_key: "epoch" if eval_on else "no"})
         total = tc["total_steps"]
 
-        class T(Trainer):
+        class T(self.trainer_class()):
             # The schedule's horizon is the configuration's, not the length of this call.
             def create_scheduler(self, num_training_steps, optimizer=None):
                 return super().create_scheduler(total, optimizer)
@@ -131,7 +152,7 @@ class Subject:
             def _get_train_sampler(self, *a, **k):
                 return torch.utils.data.SequentialSampler(self.train_dataset)
 
-        return T(model=self.model, args=args, data_collator=first, train_dataset=train, eval_dataset=evals)
+        return T(model=self.model, args=args, train_dataset=train, eval_dataset=evals, **self.trainer_kwargs())
 
     def set_accumulation(self, k):
         """What the Trainer's loop sets up for a step of k micro-batches."""
@@ -143,7 +164,7 @@ class Subject:
     def accumulate(self, paths):
         """Forward + backward of every micro-batch as one optimizer step of the Trainer's loop."""
         t = self.trainer
-        batches = [load_batch(p) for p in paths]
+        batches = self.micro_batches(paths)
         self.check_untrained(batches)
         self.set_accumulation(len(batches))
         num_items = None
@@ -231,7 +252,8 @@ class Subject:
         return {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
 
     def eval_loss(self, req):
-        t = self.make_trainer(1, 1, eval_on=False, evals=Batches(req["batches"]))
+        evals, rows = self.dataset(req["batches"])
+        t = self.make_trainer(1, 1, eval_on=False, evals=evals, rows=rows)
         return {"loss": float(t.evaluate()["eval_loss"])}
 
     def checkpoint(self):
@@ -244,9 +266,10 @@ class Subject:
 
     def fit(self, req):
         tc = self.tc
-        train, evals = Batches(req["train"]), Batches(req["eval"]) if req["eval"] else None
+        train, rows = self.dataset(req["train"])
+        evals = self.dataset(req["eval"])[0] if req["eval"] else None
         resume = self.checkpoint() if self.dirty else self.resume
-        t = self.make_trainer(tc["gradient_accumulation_steps"], req["epochs"], evals is not None, train, evals)
+        t = self.make_trainer(tc["gradient_accumulation_steps"], req["epochs"], evals is not None, train, evals, rows)
         hist = {"train": [], "eval": []}
         acc = {"loss": 0.0, "epoch": 0}
         max_steps = req.get("max_steps")

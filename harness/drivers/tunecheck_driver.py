@@ -24,6 +24,8 @@ IGNORE = -100
 _proto = sys.stdout
 sys.stdout = sys.stderr  # library prints must not corrupt the protocol channel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # keep the stderr tail readable
 
 
 class Refusal(Exception):

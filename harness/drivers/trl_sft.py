@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""tunecheck driver for TRL's SFTTrainer + PEFT LoRA (driver protocol v1, PROTOCOL.md).
+
+Run by tunecheck, not by hand:
+
+    tunecheck check --trainer "python harness/drivers/trl_sft.py"
+
+TRL's own documented path, with nothing written here to make a property pass:
+  * the model is transformers' loaded from the checkpoint tunecheck wrote, the adapter PEFT's
+    (`PeftModel.from_pretrained(..., is_trainable=True)`), handed to `SFTTrainer` with the
+    tokenizer saved beside the base as its `processing_class`;
+  * the data are pre-tokenized examples, `input_ids` with a `completion_mask` (1 where
+    tunecheck's labels are not -100), so TRL builds the labels (`completion_only_loss=True`),
+    prepares the dataset and collates the micro-batches itself, for single steps as for `fit`;
+  * the loss is `SFTTrainer.compute_loss` with TRL's defaults (its fused LM head, gradient
+    checkpointing; `bf16` as a user sets it for the model's dtype), the accumulation and token
+    count the Trainer's, and everything else as in `transformers_peft.py` (the Trainer's
+    clipping, optimizer and scheduler for a step, `Trainer.train()` for `fit`, its checkpoints
+    for `save`, its loaders for `load`).
+
+Labels that are not the input ids cannot be a completion mask: such a batch is refused as
+unsupported (tunecheck's batches never have them).
+"""
+import os
+
+import tunecheck_driver as td  # first: moves library prints off the protocol channel
+
+import datasets  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+import transformers_peft as tf  # noqa: E402
+from tunecheck_driver import IGNORE, Refusal, load_batch  # noqa: E402
+
+
+class Subject(tf.Subject):
+    def __init__(self, base_dir, adapter_dir, train_json, work):
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        super().__init__(base_dir, adapter_dir, train_json, work)
+
+    def training_arguments(self, **kw):
+        # What a user writes for the model's dtype: mixed precision only for a bf16 model (TRL's
+        # default is bf16=True, which would compute an f32 model in bf16). No truncation
+        # (`max_length=None`): the sequences are a dozen tokens, and with a length TRL also drops
+        # examples without a label, which would change the batches tunecheck gives.
+        return SFTConfig(completion_only_loss=True, bf16=self.setup["dtype"] == "bf16", max_length=None, **kw)
+
+    def trainer_class(self):
+        return SFTTrainer
+
+    def make_trainer(self, accum, epochs, eval_on, train=None, evals=None, rows=1):
+        # SFTTrainer insists on a training set even where it only takes single steps or
+        # evaluates: one example of one word it never trains on.
+        if train is None:
+            train = datasets.Dataset.from_dict({"input_ids": [[4, 4]], "completion_mask": [[1, 1]]})
+        return super().make_trainer(accum, epochs, eval_on, train, evals, rows)
+
+    def trainer_kwargs(self):
+        return {"processing_class": self.tokenizer}
+
+    def dataset(self, paths):
+        """The rows of the batch files as TRL's pre-tokenized examples, and the rows per
+        micro-batch (the per-device batch size that gives back tunecheck's micro-batches)."""
+        ids, masks, rows = [], [], set()
+        for p in paths:
+            b = load_batch(p)
+            if not bool((b["attention_mask"] == 1).all()):
+                raise Refusal("left-padded batches are not expressible as TRL examples", kind="unsupported")
+            labels, x = b["labels"], b["input_ids"]
+            if not bool(((labels == x) | (labels == IGNORE)).all()):
+                raise Refusal("labels other than the input ids cannot be a completion mask", kind="unsupported")
+            rows.add(x.shape[0])
+            ids += x.tolist()
+            masks += (labels != IGNORE).long().tolist()
+        if len(rows) > 1:
+            raise Refusal(f"micro-batches of {sorted(rows)} rows: TRL batches a fixed number", kind="unsupported")
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks}), rows.pop()
+
+    def micro_batches(self, paths):
+        """TRL's preparation (labels from the completion mask) and collator, micro-batch by
+        micro-batch, for a step outside `Trainer.train()`."""
+        t = self.trainer
+        ds, rows = self.dataset(paths)
+        prepared = t._prepare_dataset(ds, self.tokenizer, t.args, False, None, "train")
+        if len(prepared) != len(ds):
+            raise RuntimeError(f"TRL's preparation kept {len(prepared)} of {len(ds)} examples")
+        return [t.data_collator([prepared[j] for j in range(i, i + rows)]) for i in range(0, len(prepared), rows)]
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser(description="tunecheck driver for TRL's SFTTrainer + PEFT")
+    ap.add_argument("--dtypes", default="f32,bf16,f16",
+                    help="model dtypes to declare (comma-separated among f32, bf16, f16; f32 is always taken)")
+    opts = ap.parse_args()
+    dtypes = set(opts.dtypes.split(","))
+    if not dtypes <= set(tf.DTYPES):
+        ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
+
+    def hello():
+        have, unsupported = tf.families()
+        return dict(framework="trl+peft",
+                    version=f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+                            f"datasets {datasets.__version__}, torch {torch.__version__}",
+                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
+                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False,
+                                  "dropout": True, "reproducible_dropout": True},
+                    families=have, unsupported=unsupported)
+
+    def build(d, work):
+        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
+
+    td.serve(hello, build, Subject.load, name="tunecheck-trl")
+
+
+if __name__ == "__main__":
+    main()
