@@ -7,7 +7,10 @@ Run by tunecheck, not by hand:
 
 What is judged is the framework's own machinery, never a loop written here:
   * the model is transformers' (eager attention) loaded from the Hugging Face checkpoint
-    tunecheck wrote, the adapter PEFT's, loaded with `PeftModel.from_pretrained`;
+    tunecheck wrote — for a 4-bit setup quantized as it loads by bitsandbytes
+    (`from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` with the recorded quant
+    type, double quantization and compute dtype; bitsandbytes' blocks of 64 only) — the adapter
+    PEFT's, loaded with `PeftModel.from_pretrained`;
   * the loss is the model's own from `labels` (transformers shifts them);
   * `gradients` and `step` run `Trainer.training_step` on each micro-batch exactly as
     `Trainer._inner_training_loop` does (the same token count `num_items_in_batch` from
@@ -55,6 +58,30 @@ def families():
     return have, unsupported
 
 
+def bnb_version():
+    """bitsandbytes' version, or None when it is not installed (then no 4-bit base)."""
+    try:
+        import bitsandbytes
+        return bitsandbytes.__version__
+    except ImportError:
+        return None
+
+
+def bnb_config(q):
+    """The `BitsAndBytesConfig` a user writes for tunecheck's recorded 4-bit configuration (the
+    dense base is quantized as it loads, as `from_pretrained(..., quantization_config=...)`
+    does). bitsandbytes' `Linear4bit` quantizes in blocks of 64: another blocksize is a case
+    this stack cannot take."""
+    from transformers import BitsAndBytesConfig
+    if q.get("tunecheck_blocksize", 64) != 64:
+        raise Refusal(f"bitsandbytes quantizes in blocks of 64, not {q['tunecheck_blocksize']}", kind="unsupported")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
+                              bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"],
+                              bnb_4bit_compute_dtype=DTYPES[{"float32": "f32", "bfloat16": "bf16",
+                                                             "float16": "f16"}[q["bnb_4bit_compute_dtype"]]],
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
 class Batches(torch.utils.data.Dataset):
     """Pre-collated micro-batches (one dataset item is one micro-batch)."""
 
@@ -77,12 +104,12 @@ class Subject:
         have, unsupported = families()
         if family not in have:
             raise RuntimeError(unsupported.get(family, f"family {family} not supported"))
-        if self.setup.get("quantization") is not None:
-            raise RuntimeError("4-bit bases are not supported by this driver (declared in hello)")
         tc = self.setup["train"]
         self.tc = tc
         dtype = DTYPES[self.setup["dtype"]]
         kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
+        if self.setup.get("quantization") is not None:
+            kw["quantization_config"] = bnb_config(self.setup["quantization"])
         transformers.set_seed(int(tc["seed"]))
         try:
             base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
@@ -351,9 +378,11 @@ def main():
     def hello():
         have, unsupported = families()
         return dict(framework="transformers+peft",
-                    version=f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}",
+                    version=f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}"
+                            + (f", bitsandbytes {bnb_version()}" if bnb_version() else ""),
                     capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes, "quant4": False,
+                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
+                                  "quant4": bnb_version() is not None,
                                   # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
                                   "dropout": True, "reproducible_dropout": True},
                     families=have, unsupported=unsupported)

@@ -1,6 +1,7 @@
 //! P4 — the loss descends and epochs are seamless: on a learnable task (a seeded permutation
-//! successor over the vocabulary) the second epoch's mean train loss is below the first's;
-//! an eval loss is produced at every epoch when asked and moves (by at least 1e-5 relative —
+//! successor over the vocabulary) the second epoch's mean train loss is below the first's
+//! (judged where the reference descends on the same setup and data: six Adam steps need not
+//! descend on every tiny random model); an eval loss is produced at every epoch when asked and moves (by at least 1e-5 relative —
 //! about a hundred f32 ulps — or a tenth of what the train loss moved, where that is less);
 //! and `fit` over two epochs leaves the trainable tensors bitwise equal to the same optimizer
 //! steps taken one by one (`grad_accum` micro-batches each, the last window of an epoch
@@ -10,6 +11,7 @@
 use candle_core::Device;
 
 use crate::props::property::Property;
+use crate::props::tolerance::count;
 use crate::props::{bitwise_equal, rel_l2, Check, Violation};
 use crate::strategy::Draws;
 use crate::subject::{Factory, FitPlan, Setup};
@@ -19,6 +21,9 @@ const ID: &str = "P4/descent_and_epochs";
 
 /// Micro-batches per step in P4's setups (the 8 batches of an epoch are not a multiple).
 pub const GRAD_ACCUM: usize = 3;
+/// What P4 counts: cases where the reference itself does not descend (the clause is not made).
+pub const NOT_DESCENDING: &str = "cases whose descent was not judged (the reference does not descend there either)";
+
 /// Minimum relative change of the eval loss between the two epochs.
 pub const MIN_EVAL_CHANGE: f64 = 1e-5;
 
@@ -30,8 +35,9 @@ pub const PROPERTY: Property = Property {
     invariant: "learnable task, 2 epochs of 8 micro-batches with accumulation 3: epoch 2's mean loss < epoch 1's; \
                 an eval loss per epoch, moving ≥ 1e-5 relative; fit == the same steps one by one (no reset at the \
                 boundary, short last window normalised by its own tokens)",
-    tolerance: "bitwise for fit vs steps (same steps, same values); descent strict; eval change > 0 and ≥ min(1e-5 \
-                relative (~100 f32 ulps), a tenth of the train loss's change)",
+    tolerance: "bitwise for fit vs steps (same steps, same values); descent strict where the reference descends on \
+                the same case; eval change > 0 and ≥ min(1e-5 relative (~100 f32 ulps), a tenth of the train loss's \
+                change)",
     grad_accum: GRAD_ACCUM,
     // Not the learning rate: a rank-1 adapter at lr 3e-3 barely moves in 6 steps, and the
     // descent over two short epochs is then lost in the noise of the batches.
@@ -118,7 +124,28 @@ pub fn check(f: &dyn Factory, device: &Device, setup: &Setup) -> Check {
         );
     }
     if second.is_nan() || second >= first {
-        return fail("no_descent", format!("loss did not descend: epoch means {first:.4} → {second:.4}"));
+        // Six Adam steps at lr 1e-2 need not descend on every model (a 6-layer, 4-wide Gemma 3
+        // can overshoot): the clause judges only where a correct trainer, the reference, descends
+        // on the same setup and data.
+        let mut oracle = crate::subject::reference(setup, &Device::Cpu)?;
+        let r = crate::subject::Trainer::fit(&mut oracle, &data, eval, FitPlan::epochs(2))?;
+        let epoch_mean = |e: usize| {
+            let v: Vec<f64> = r.train.iter().filter(|x| x.1 == e).map(|x| x.2).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        let (r0, r1) = (epoch_mean(0), epoch_mean(1));
+        if r1 < r0 {
+            return fail(
+                "no_descent",
+                format!(
+                    "loss did not descend: epoch means {first:.4} → {second:.4}, where the reference descends \
+                     {r0:.4} → {r1:.4}"
+                ),
+            );
+        }
+        count(NOT_DESCENDING, 1, 1);
+    } else {
+        count(NOT_DESCENDING, 0, 1);
     }
     let mut steps = f.build(setup, device)?;
     for _ in 0..2 {
