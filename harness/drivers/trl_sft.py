@@ -19,7 +19,9 @@ TRL's own documented path, with nothing written here to make a property pass:
     for `save`, its loaders for `load`).
 
 Labels that are not the input ids cannot be a completion mask: such a batch is refused as
-unsupported (tunecheck's batches never have them).
+unsupported (tunecheck's batches never have them). On a 4-bit base (bitsandbytes installed)
+`SFTTrainer` casts the LoRA factors to bf16, and a run resumed from its checkpoint trains them
+in f32: findings/trl_qlora_resume_upcasts_lora.py shows it without tunecheck.
 """
 import os
 
@@ -96,8 +98,6 @@ def main():
     ap = argparse.ArgumentParser(description="tunecheck driver for TRL's SFTTrainer + PEFT")
     ap.add_argument("--dtypes", default="f32,bf16,f16",
                     help="model dtypes to declare (comma-separated among f32, bf16, f16; f32 is always taken)")
-    ap.add_argument("--quant4", action="store_true",
-                    help="declare 4-bit bases (QLoRA through bitsandbytes); see the note in hello()")
     opts = ap.parse_args()
     dtypes = set(opts.dtypes.split(","))
     if not dtypes <= set(tf.DTYPES):
@@ -109,13 +109,9 @@ def main():
                     version=f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
                             f"datasets {datasets.__version__}, torch {torch.__version__}"
                             + (f", bitsandbytes {tf.bnb_version()}" if tf.bnb_version() else ""),
-                    # No 4-bit base yet: with one, P3's mid-epoch resume differs (rel L2 1.5e-3 on
-                    # a LoRA factor, nf4 with bf16 compute, where SFTTrainer casts the LoRA
-                    # factors to bf16) and is not yet explained; until it is, QLoRA through TRL
-                    # is not declared. `--quant4` judges it anyway.
                     capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
                                   "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
-                                  "quant4": opts.quant4 and tf.bnb_version() is not None,
+                                  "quant4": tf.bnb_version() is not None,
                                   "dropout": True, "reproducible_dropout": True},
                     families=have, unsupported=unsupported)
 
