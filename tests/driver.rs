@@ -151,6 +151,22 @@ fn a_case_the_driver_declares_unsupported_is_set_aside_and_shown() {
 }
 
 #[test]
+fn an_adapter_kind_the_driver_refuses_every_time_is_a_skip_with_the_reason_not_zero_cases() {
+    let f = start("--fault build:unsupported:always", Duration::from_secs(60));
+    let p = catalogue::by_id("P5").unwrap();
+    let cfg = PropConfig { cases: 2, seed: 1, families: vec![Family::Llama], ..PropConfig::default() };
+    match run(p, &f, &Device::Cpu, &cfg) {
+        Verdict::Skipped { reason } => {
+            for kind in ["lora", "qlora_nf4", "full_embeddings"] {
+                assert!(reason.contains(&format!("{kind}: no case the subject takes (128 draws in a row")), "{reason}");
+            }
+            assert!(reason.contains("beyond this subject"), "the refusal's reason is shown: {reason}");
+        }
+        v => panic!("expected a skip naming the refusals, got {v:?}"),
+    }
+}
+
+#[test]
 fn a_driver_that_cannot_start_or_speaks_another_protocol_is_a_clear_error() {
     let e = ProcessFactory::start("/nonexistent/driver --x", Duration::from_secs(5)).err().unwrap().to_string();
     assert!(e.contains("cannot start `/nonexistent/driver --x`"), "{e}");

@@ -34,7 +34,8 @@ enum Cmd {
         #[arg(long)]
         mutant: Option<String>,
         /// Misbehave on purpose at the first request for an operation: OP:KIND with KIND one of
-        /// die, garbage, hang, bad_shape, error, unsupported (for testing the protocol's failure handling).
+        /// die, garbage, hang, bad_shape, error, unsupported; OP:KIND:always at every request for
+        /// it (for testing the protocol's failure handling).
         #[arg(long)]
         fault: Vec<String>,
     },

@@ -96,7 +96,7 @@ class Batches(torch.utils.data.Dataset):
 
 
 class Subject:
-    def __init__(self, base_dir, adapter_dir, train_json, work):
+    def __init__(self, base_dir, adapter_dir, train_json, work, reload=False):
         self.base_dir, self.work = base_dir, work
         with open(train_json) as f:
             self.setup = json.load(f)
@@ -106,11 +106,30 @@ class Subject:
             raise RuntimeError(unsupported.get(family, f"family {family} not supported"))
         tc = self.setup["train"]
         self.tc = tc
+        transformers.set_seed(int(tc["seed"]))
+        self.model = self.load_model(base_dir, adapter_dir, work, reload)
+        # Whether this version's Trainer hands the accumulation count to accelerate (which then
+        # divides each micro-batch's loss by it, as transformers < 4.46 does) or keeps it at 1.
+        probe = self.make_trainer(2, 1, eval_on=False)
+        self.accelerate_divides = probe.accelerator.gradient_accumulation_steps == 2
+        del probe
+        self.trainer = self.make_trainer(tc["gradient_accumulation_steps"], tc["num_train_epochs"], eval_on=False)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=tc["total_steps"])
+        # What the Trainer's loop does before its first step: accelerate prepares the model, and
+        # with mixed precision (`bf16`/`fp16` in the arguments) that wraps the model's forward in
+        # autocast for good (the Trainer itself enters no autocast).
+        self.trainer.accelerator.prepare_model(self.model)
+        self.resume = None  # a checkpoint the next fit resumes from
+        self.dirty = False  # trained since the last checkpoint
+
+    # -- the framework's objects (a Trainer-based stack overrides these) ----------------------
+    def load_model(self, base_dir, adapter_dir, work, reload):
+        """The trainable PEFT model: the base as the framework loads it, the adapter on top.
+        `reload` is true when `adapter_dir` is a checkpoint this driver saved."""
         dtype = DTYPES[self.setup["dtype"]]
         kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
         if self.setup.get("quantization") is not None:
             kw["quantization_config"] = bnb_config(self.setup["quantization"])
-        transformers.set_seed(int(tc["seed"]))
         try:
             base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
         except ValueError as e:
@@ -119,18 +138,8 @@ class Subject:
             raise Refusal(f"transformers {transformers.__version__} rejects this configuration: {e}",
                           kind="unsupported")
         adapter_dir = td.adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
-        self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-        # Whether this version's Trainer hands the accumulation count to accelerate (which then
-        # divides each micro-batch's loss by it, as transformers < 4.46 does) or keeps it at 1.
-        probe = self.make_trainer(2, 1, eval_on=False)
-        self.accelerate_divides = probe.accelerator.gradient_accumulation_steps == 2
-        del probe
-        self.trainer = self.make_trainer(tc["gradient_accumulation_steps"], tc["num_train_epochs"], eval_on=False)
-        self.trainer.create_optimizer_and_scheduler(num_training_steps=tc["total_steps"])
-        self.resume = None  # a checkpoint the next fit resumes from
-        self.dirty = False  # trained since the last checkpoint
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
 
-    # -- the framework's objects (a Trainer-based stack overrides these) ----------------------
     def training_arguments(self, **kw):
         """The framework's arguments class, with what `make_trainer` fills in."""
         return TrainingArguments(remove_unused_columns=False, **kw)
@@ -355,7 +364,7 @@ class Subject:
     @classmethod
     def load(cls, d, work):
         ck = os.path.join(d, "checkpoint")
-        s = cls(os.path.join(d, "base"), ck, os.path.join(d, "train.json"), work)
+        s = cls(os.path.join(d, "base"), ck, os.path.join(d, "train.json"), work, reload=True)
         t = s.trainer
         t._load_optimizer_and_scheduler(ck)
         state_cls = type(t.state)

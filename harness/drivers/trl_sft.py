@@ -40,9 +40,9 @@ from tunecheck_driver import IGNORE, Refusal, load_batch  # noqa: E402
 
 
 class Subject(tf.Subject):
-    def __init__(self, base_dir, adapter_dir, train_json, work):
+    def __init__(self, base_dir, adapter_dir, train_json, work, reload=False):
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        super().__init__(base_dir, adapter_dir, train_json, work)
+        super().__init__(base_dir, adapter_dir, train_json, work, reload)
 
     def training_arguments(self, **kw):
         # What a user writes for the model's dtype: mixed precision only for a bf16 model (TRL's

@@ -18,13 +18,16 @@ use crate::model::Mode;
 use crate::process::wire::{self, PREFIX};
 use crate::subject::{Factory, FitPlan, Setup, Trainer};
 
-/// A planted protocol failure: at the first request for `op`, do `kind`.
+/// A planted protocol failure: at the first request for `op` (at every one with `always`), do
+/// `kind`. Written `OP:KIND` or `OP:KIND:always`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriverFault {
     /// The operation (`build`, `step`, `logits`, ...).
     pub op: String,
     /// What to do.
     pub kind: FaultKind,
+    /// At every request for `op`, not only the first.
+    pub always: bool,
 }
 
 /// Ways a driver can break the protocol.
@@ -48,6 +51,10 @@ impl std::str::FromStr for DriverFault {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let (op, kind) = s.split_once(':').ok_or_else(|| Error::field("--fault", format!("`{s}` is not OP:KIND")))?;
+        let (kind, always) = match kind.strip_suffix(":always") {
+            Some(k) => (k, true),
+            None => (kind, false),
+        };
         let kind = match kind {
             "die" => FaultKind::Die,
             "garbage" => FaultKind::Garbage,
@@ -62,7 +69,7 @@ impl std::str::FromStr for DriverFault {
                 ))
             }
         };
-        Ok(DriverFault { op: op.to_string(), kind })
+        Ok(DriverFault { op: op.to_string(), kind, always })
     }
 }
 
@@ -136,6 +143,9 @@ impl Server<'_> {
 
     fn fault(&mut self, op: &str) -> Option<FaultKind> {
         let i = self.faults.iter().position(|f| f.op == op)?;
+        if self.faults[i].always {
+            return Some(self.faults[i].kind);
+        }
         Some(self.faults.remove(i).kind)
     }
 

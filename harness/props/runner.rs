@@ -29,6 +29,12 @@ use crate::subject::{Capabilities, Factory, Setup};
 /// Draws a property's precondition may reject in one run before the run is aborted.
 pub const MAX_PRECONDITION_REJECTS: u32 = 4096;
 
+/// Draws of one adapter kind the subject may refuse as unsupported, in a row and before it has
+/// taken any, before the kind counts as one it cannot take (a skip naming the reasons). A
+/// subject that takes one draw in `p` refuses 128 in a row with probability (1 − 1/p)^128: for
+/// p = 12 (one fixed 4-bit configuration among the 12 tunecheck draws) 1.4e-5.
+pub const UNSUPPORTED_STREAK: u32 = 128;
+
 /// A summary of a setup for reports: its config.json and adapter / training knobs.
 pub fn describe(s: &Setup) -> serde_json::Value {
     serde_json::json!({
@@ -175,14 +181,26 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             // Cases the subject declares beyond it (a framework version's limits): set aside,
             // shown as skips, never counted as run.
             let unsupported: std::cell::RefCell<Vec<String>> = Default::default();
+            // Refusals in a row before the first taken case: past UNSUPPORTED_STREAK the kind is
+            // one the subject cannot take at all (every draw is refused without asking it again,
+            // and the kind is shown as skipped with the reasons, not as a run of zero cases).
+            let refused = Cell::new(0u32);
+            let taken = Cell::new(0u32);
             let result = runner.run(&strategy, |setup| {
                 if halted.borrow().is_some() {
                     return Ok(());
                 }
+                if taken.get() == 0 && refused.get() >= UNSUPPORTED_STREAK {
+                    return Err(TestCaseError::reject("the subject takes no case of this kind"));
+                }
                 counter.set(counter.get() + 1);
                 match check(factory, &device, &setup) {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        taken.set(taken.get() + 1);
+                        Ok(())
+                    }
                     Err(Failure::Error(crate::error::Error::Unsupported { what })) => {
+                        refused.set(refused.get() + 1);
                         let mut u = unsupported.borrow_mut();
                         if !u.contains(&what) {
                             u.push(what.clone());
@@ -228,6 +246,13 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
                         cases_run: cases_run + cases.min(counter.get()),
                         replay: None,
                     };
+                }
+                Err(TestError::Abort(_)) if taken.get() == 0 && refused.get() >= UNSUPPORTED_STREAK => {
+                    skipped.push(format!(
+                        "{}: no case the subject takes ({} draws in a row refused as unsupported)",
+                        kind.name(),
+                        refused.get()
+                    ));
                 }
                 Err(TestError::Abort(why)) => {
                     return Verdict::Failed {
