@@ -18,6 +18,12 @@ TRL's own documented path, with nothing written here to make a property pass:
     clipping, optimizer and scheduler for a step, `Trainer.train()` for `fit`, its checkpoints
     for `save`, its loaders for `load`).
 
+`--padding-free` judges `SFTConfig(padding_free=True)`: TRL's collator flattens every
+micro-batch into one row with `position_ids` restarting per example, and transformers builds a
+per-example causal mask from them when there is no attention mask or KV cache (TRL trains with
+`use_cache=False`), on eager and SDPA attention alike; TRL refuses it while `max_length` is set
+without packing (this driver sets none).
+
 Labels that are not the input ids cannot be a completion mask: such a batch is refused as
 unsupported (tunecheck's batches never have them). On a 4-bit base (bitsandbytes installed)
 `SFTTrainer` casts the LoRA factors to bf16, and a run resumed from its checkpoint trains them
@@ -39,6 +45,11 @@ import transformers_peft as tf  # noqa: E402
 from tunecheck_driver import IGNORE, Refusal, load_batch  # noqa: E402
 
 
+# `--padding-free`: TRL's padding-free batches (each micro-batch flattened into one row,
+# `position_ids` restarting per example; transformers builds per-example masks from them).
+PADDING_FREE = False
+
+
 class Subject(tf.Subject):
     def __init__(self, base_dir, adapter_dir, train_json, work, reload=False):
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -49,7 +60,8 @@ class Subject(tf.Subject):
         # default is bf16=True, which would compute an f32 model in bf16). No truncation
         # (`max_length=None`): the sequences are a dozen tokens, and with a length TRL also drops
         # examples without a label, which would change the batches tunecheck gives.
-        return SFTConfig(completion_only_loss=True, bf16=self.setup["dtype"] == "bf16", max_length=None, **kw)
+        return SFTConfig(completion_only_loss=True, bf16=self.setup["dtype"] == "bf16", max_length=None,
+                         padding_free=PADDING_FREE, **kw)
 
     def trainer_class(self):
         return SFTTrainer
@@ -90,7 +102,10 @@ class Subject(tf.Subject):
         prepared = t._prepare_dataset(ds, self.tokenizer, t.args, False, None, "train")
         if len(prepared) != len(ds):
             raise RuntimeError(f"TRL's preparation kept {len(prepared)} of {len(ds)} examples")
-        return [t.data_collator([prepared[j] for j in range(i, i + rows)]) for i in range(0, len(prepared), rows)]
+        out = [t.data_collator([prepared[j] for j in range(i, i + rows)]) for i in range(0, len(prepared), rows)]
+        if PADDING_FREE and any(b["input_ids"].shape[0] != 1 or "position_ids" not in b for b in out):
+            raise RuntimeError("padding_free=True, but TRL's collator did not flatten the micro-batches")
+        return out
 
 
 def main():
@@ -98,14 +113,18 @@ def main():
     ap = argparse.ArgumentParser(description="tunecheck driver for TRL's SFTTrainer + PEFT")
     ap.add_argument("--dtypes", default="f32,bf16,f16",
                     help="model dtypes to declare (comma-separated among f32, bf16, f16; f32 is always taken)")
+    ap.add_argument("--padding-free", action="store_true",
+                    help="judge SFTConfig(padding_free=True): every micro-batch flattened into one row")
     opts = ap.parse_args()
+    global PADDING_FREE
+    PADDING_FREE = opts.padding_free
     dtypes = set(opts.dtypes.split(","))
     if not dtypes <= set(tf.DTYPES):
         ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
 
     def hello():
         have, unsupported = tf.families()
-        return dict(framework="trl+peft",
+        return dict(framework="trl+peft" + (" (padding_free)" if PADDING_FREE else ""),
                     version=f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
                             f"datasets {datasets.__version__}, torch {torch.__version__}"
                             + (f", bitsandbytes {tf.bnb_version()}" if tf.bnb_version() else ""),
