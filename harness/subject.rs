@@ -206,6 +206,12 @@ pub trait Factory {
     /// Optional abilities of the subjects it makes.
     fn capabilities(&self) -> Capabilities;
 
+    /// Why the subjects lack a capability (by its protocol name, e.g. `f16`), where the
+    /// framework says: shown with the skip.
+    fn lacking_reason(&self, _capability: &str) -> Option<String> {
+        None
+    }
+
     /// Every model family with `None` when supported, else the reason it is not (a family a
     /// framework version lacks is skipped with that reason, never failed).
     fn families(&self) -> Vec<(crate::spec::Family, Option<String>)> {

@@ -183,6 +183,32 @@ fn a_driver_that_cannot_start_or_speaks_another_protocol_is_a_clear_error() {
 }
 
 #[test]
+fn a_capability_a_driver_lacks_is_skipped_with_its_reason_where_it_gives_one() {
+    // `unsupported` may name a capability as well as a family: the skip carries the reason.
+    let script = r#"read l; echo '{"id":1,"ok":true,"protocol":1,"framework":"fake","version":"0","capabilities":{"grad_accum":true},"families":["llama"],"unsupported":{"f16":"float16 becomes bfloat16 on CPU"}}'; read l"#;
+    let f = ProcessFactory::start(&format!("sh -c {}", shell_quote(script)), Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        tunecheck::subject::Factory::lacking_reason(&f, "f16").as_deref(),
+        Some("float16 becomes bfloat16 on CPU")
+    );
+    assert_eq!(tunecheck::subject::Factory::lacking_reason(&f, "bf16"), None);
+    // P12 draws bf16 and f16 models only: with neither declared, it is skipped naming both,
+    // the f16 one with the driver's reason.
+    let p = catalogue::by_id("P12").unwrap();
+    let cfg = PropConfig { cases: 2, families: vec![Family::Llama], ..PropConfig::default() };
+    match run(p, &f, &Device::Cpu, &cfg) {
+        Verdict::Skipped { reason } => {
+            assert!(
+                reason.contains("f16: the subject does not declare `f16`: float16 becomes bfloat16 on CPU"),
+                "{reason}"
+            );
+            assert!(reason.contains("bf16: the subject does not declare `bf16`"), "{reason}");
+        }
+        v => panic!("expected a skip, got {v:?}"),
+    }
+}
+
+#[test]
 fn families_a_driver_lacks_are_skipped_with_its_reason() {
     // A driver declaring only llama (a shell wrapper that edits the handshake is overkill: the
     // reference driver declares every family, so check the factory logic on a fake hello).

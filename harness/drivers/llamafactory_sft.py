@@ -176,7 +176,9 @@ def main():
                     capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
                                   "bf16": True, "f16": False, "quant4": tf.bnb_version() is not None,
                                   "dropout": True, "reproducible_dropout": True},
-                    families=have, unsupported=unsupported)
+                    families=have,
+                    unsupported={**unsupported, "f16": "LLaMA-Factory trains float16 models under autocast, "
+                                                       "which accelerate gives on CPU for bf16 only"})
 
     def build(d, work):
         return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)

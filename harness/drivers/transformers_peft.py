@@ -394,7 +394,9 @@ def main():
                                   "quant4": bnb_version() is not None,
                                   # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
                                   "dropout": True, "reproducible_dropout": True},
-                    families=have, unsupported=unsupported)
+                    families=have,
+                    unsupported={**unsupported, **{d: "left out by the driver's --dtypes" for d in ("bf16", "f16")
+                                                   if d not in dtypes}})
 
     def build(d, work):
         return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)

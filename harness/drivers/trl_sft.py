@@ -132,7 +132,9 @@ def main():
                                   "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
                                   "quant4": tf.bnb_version() is not None,
                                   "dropout": True, "reproducible_dropout": True},
-                    families=have, unsupported=unsupported)
+                    families=have,
+                    unsupported={**unsupported, **{d: "left out by the driver's --dtypes" for d in ("bf16", "f16")
+                                                   if d not in dtypes}})
 
     def build(d, work):
         return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)

@@ -162,7 +162,9 @@ def main():
                                   "bf16": True, "f16": False,
                                   "quant4": tf.bnb_version() is not None and cpu_bnb_4bit_supported(),
                                   "dropout": True, "reproducible_dropout": True},
-                    families=have, unsupported=unsupported)
+                    families=have,
+                    unsupported={**unsupported, "f16": "Unsloth's CPU backend loads float16 models as bfloat16 "
+                                                       "(CPUs with native bf16) or float32"})
 
     def build(d, work):
         return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)

@@ -192,6 +192,10 @@ impl Factory for ProcessFactory {
         self.hello.capabilities
     }
 
+    fn lacking_reason(&self, capability: &str) -> Option<String> {
+        self.hello.unsupported.get(capability).cloned()
+    }
+
     fn families(&self) -> Vec<(Family, Option<String>)> {
         Family::ALL
             .iter()

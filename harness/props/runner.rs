@@ -104,7 +104,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     };
     let caps = factory.capabilities();
     if let Some(missing) = caps.lacking(&prop.needs) {
-        return finish(cfg, Verdict::Skipped { reason: format!("the subject does not declare `{missing}`") });
+        return finish(cfg, Verdict::Skipped { reason: not_declared(factory, missing) });
     }
     let mut skipped = Vec::new();
     let dtypes: Vec<DType> = prop
@@ -114,11 +114,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
         .filter(|&d| {
             let ok = caps.supports_dtype(d);
             if !ok {
-                skipped.push(format!(
-                    "{}: the subject does not declare `{}`",
-                    short_dtype_name(d),
-                    short_dtype_name(d)
-                ));
+                skipped.push(format!("{}: {}", short_dtype_name(d), not_declared(factory, short_dtype_name(d))));
             }
             ok
         })
@@ -143,7 +139,7 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
     if !dtypes.is_empty() && !families.is_empty() {
         for &kind in prop.kinds.iter().filter(|k| cfg.kinds.as_ref().is_none_or(|only| only.contains(k))) {
             if let Some(missing) = caps.lacking(&kind_needs(kind, prop.grad_accum)) {
-                skipped.push(format!("{}: the subject does not declare `{missing}`", kind.name()));
+                skipped.push(format!("{}: {}", kind.name(), not_declared(factory, missing)));
                 continue;
             }
             let counter = Cell::new(0u32);
@@ -267,6 +263,15 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
         }
     }
     finish(cfg, Verdict::Passed { cases_run, skipped, measured: crate::props::tolerance::take_observed() })
+}
+
+/// The skip reason for a capability the subject lacks, with the framework's own reason where it
+/// gives one.
+fn not_declared(factory: &dyn Factory, capability: &str) -> String {
+    match factory.lacking_reason(capability) {
+        Some(why) => format!("the subject does not declare `{capability}`: {why}"),
+        None => format!("the subject does not declare `{capability}`"),
+    }
 }
 
 /// What kind of failure `f` is: the violated property and clause, or `error`.
