@@ -22,7 +22,10 @@ TRL's own documented path, with nothing written here to make a property pass:
 micro-batch into one row with `position_ids` restarting per example, and transformers builds a
 per-example causal mask from them when there is no attention mask or KV cache (TRL trains with
 `use_cache=False`), on eager and SDPA attention alike; TRL refuses it while `max_length` is set
-without packing (this driver sets none).
+without packing (this driver sets none). Packing is not judged here (it re-forms the
+micro-batches from the whole dataset); measured directly, `packing_strategy="bfd"` (the
+default) flattens the same way and keeps examples apart on eager and SDPA attention alike,
+`"wrapped"` concatenates them so that each attends to the ones before it.
 
 Labels that are not the input ids cannot be a completion mask: such a batch is refused as
 unsupported (tunecheck's batches never have them). On a 4-bit base (bitsandbytes installed)
