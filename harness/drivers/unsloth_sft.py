@@ -28,6 +28,10 @@ that documented path, with nothing written here to make a property pass:
     at the base copied beside it, as a user shipping both does) and the adapter on top, trainable
     — then the Trainer's own loaders for optimizer, scheduler, RNG and state.
 
+`--attn-implementation NAME` passes the attention implementation to `from_pretrained` (default:
+none, as Unsloth's examples; transformers then picks SDPA, which ignores Gemma 2's attention soft
+cap: findings/unsloth_cpu_gemma2_sdpa_drops_softcap.py).
+
 What this stack cannot take is refused as unsupported, naming why: float16 (Unsloth's CPU backend
 replaces it by bfloat16 or float32), a 4-bit configuration other than Unsloth's (its
 `from_pretrained` builds NF4, double quantization, compute dtype = model dtype, blocks of 64, and
@@ -67,6 +71,12 @@ def is_unsloths_4bit(q, dtype_name):
             and q.get("tunecheck_blocksize", 64) == 64 and compute == dtype_name)
 
 
+# `--attn-implementation NAME`: what a user passes to `from_pretrained` to choose the attention
+# (default: none, as Unsloth's examples do; transformers then picks SDPA, which drops Gemma 2's
+# attention soft cap — `eager` judges the rest of Gemma 2 beneath that bug).
+ATTN = None
+
+
 class Subject(trl_sft.Subject):
     def load_model(self, base_dir, adapter_dir, work, reload):
         dtype_name = self.setup["dtype"]
@@ -77,6 +87,8 @@ class Subject(trl_sft.Subject):
             raise Refusal("a 4-bit configuration other than Unsloth's load_in_4bit (NF4, double quantization, "
                           "blocks of 64, compute dtype = the model's)", kind="unsupported")
         kw = dict(dtype=dtype, load_in_4bit=q is not None, max_seq_length=2048)
+        if ATTN is not None:
+            kw["attn_implementation"] = ATTN
         if reload:
             model, tokenizer = FastLanguageModel.from_pretrained(adapter_dir, **kw)
         else:
@@ -146,13 +158,16 @@ class Subject(trl_sft.Subject):
 def main():
     import argparse
     ap = argparse.ArgumentParser(description="tunecheck driver for Unsloth's CPU backend")
-    ap.parse_args()
+    ap.add_argument("--attn-implementation", default=None,
+                    help="passed to FastLanguageModel.from_pretrained (default: none, Unsloth's default)")
+    global ATTN
+    ATTN = ap.parse_args().attn_implementation
     from unsloth_zoo.cpu import cpu_bf16_supported, cpu_bnb_4bit_supported
     import unsloth_zoo
 
     def hello():
         have, unsupported = tf.families()
-        return dict(framework="unsloth-cpu",
+        return dict(framework="unsloth-cpu" + (f" (attn_implementation={ATTN})" if ATTN else ""),
                     version=f"unsloth {unsloth.__version__}, unsloth_zoo {unsloth_zoo.__version__}, "
                             f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
                             f"torch {torch.__version__}, bitsandbytes {tf.bnb_version()}, "
