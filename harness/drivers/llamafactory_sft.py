@@ -93,8 +93,7 @@ class Subject(tf.Subject):
                           kind="unsupported")
         q = self.setup.get("quantization")
         if q is not None:
-            compute = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[q["bnb_4bit_compute_dtype"]]
-            if compute != dtype or q.get("tunecheck_blocksize", 64) != 64:
+            if tf.compute_dtype_name(q) != dtype or q.get("tunecheck_blocksize", 64) != 64:
                 raise Refusal("a 4-bit configuration other than LLaMA-Factory's (compute dtype bf16 with bf16: true, "
                               "else float32; bitsandbytes' blocks of 64)", kind="unsupported")
         if q is not None:
@@ -168,22 +167,15 @@ def main():
     ap.parse_args()
 
     def hello():
-        have, unsupported = tf.families()
-        return dict(framework="llamafactory",
-                    version=f"llamafactory {llamafactory.__version__}, transformers {transformers.__version__}, "
-                            f"peft {peft.__version__}, datasets {datasets.__version__}, torch {torch.__version__}"
-                            + (f", bitsandbytes {tf.bnb_version()}" if tf.bnb_version() else ""),
-                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                  "bf16": True, "f16": False, "quant4": tf.bnb_version() is not None,
-                                  "dropout": True, "reproducible_dropout": True},
-                    families=have,
-                    unsupported={**unsupported, "f16": "LLaMA-Factory trains float16 models under autocast, "
-                                                       "which accelerate gives on CPU for bf16 only"})
+        return tf.hello_fields(
+            "llamafactory",
+            f"llamafactory {llamafactory.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+            f"datasets {datasets.__version__}, torch {torch.__version__}",
+            {"f32", "bf16"},
+            lacking={"f16": "LLaMA-Factory trains float16 models under autocast, which accelerate gives on CPU for "
+                            "bf16 only"})
 
-    def build(d, work):
-        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
-
-    td.serve(hello, build, Subject.load, name="tunecheck-llamafactory")
+    tf.serve_subjects(Subject, hello, "tunecheck-llamafactory")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,38 @@ def bnb_version():
         return None
 
 
+def compute_dtype_name(q):
+    """A recorded 4-bit configuration's compute dtype as a model dtype name (f32, bf16, f16)."""
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[q["bnb_4bit_compute_dtype"]]
+
+
+def hello_fields(framework, version, dtypes, quant4=None, lacking=None):
+    """The handshake of a Trainer-based driver: the families this transformers has, the model
+    dtypes it declares (`dtypes`; the others named as left out, or with the reason in
+    `lacking`), 4-bit bases where bitsandbytes is installed (unless `quant4` says otherwise),
+    and PEFT's dropout seeded by the Trainer."""
+    have, unsupported = families()
+    bnb = bnb_version()
+    why = {d: "left out by the driver's --dtypes" for d in ("bf16", "f16") if d not in dtypes}
+    why.update(lacking or {})
+    return dict(framework=framework, version=version + (f", bitsandbytes {bnb}" if bnb else ""),
+                capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
+                              "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
+                              "quant4": bnb is not None if quant4 is None else quant4,
+                              # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
+                              "dropout": True, "reproducible_dropout": True},
+                families=have, unsupported={**unsupported, **why})
+
+
+def serve_subjects(subject_cls, hello, name):
+    """Serve the protocol with `subject_cls` built from a setup directory (base/, adapter/,
+    train.json) and loaded by its `load`."""
+    def build(d, work):
+        return subject_cls(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
+
+    td.serve(hello, build, subject_cls.load, name=name)
+
+
 def bnb_config(q):
     """The `BitsAndBytesConfig` a user writes for tunecheck's recorded 4-bit configuration (the
     dense base is quantized as it loads, as `from_pretrained(..., quantization_config=...)`
@@ -77,8 +109,7 @@ def bnb_config(q):
         raise Refusal(f"bitsandbytes quantizes in blocks of 64, not {q['tunecheck_blocksize']}", kind="unsupported")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
                               bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"],
-                              bnb_4bit_compute_dtype=DTYPES[{"float32": "f32", "bfloat16": "bf16",
-                                                             "float16": "f16"}[q["bnb_4bit_compute_dtype"]]],
+                              bnb_4bit_compute_dtype=DTYPES[compute_dtype_name(q)],
                               bnb_4bit_quant_storage=torch.uint8)
 
 
@@ -385,23 +416,10 @@ def main():
         ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
 
     def hello():
-        have, unsupported = families()
-        return dict(framework="transformers+peft",
-                    version=f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}"
-                            + (f", bitsandbytes {bnb_version()}" if bnb_version() else ""),
-                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
-                                  "quant4": bnb_version() is not None,
-                                  # PEFT's lora_dropout, torch's RNG seeded by the Trainer.
-                                  "dropout": True, "reproducible_dropout": True},
-                    families=have,
-                    unsupported={**unsupported, **{d: "left out by the driver's --dtypes" for d in ("bf16", "f16")
-                                                   if d not in dtypes}})
+        return hello_fields("transformers+peft", f"transformers {transformers.__version__}, peft {peft.__version__}, "
+                                                 f"torch {torch.__version__}", dtypes)
 
-    def build(d, work):
-        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
-
-    td.serve(hello, build, Subject.load, name="tunecheck-tfpeft")
+    serve_subjects(Subject, hello, "tunecheck-tfpeft")
 
 
 if __name__ == "__main__":

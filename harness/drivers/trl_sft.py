@@ -32,7 +32,6 @@ unsupported (tunecheck's batches never have them). On a 4-bit base (bitsandbytes
 `SFTTrainer` casts the LoRA factors to bf16, and a run resumed from its checkpoint trains them
 in f32: findings/trl_qlora_resume_upcasts_lora.py shows it without tunecheck.
 """
-import os
 
 import tunecheck_driver as td  # first: moves library prints off the protocol channel
 
@@ -126,23 +125,11 @@ def main():
         ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
 
     def hello():
-        have, unsupported = tf.families()
-        return dict(framework="trl+peft" + (" (padding_free)" if PADDING_FREE else ""),
-                    version=f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-                            f"datasets {datasets.__version__}, torch {torch.__version__}"
-                            + (f", bitsandbytes {tf.bnb_version()}" if tf.bnb_version() else ""),
-                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                  "bf16": "bf16" in dtypes, "f16": "f16" in dtypes,
-                                  "quant4": tf.bnb_version() is not None,
-                                  "dropout": True, "reproducible_dropout": True},
-                    families=have,
-                    unsupported={**unsupported, **{d: "left out by the driver's --dtypes" for d in ("bf16", "f16")
-                                                   if d not in dtypes}})
+        return tf.hello_fields("trl+peft" + (" (padding_free)" if PADDING_FREE else ""),
+                               f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+                               f"datasets {datasets.__version__}, torch {torch.__version__}", dtypes)
 
-    def build(d, work):
-        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
-
-    td.serve(hello, build, Subject.load, name="tunecheck-trl")
+    tf.serve_subjects(Subject, hello, "tunecheck-trl")
 
 
 if __name__ == "__main__":

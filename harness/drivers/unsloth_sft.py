@@ -66,9 +66,8 @@ NEUTRAL = {"bias": "none", "layers_to_transform": None, "layers_pattern": None, 
 def is_unsloths_4bit(q, dtype_name):
     """Whether tunecheck's 4-bit configuration is the one Unsloth's `load_in_4bit` builds: NF4,
     double quantization, bitsandbytes' blocks of 64, the model's dtype as compute dtype."""
-    compute = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[q["bnb_4bit_compute_dtype"]]
     return (q["bnb_4bit_quant_type"] == "nf4" and bool(q["bnb_4bit_use_double_quant"])
-            and q.get("tunecheck_blocksize", 64) == 64 and compute == dtype_name)
+            and q.get("tunecheck_blocksize", 64) == 64 and tf.compute_dtype_name(q) == dtype_name)
 
 
 # `--attn-implementation NAME`: what a user passes to `from_pretrained` to choose the attention
@@ -166,25 +165,16 @@ def main():
     import unsloth_zoo
 
     def hello():
-        have, unsupported = tf.families()
-        return dict(framework="unsloth-cpu" + (f" (attn_implementation={ATTN})" if ATTN else ""),
-                    version=f"unsloth {unsloth.__version__}, unsloth_zoo {unsloth_zoo.__version__}, "
-                            f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-                            f"torch {torch.__version__}, bitsandbytes {tf.bnb_version()}, "
-                            f"native bf16 {cpu_bf16_supported()}",
-                    capabilities={"save_load": True, "grad_accum": True, "train_embeddings": True,
-                                  # float16 is replaced by bfloat16 or float32 on CPU.
-                                  "bf16": True, "f16": False,
-                                  "quant4": tf.bnb_version() is not None and cpu_bnb_4bit_supported(),
-                                  "dropout": True, "reproducible_dropout": True},
-                    families=have,
-                    unsupported={**unsupported, "f16": "Unsloth's CPU backend loads float16 models as bfloat16 "
-                                                       "(CPUs with native bf16) or float32"})
+        return tf.hello_fields(
+            "unsloth-cpu" + (f" (attn_implementation={ATTN})" if ATTN else ""),
+            f"unsloth {unsloth.__version__}, unsloth_zoo {unsloth_zoo.__version__}, trl {trl.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
+            f"native bf16 {cpu_bf16_supported()}",
+            {"f32", "bf16"}, quant4=tf.bnb_version() is not None and cpu_bnb_4bit_supported(),
+            lacking={"f16": "Unsloth's CPU backend loads float16 models as bfloat16 (CPUs with native bf16) or "
+                            "float32"})
 
-    def build(d, work):
-        return Subject(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
-
-    td.serve(hello, build, Subject.load, name="tunecheck-unsloth")
+    tf.serve_subjects(Subject, hello, "tunecheck-unsloth")
 
 
 if __name__ == "__main__":
