@@ -1,16 +1,66 @@
 //! QLoRA kernel benchmarks: each group holds tunecheck's kernel and its peers at the same
-//! shape, so ratios come from one report. `cargo bench --bench qlora` (add `-- --quick` for a
-//! fast look). `TUNECHECK_ISA=avx2|scalar` caps the instruction set to measure fallbacks.
+//! shape and the same thread count — 1 and 2 threads, each entry run inside a rayon pool of
+//! that size with `RAYON_NUM_THREADS` set to it (candle's CPU matmul reads the variable, its
+//! quantized matmul and tunecheck's kernels use the pool) — and the run ends with a table of
+//! ratios, tunecheck against each peer, from this run's medians only. `cargo bench --bench
+//! qlora` (add `-- --quick` for a fast look, `-- nf4_matvec` to filter).
+//! `TUNECHECK_ISA=avx2|scalar` caps the instruction set to measure fallbacks.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, Var};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use std::collections::BTreeSet;
 use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
 use tunecheck::adapt::Quant4Linear;
 use tunecheck::quant::kernels::{dequantize_bf16_into, dequantize_f32_into, matmul_nt, Isa, Packed4, Q4View, Rounding};
 use tunecheck::quant::{quantize, QuantType, Quantized4};
 use tunecheck_benches::values;
+
+/// The thread counts every entry is measured at.
+const THREADS: [usize; 2] = [1, 2];
+
+/// The entries this run measured: (group, function, parameter).
+static RAN: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
+
+/// A criterion group that measures every entry at a given thread count and remembers what it
+/// measured for the ratio table.
+struct Group<'a> {
+    g: BenchmarkGroup<'a, WallTime>,
+    name: String,
+}
+
+impl<'a> Group<'a> {
+    fn new(c: &'a mut Criterion, name: &str) -> Self {
+        Group { g: c.benchmark_group(name), name: name.to_string() }
+    }
+
+    /// Measure `f` as `function` at `param` with `threads` threads (candle and tunecheck
+    /// alike): inside a rayon pool of that size, with `RAYON_NUM_THREADS` set to it (candle's
+    /// CPU matmul reads the variable on every call; nothing else runs meanwhile).
+    fn bench(&mut self, threads: usize, function: &str, param: &str, mut f: impl FnMut() + Send) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let param = format!("{param}/t{threads}");
+        RAN.lock().unwrap().insert((self.name.clone(), function.to_string(), param.clone()));
+        self.g.bench_function(BenchmarkId::new(function, &param), |b| {
+            // One hand-over to the pool per batch of iterations, timed inside it.
+            b.iter_custom(|iters| {
+                pool.install(|| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        f();
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+}
 
 struct Weight {
     dense: Vec<f32>,
@@ -37,25 +87,28 @@ fn dequantize(c: &mut Criterion) {
         let w = Weight::new(rows, cols);
         let v = w.view();
         let n = rows * cols;
-        let mut g = c.benchmark_group("nf4_dequantize");
-        g.sample_size(20);
+        let mut g = Group::new(c, "nf4_dequantize");
+        g.g.sample_size(20);
         let mut out = vec![0f32; n];
         let src = vec![1f32; n];
-        g.throughput(Throughput::Bytes((n * 4) as u64));
-        let id = |name: &str| BenchmarkId::new(name, format!("{rows}x{cols}/f32"));
-        g.bench_function(id("tunecheck"), |b| b.iter(|| dequantize_f32_into(&v, isa, black_box(&mut out)).unwrap()));
-        g.bench_function(id("reference"), |b| b.iter(|| black_box(w.q.dequantize())));
-        g.bench_function(id("memcpy"), |b| b.iter(|| black_box(&mut out).copy_from_slice(black_box(&src))));
         let mut out16 = vec![bf16::ZERO; n];
         let src16 = vec![bf16::ONE; n];
-        g.throughput(Throughput::Bytes((n * 2) as u64));
-        let id = |name: &str| BenchmarkId::new(name, format!("{rows}x{cols}/bf16"));
-        g.bench_function(id("tunecheck"), |b| b.iter(|| dequantize_bf16_into(&v, isa, black_box(&mut out16)).unwrap()));
-        g.bench_function(id("reference"), |b| {
-            b.iter(|| black_box(w.q.dequantize().into_iter().map(bf16::from_f32).collect::<Vec<_>>()))
-        });
-        g.bench_function(id("memcpy"), |b| b.iter(|| black_box(&mut out16).copy_from_slice(black_box(&src16))));
-        g.finish();
+        for t in THREADS {
+            g.g.throughput(Throughput::Bytes((n * 4) as u64));
+            let p = format!("{rows}x{cols}/f32");
+            g.bench(t, "tunecheck", &p, || dequantize_f32_into(&v, isa, black_box(&mut out)).unwrap());
+            g.bench(t, "reference", &p, || drop(black_box(w.q.dequantize())));
+            // Single-threaded whatever the pool: the bandwidth of one core.
+            g.bench(t, "memcpy", &p, || black_box(&mut out).copy_from_slice(black_box(&src)));
+            g.g.throughput(Throughput::Bytes((n * 2) as u64));
+            let p = format!("{rows}x{cols}/bf16");
+            g.bench(t, "tunecheck", &p, || dequantize_bf16_into(&v, isa, black_box(&mut out16)).unwrap());
+            g.bench(t, "reference", &p, || {
+                drop(black_box(w.q.dequantize().into_iter().map(bf16::from_f32).collect::<Vec<_>>()))
+            });
+            g.bench(t, "memcpy", &p, || black_box(&mut out16).copy_from_slice(black_box(&src16)));
+        }
+        g.g.finish();
     }
 }
 
@@ -68,33 +121,33 @@ fn products(c: &mut Criterion, group: &str, m: usize, n: usize, k: usize) {
     let xs = values(m * k, 2);
     let x = Tensor::from_vec(xs.clone(), (m, k), &dev).unwrap();
     let wt = Tensor::from_vec(w.dense.clone(), (n, k), &dev).unwrap();
-    let mut g = c.benchmark_group(group);
-    g.sample_size(10);
-    g.throughput(Throughput::Elements((m * n * k) as u64));
-    let id = |name: &str| BenchmarkId::new(name, format!("{m}x{k}x{n}"));
+    let mut g = Group::new(c, group);
+    g.g.sample_size(10);
+    g.g.throughput(Throughput::Elements((m * n * k) as u64));
+    let p = format!("{m}x{k}x{n}");
     let mut y = vec![0f32; m * n];
-    g.bench_function(id("tunecheck_fused"), |b| b.iter(|| matmul_nt(&v, black_box(&xs), m, &mut y, isa).unwrap()));
     // The same kernel with bf16-rounded weights (bf16 compute): one rounded table per block.
     let vb = v.with_rounding(Rounding::new(DType::F32, DType::BF16).unwrap());
-    g.bench_function(id("tunecheck_fused_bf16w"), |b| {
-        b.iter(|| matmul_nt(&vb, black_box(&xs), m, &mut y, isa).unwrap())
-    });
     let mut scratch = vec![0f32; n * k];
-    g.bench_function(id("dequantize_then_matmul"), |b| {
-        b.iter(|| {
+    let quantized: Vec<(&str, QMatMul)> =
+        [("candle_q4_0", GgmlDType::Q4_0), ("candle_q4k", GgmlDType::Q4K), ("candle_q8_0", GgmlDType::Q8_0)]
+            .into_iter()
+            .map(|(name, dt)| (name, QMatMul::from_qtensor(QTensor::quantize(&wt, dt).unwrap()).unwrap()))
+            .collect();
+    for t in THREADS {
+        g.bench(t, "tunecheck_fused", &p, || matmul_nt(&v, black_box(&xs), m, &mut y, isa).unwrap());
+        g.bench(t, "tunecheck_fused_bf16w", &p, || matmul_nt(&vb, black_box(&xs), m, &mut y, isa).unwrap());
+        g.bench(t, "dequantize_then_matmul", &p, || {
             dequantize_f32_into(&v, isa, &mut scratch).unwrap();
             let wd = Tensor::from_slice(&scratch, (n, k), &dev).unwrap();
-            black_box(x.matmul(&wd.t().unwrap()).unwrap())
-        })
-    });
-    g.bench_function(id("candle_f32"), |b| b.iter(|| black_box(x.matmul(&wt.t().unwrap()).unwrap())));
-    for (name, dt) in
-        [("candle_q4_0", GgmlDType::Q4_0), ("candle_q4k", GgmlDType::Q4K), ("candle_q8_0", GgmlDType::Q8_0)]
-    {
-        let qm = QMatMul::from_qtensor(QTensor::quantize(&wt, dt).unwrap()).unwrap();
-        g.bench_function(id(name), |b| b.iter(|| black_box(qm.forward(&x).unwrap())));
+            drop(black_box(x.matmul(&wd.t().unwrap()).unwrap()))
+        });
+        g.bench(t, "candle_f32", &p, || drop(black_box(x.matmul(&wt.t().unwrap()).unwrap())));
+        for (name, qm) in &quantized {
+            g.bench(t, name, &p, || drop(black_box(qm.forward(&x).unwrap())));
+        }
     }
-    g.finish();
+    g.g.finish();
 }
 
 fn matvec(c: &mut Criterion) {
@@ -120,10 +173,9 @@ fn qlora_linear(c: &mut Criterion) {
     let lora = |x: &Tensor| x.matmul(&a.t().unwrap()).unwrap().matmul(&bm.t().unwrap()).unwrap() * 2.0;
     let q_fwd = || (packed.forward(x.as_tensor()).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
     let d_fwd = || (x.as_tensor().matmul(&dense.t().unwrap()).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
-    let mut g = c.benchmark_group("qlora_linear");
-    g.sample_size(10);
-    g.throughput(Throughput::Elements((m * n * k) as u64));
-    let id = |name: &str, what: &str| BenchmarkId::new(name, format!("{what}/{m}x{k}x{n}/r{r}"));
+    let mut g = Group::new(c, "qlora_linear");
+    g.g.sample_size(10);
+    g.g.throughput(Throughput::Elements((m * n * k) as u64));
     let ql = Quant4Linear::new(w.q.clone(), DType::F32, DType::BF16, &dev).unwrap();
     let dense16 = dense.to_dtype(DType::BF16).unwrap();
     let q16_fwd = || (ql.forward(x.as_tensor()).unwrap() + lora(x.as_tensor()).unwrap()).unwrap();
@@ -131,19 +183,21 @@ fn qlora_linear(c: &mut Criterion) {
         let y = x.as_tensor().to_dtype(DType::BF16).unwrap().matmul(&dense16.t().unwrap()).unwrap();
         (y.to_dtype(DType::F32).unwrap() + lora(x.as_tensor()).unwrap()).unwrap()
     };
-    let entries: [(&str, &dyn Fn() -> Tensor); 4] = [
+    let entries: [(&str, &(dyn Fn() -> Tensor + Sync)); 4] = [
         ("tunecheck_nf4", &q_fwd),
         ("candle_f32", &d_fwd),
         ("tunecheck_nf4_bf16", &q16_fwd),
         ("candle_bf16", &d16_fwd),
     ];
-    for (name, fwd) in entries {
-        g.bench_function(id(name, "forward"), |b| b.iter(|| black_box(fwd())));
-        g.bench_function(id(name, "forward_backward"), |b| {
-            b.iter(|| black_box(fwd().sum_all().unwrap().backward().unwrap()))
-        });
+    for t in THREADS {
+        for (name, fwd) in entries {
+            g.bench(t, name, &format!("forward/{m}x{k}x{n}/r{r}"), || drop(black_box(fwd())));
+            g.bench(t, name, &format!("forward_backward/{m}x{k}x{n}/r{r}"), || {
+                drop(black_box(fwd().sum_all().unwrap().backward().unwrap()))
+            });
+        }
     }
-    g.finish();
+    g.g.finish();
 }
 
 /// CUDA (when built with `--features cuda` and a GPU is present): dequantize and the fused
@@ -186,5 +240,69 @@ fn cuda(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dequantize, matvec, matmul, qlora_linear, cuda);
-criterion_main!(benches);
+/// Where criterion keeps its estimates: `$CARGO_TARGET_DIR/criterion`, else the workspace's
+/// `target/criterion`.
+fn criterion_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("criterion")
+}
+
+/// This run's median of an entry, in nanoseconds (criterion's `new/estimates.json`; its
+/// directory names replace the characters a file name cannot hold with `_`).
+fn median_ns(dir: &std::path::Path, (group, function, param): &(String, String, String)) -> Option<f64> {
+    let safe = |s: &str| s.replace(['?', '"', '/', '\\', '*', '<', '>', ':', '|', '^'], "_");
+    let path = dir.join(safe(group)).join(safe(function)).join(safe(param)).join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["median"]["point_estimate"].as_f64()
+}
+
+fn human(ns: f64) -> String {
+    match ns {
+        x if x >= 1e9 => format!("{:.2} s", x / 1e9),
+        x if x >= 1e6 => format!("{:.2} ms", x / 1e6),
+        x if x >= 1e3 => format!("{:.1} µs", x / 1e3),
+        x => format!("{x:.0} ns"),
+    }
+}
+
+/// The ratio table: for every group, shape and thread count this run measured, each
+/// tunecheck entry against each peer (peer median / tunecheck median: above 1, tunecheck is
+/// faster).
+fn ratio_table(dir: &std::path::Path) -> String {
+    let ran = RAN.lock().unwrap().clone();
+    let medians: Vec<((String, String, String), f64)> =
+        ran.into_iter().filter_map(|k| median_ns(dir, &k).map(|m| (k, m))).collect();
+    let mut out = String::from(
+        "\nratios from this run (peer median / tunecheck median; above 1: tunecheck faster)\n\n\
+         | group | shape / threads | tunecheck entry | median | peer | median | ratio |\n|---|---|---|---|---|---|---|\n",
+    );
+    for ((g, f, p), m) in medians.iter().filter(|((_, f, _), _)| f.starts_with("tunecheck")) {
+        for ((g2, f2, p2), m2) in &medians {
+            if g2 == g && p2 == p && !f2.starts_with("tunecheck") {
+                out.push_str(&format!(
+                    "| {g} | {p} | {f} | {} | {f2} | {} | {:.2}× |\n",
+                    human(*m),
+                    human(*m2),
+                    m2 / m
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn main() {
+    let dir = criterion_dir();
+    let mut c = Criterion::default().output_directory(&dir).configure_from_args();
+    dequantize(&mut c);
+    matvec(&mut c);
+    matmul(&mut c);
+    qlora_linear(&mut c);
+    cuda(&mut c);
+    c.final_summary();
+    if !RAN.lock().unwrap().is_empty() {
+        println!("{}", ratio_table(&dir));
+    }
+}

@@ -140,8 +140,14 @@ impl Expected {
 
     /// This file updated from `rows`: each row's outcome (new rows appended in run order), the
     /// comments above kept entries, and the entries of rows not run kept as they were.
+    /// A file of comments only (a new file's header) keeps them above its first row.
     pub fn blessed(&self, rows: &[Row]) -> Expected {
         let mut entries = self.entries.clone();
+        let mut trailing = self.trailing.clone();
+        if entries.is_empty() && !rows.is_empty() {
+            let header = std::mem::take(&mut trailing);
+            entries.push(Entry { key: key(&rows[0]), outcome: outcome(&rows[0].verdict), comments: header });
+        }
         for r in rows {
             let k = key(r);
             let o = outcome(&r.verdict);
@@ -150,7 +156,7 @@ impl Expected {
                 None => entries.push(Entry { key: k, outcome: o, comments: Vec::new() }),
             }
         }
-        Expected { entries, trailing: self.trailing.clone() }
+        Expected { entries, trailing }
     }
 
     /// The file's text.

@@ -145,6 +145,11 @@ impl AdapterKind {
     /// All kinds.
     pub const ALL: [AdapterKind; 3] = [AdapterKind::Lora, AdapterKind::QLora, AdapterKind::FullEmbeddings];
 
+    /// The kind with short name `name` ([`AdapterKind::name`]).
+    pub fn from_name(name: &str) -> Option<AdapterKind> {
+        AdapterKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
     /// Short name.
     pub fn name(self) -> &'static str {
         match self {

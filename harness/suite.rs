@@ -60,6 +60,9 @@ pub struct Options {
     /// Run only partition `k` of `n` (1-based): the rows whose index in the whole run is
     /// `k − 1` modulo `n`, so the partitions together are exactly the whole run.
     pub partition: Option<(usize, usize)>,
+    /// Only these adapter kinds for the trainer properties (`None`: every kind a property
+    /// exercises).
+    pub kinds: Option<Vec<crate::strategy::AdapterKind>>,
 }
 
 impl Options {
@@ -75,6 +78,7 @@ impl Options {
             max_shrink_iters: PropConfig::default().max_shrink_iters,
             max_shrink_time: None,
             partition: None,
+            kinds: None,
         }
     }
 
@@ -110,6 +114,9 @@ impl Options {
         for f in families {
             s.push_str(&format!(" --family {f}"));
         }
+        for k in self.kinds.iter().flatten() {
+            s.push_str(&format!(" --kind {}", k.name()));
+        }
         if self.strict {
             s.push_str(" --strict");
         }
@@ -134,6 +141,7 @@ impl Options {
             families: self.families.clone(),
             max_shrink_iters: self.max_shrink_iters,
             max_shrink_time: self.max_shrink_time,
+            kinds: self.kinds.clone(),
             ..PropConfig::default()
         }
     }

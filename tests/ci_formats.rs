@@ -52,6 +52,11 @@ fn expect_passes_on_known_outcomes_failures_included_and_names_each_change() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let blessed = std::fs::read_to_string(&file).unwrap();
     assert_eq!(blessed, "# the planted bug, pinned\nP4\tfail:eval_missing\n");
+    // A new file of comments only (its header) keeps them above the rows.
+    std::fs::write(&file, "# header\n# driver args: --x\n").unwrap();
+    let o = run(&["--bless"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "# header\n# driver args: --x\nP4\tfail:eval_missing\n");
     let o = run(&[]);
     assert_eq!(o.status.code(), Some(0), "a known failure is not a change: {}", text(&o));
     assert!(text(&o).contains("every outcome as expected"), "{}", text(&o));

@@ -150,6 +150,51 @@ fn strict_fails_on_a_skip_and_zero_cases_is_an_error() {
 }
 
 #[test]
+fn kind_selects_the_adapter_kinds_and_a_property_without_them_is_a_skip() {
+    let cases = |args: &[&str]| {
+        let o = bin()
+            .args(["check", "--property", "P1", "--cases", "2", "--family", "llama", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        rows[0]["verdict"]["cases_run"].as_u64().unwrap()
+    };
+    // Two cases per kind: three kinds by default, one with --kind.
+    assert_eq!(cases(&[]), 6);
+    assert_eq!(cases(&["--kind", "qlora_nf4"]), 2);
+    assert_eq!(cases(&["--kind", "lora", "--kind", "full_embeddings"]), 4);
+    // P14 exercises LoRA and QLoRA only: selecting neither is a skip saying so, not zero cases.
+    let o = bin().args(["check", "--property", "P14", "--cases", "2", "--kind", "full_embeddings"]).output().unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("skip all / P14: it exercises lora, qlora_nf4, none of the kinds selected (full_embeddings)"),
+        "{text}"
+    );
+    let o = bin().args(["check", "--property", "P14", "--kind", "full_embeddings", "--strict"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "--strict fails on that skip");
+    let o = bin().args(["check", "--kind", "nope"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown adapter kind `nope` (lora, qlora_nf4, full_embeddings)")
+    );
+    let o = bin().args(["check", "--mutants", "--kind", "lora"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "a mutant chooses its own kind");
+    // A replay line keeps the selection.
+    let opts = tunecheck::suite::Options {
+        kinds: Some(vec![tunecheck::strategy::AdapterKind::QLora]),
+        ..tunecheck::suite::Options::new(2, 0)
+    };
+    let line = opts.replay_with("P3", &candle_core::Device::Cpu, None, "--trainer 'python d.py'");
+    assert_eq!(
+        line,
+        "tunecheck check --property P3 --device cpu --cases 2 --seed 0 --kind qlora_nf4 --trainer 'python d.py'"
+    );
+}
+
+#[test]
 fn check_mutants_catches_every_planted_bug_for_the_expected_reason() {
     let o = bin().args(["check", "--mutants"]).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();

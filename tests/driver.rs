@@ -236,6 +236,37 @@ fn shell_quote(s: &str) -> String {
 /// load one with the model): the tokenizers crate reads it, every id is one token, and the
 /// config names the special tokens and a chat template.
 #[test]
+fn a_4bit_setup_has_its_base_pre_quantized_beside_the_dense_one() {
+    use tunecheck::adapt::{Base, Quant4Linear};
+    let p = catalogue::by_id("P10").unwrap();
+    let kind = tunecheck::strategy::AdapterKind::QLora;
+    let setup = tunecheck::props::runner::first_setup(p, kind, 3).unwrap();
+    let q = setup.quant.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tunecheck::process::wire::write_setup(dir.path(), &setup).unwrap();
+    let pre = dir.path().join("base-4bit");
+    let ck = tunecheck::io::hf::load(&pre, &Device::Cpu, None).unwrap();
+    assert_eq!(ck.quant, Some(q), "the checkpoint's quantization_config is the setup's");
+    assert!(!ck.bases.is_empty());
+    for (path, base) in &ck.bases {
+        let Base::Quant4(got) = base else { panic!("{path} is not 4-bit") };
+        let want = Quant4Linear::quantize(setup.weights.get(&format!("{path}.weight")).unwrap(), &q).unwrap();
+        assert_eq!(got.q, want.q, "{path}: the pre-quantized codes and scales are the setup's base quantized");
+        assert_eq!(got.orig_dtype, setup.spec.dtype, "{path}");
+    }
+    for (k, w) in &ck.weights {
+        let d = setup.weights.get(k).unwrap();
+        assert!(tunecheck::props::compare::bitwise_equal(w, d).unwrap(), "{k}: dense tensors are the base's");
+    }
+    assert!(pre.join("tokenizer.json").is_file(), "the stacks that load a tokenizer with the model find one");
+    // A dense setup has no pre-quantized base.
+    let dense = tunecheck::props::runner::first_setup(p, tunecheck::strategy::AdapterKind::Lora, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tunecheck::process::wire::write_setup(dir.path(), &dense).unwrap();
+    assert!(!dir.path().join("base-4bit").exists());
+}
+
+#[test]
 fn the_setup_base_has_a_tokenizer_of_its_vocabulary() {
     use tunecheck::data::vocab;
     let p = catalogue::by_id("P1").unwrap();

@@ -9,6 +9,7 @@ use crate::props::catalogue::{selects, CATALOGUE};
 use crate::props::runner::{PropConfig, Verdict};
 use crate::report::check::{mutant_table, progress_mutant, progress_row, progress_subject_row, table};
 use crate::spec::Family;
+use crate::strategy::AdapterKind;
 use crate::suite::{self, MutantRow, Options, Row};
 
 /// Shrinking steps against an outside trainer: a driver rebuilds its subject (a model load)
@@ -37,6 +38,11 @@ pub struct CheckArgs {
     /// Only these properties (F1, P1, P2, ..., or `forward` for F1-F3); repeatable. Default: all.
     #[arg(long = "property", value_name = "ID")]
     pub properties: Vec<String>,
+    /// Only these adapter kinds for the trainer properties (lora, qlora_nf4, full_embeddings);
+    /// repeatable. Default: every kind each property exercises; a property exercising none of
+    /// them is shown as skipped.
+    #[arg(long = "kind", value_name = "KIND")]
+    pub kinds: Vec<String>,
     /// Fail on any skip (a skipped adapter kind, dtype, capability or device).
     #[arg(long)]
     pub strict: bool,
@@ -108,6 +114,20 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
     if families.is_empty() {
         families = Family::ALL.to_vec();
     }
+    let mut kinds = Vec::new();
+    for k in &a.kinds {
+        match AdapterKind::from_name(k) {
+            Some(x) if !kinds.contains(&x) => kinds.push(x),
+            Some(_) => {}
+            None => {
+                let names: Vec<&str> = AdapterKind::ALL.iter().map(|k| k.name()).collect();
+                return Err(Failure::usage(format!("unknown adapter kind `{k}` ({})", names.join(", "))));
+            }
+        }
+    }
+    if !kinds.is_empty() && (a.mutants || a.mutant.is_some()) {
+        return Err(Failure::usage("--kind selects the cases of a run's properties; a mutant chooses its own"));
+    }
     for p in &a.properties {
         if !CATALOGUE.iter().any(|e| selects(p, e)) {
             let ids: Vec<&str> = CATALOGUE.iter().map(|p| p.id).collect();
@@ -152,6 +172,7 @@ pub fn check(a: &CheckArgs, progress: &mut dyn FnMut(&str)) -> CmdResult {
         },
         max_shrink_time: shrink_secs.map(Duration::from_secs_f64),
         partition,
+        kinds: (!kinds.is_empty()).then_some(kinds),
     };
     let start = Instant::now();
     let mut say = |line: String| {

@@ -12,7 +12,9 @@ property pass:
     configuration a user writes: `model_name_or_path` the synthetic base, `adapter_name_or_path`
     the adapter to continue training (LLaMA-Factory loads the last one trainable), `template:
     empty`, the recipe with transformers' names, `bf16: true` for a bf16 model, and for a 4-bit
-    base `quantization_bit: 4` with the setup's `quantization_type` and `double_quantization`;
+    base `quantization_bit: 4` with the setup's `quantization_type` and `double_quantization`
+    (with `--prequantized`, `model_name_or_path` the pre-quantized checkpoint and no
+    `quantization_bit`: LLaMA-Factory then loads the checkpoint's own configuration);
   * the tokenizer (`load_tokenizer`, the one tunecheck writes beside the base), the template
     (`get_template_and_fix_tokenizer`), the model (`load_model(..., is_trainable=True)`:
     LLaMA-Factory's loader, its attention choice, gradient checkpointing and upcast of the
@@ -27,9 +29,9 @@ property pass:
 
 What this stack cannot take is refused as unsupported, naming why: float16 models (LLaMA-Factory
 trains half precision under autocast, which accelerate gives on CPU for bf16 only: its float32
-`modules_to_save` copies then meet float16 activations), and a 4-bit configuration whose compute
-dtype is not the one LLaMA-Factory derives (bf16 with `bf16: true`, else float32) or whose blocks
-are not bitsandbytes' 64.
+`modules_to_save` copies then meet float16 activations), and, quantizing at load, a 4-bit
+configuration whose compute dtype is not the one LLaMA-Factory derives (bf16 with `bf16: true`,
+else float32) or whose blocks are not bitsandbytes' 64 (a pre-quantized base takes any).
 """
 import json
 import os
@@ -77,7 +79,7 @@ class Subject(tf.Subject):
         if self.setup["dtype"] == "bf16":
             cfg["bf16"] = True
         q = self.setup.get("quantization")
-        if q is not None:
+        if q is not None and not tf.prequantized(self.base_dir):
             cfg.update(quantization_bit=4, quantization_type=q["bnb_4bit_quant_type"],
                        double_quantization=bool(q["bnb_4bit_use_double_quant"]))
         kw = {k: v for k, v in kw.items() if k not in ("report_to", "use_cpu")}
@@ -92,11 +94,14 @@ class Subject(tf.Subject):
             raise Refusal("LLaMA-Factory trains float16 models under autocast, which accelerate does not give on CPU",
                           kind="unsupported")
         q = self.setup.get("quantization")
-        if q is not None:
+        # Quantizing at load, LLaMA-Factory writes its own BitsAndBytesConfig (compute dtype and
+        # storage = its compute dtype); a pre-quantized base keeps the checkpoint's configuration
+        # (LLaMA-Factory passes none: "`quantization_bit` will not affect on the PTQ-quantized
+        # models").
+        if q is not None and not tf.prequantized(base_dir):
             if tf.compute_dtype_name(q) != dtype or q.get("tunecheck_blocksize", 64) != 64:
                 raise Refusal("a 4-bit configuration other than LLaMA-Factory's (compute dtype bf16 with bf16: true, "
                               "else float32; bitsandbytes' blocks of 64)", kind="unsupported")
-        if q is not None:
             self.check_storage(base_dir)
         self.adapter = td.adapter_for_this_peft(adapter_dir, os.path.join(work, "adapter"))
         model_args, data_args, _, self.finetuning_args, _ = parse(self.config())
@@ -164,11 +169,12 @@ class Subject(tf.Subject):
 def main():
     import argparse
     ap = argparse.ArgumentParser(description="tunecheck driver for LLaMA-Factory's SFT stage with LoRA")
-    ap.parse_args()
+    tf.add_base_options(ap)
+    tf.set_base_options(ap.parse_args())
 
     def hello():
         return tf.hello_fields(
-            "llamafactory",
+            "llamafactory" + tf.base_label(),
             f"llamafactory {llamafactory.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
             f"datasets {datasets.__version__}, torch {torch.__version__}",
             {"f32", "bf16"},

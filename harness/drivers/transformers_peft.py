@@ -9,8 +9,10 @@ What is judged is the framework's own machinery, never a loop written here:
   * the model is transformers' (eager attention) loaded from the Hugging Face checkpoint
     tunecheck wrote — for a 4-bit setup quantized as it loads by bitsandbytes
     (`from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` with the recorded quant
-    type, double quantization and compute dtype; bitsandbytes' blocks of 64 only) — the adapter
-    PEFT's, loaded with `PeftModel.from_pretrained`;
+    type, double quantization and compute dtype; bitsandbytes' blocks of 64 only), or with
+    `--prequantized` loaded from the pre-quantized checkpoint tunecheck writes beside it (its
+    own `quantization_config`, nothing passed at load) — the adapter PEFT's, loaded with
+    `PeftModel.from_pretrained`;
   * the loss is the model's own from `labels` (transformers shifts them);
   * `gradients` and `step` run `Trainer.training_step` on each micro-batch exactly as
     `Trainer._inner_training_loop` does (the same token count `num_items_in_batch` from
@@ -90,11 +92,44 @@ def hello_fields(framework, version, dtypes, quant4=None, lacking=None):
                 families=have, unsupported={**unsupported, **why})
 
 
+# `--prequantized`: a 4-bit setup's base is loaded from the pre-quantized checkpoint tunecheck
+# writes beside the dense one (`base-4bit/`, as transformers + bitsandbytes save a 4-bit model;
+# its `config.json` carries the `quantization_config`) instead of being quantized at load.
+PREQUANTIZED = False
+
+
+def add_base_options(ap):
+    """The option every driver takes for how a 4-bit base reaches the framework."""
+    ap.add_argument("--prequantized", action="store_true",
+                    help="load a 4-bit setup's base from its pre-quantized checkpoint (base-4bit/) "
+                         "instead of quantizing the dense base at load")
+
+
+def set_base_options(opts):
+    global PREQUANTIZED
+    PREQUANTIZED = opts.prequantized
+
+
+def base_label():
+    """What the framework name in the handshake gains with `--prequantized`."""
+    return " (pre-quantized 4-bit bases)" if PREQUANTIZED else ""
+
+
+def prequantized(base_dir):
+    """Whether `base_dir` is a pre-quantized checkpoint (its config has a `quantization_config`):
+    then its own configuration is the 4-bit one, and none is passed at load."""
+    with open(os.path.join(base_dir, "config.json")) as f:
+        return json.load(f).get("quantization_config") is not None
+
+
 def serve_subjects(subject_cls, hello, name):
-    """Serve the protocol with `subject_cls` built from a setup directory (base/, adapter/,
-    train.json) and loaded by its `load`."""
+    """Serve the protocol with `subject_cls` built from a setup directory (base/ — base-4bit/
+    with `--prequantized` for a 4-bit setup — adapter/, train.json) and loaded by its `load`."""
     def build(d, work):
-        return subject_cls(os.path.join(d, "base"), os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
+        base = os.path.join(d, "base-4bit")
+        if not (PREQUANTIZED and os.path.isdir(base)):
+            base = os.path.join(d, "base")
+        return subject_cls(base, os.path.join(d, "adapter"), os.path.join(d, "train.json"), work)
 
     td.serve(hello, build, subject_cls.load, name=name)
 
@@ -159,7 +194,7 @@ class Subject:
         `reload` is true when `adapter_dir` is a checkpoint this driver saved."""
         dtype = DTYPES[self.setup["dtype"]]
         kw = {"dtype": dtype} if TF >= Version("4.56") else {"torch_dtype": dtype}
-        if self.setup.get("quantization") is not None:
+        if self.setup.get("quantization") is not None and not prequantized(base_dir):
             kw["quantization_config"] = bnb_config(self.setup["quantization"])
         try:
             base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **kw)
@@ -410,13 +445,15 @@ def main():
     ap = argparse.ArgumentParser(description="tunecheck driver for transformers + PEFT")
     ap.add_argument("--dtypes", default="f32,bf16,f16",
                     help="model dtypes to declare (comma-separated among f32, bf16, f16; f32 is always taken)")
+    add_base_options(ap)
     opts = ap.parse_args()
+    set_base_options(opts)
     dtypes = set(opts.dtypes.split(","))
     if not dtypes <= set(DTYPES):
         ap.error(f"--dtypes: {opts.dtypes!r} is not a subset of f32,bf16,f16")
 
     def hello():
-        return hello_fields("transformers+peft", f"transformers {transformers.__version__}, peft {peft.__version__}, "
+        return hello_fields("transformers+peft" + base_label(), f"transformers {transformers.__version__}, peft {peft.__version__}, "
                                                  f"torch {torch.__version__}", dtypes)
 
     serve_subjects(Subject, hello, "tunecheck-tfpeft")

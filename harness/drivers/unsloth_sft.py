@@ -28,14 +28,19 @@ that documented path, with nothing written here to make a property pass:
     at the base copied beside it, as a user shipping both does) and the adapter on top, trainable
     — then the Trainer's own loaders for optimizer, scheduler, RNG and state.
 
+`--prequantized` loads a 4-bit setup's base from the pre-quantized checkpoint beside it
+(`from_pretrained(..., load_in_4bit=True)` on it, as on Unsloth's own `-bnb-4bit` uploads): there
+Unsloth keeps the checkpoint's configuration — any quant type, double quantization, compute
+dtype and blocksize — so no 4-bit case is set aside.
+
 `--attn-implementation NAME` passes the attention implementation to `from_pretrained` (default:
 none, as Unsloth's examples; transformers then picks SDPA, which ignores Gemma 2's attention soft
 cap: findings/unsloth_cpu_gemma2_sdpa_drops_softcap.py).
 
 What this stack cannot take is refused as unsupported, naming why: float16 (Unsloth's CPU backend
-replaces it by bfloat16 or float32), a 4-bit configuration other than Unsloth's (its
-`from_pretrained` builds NF4, double quantization, compute dtype = model dtype, blocks of 64, and
-drops a `quantization_config` passed to it), and a model that Unsloth loaded differently from
+replaces it by bfloat16 or float32), quantizing at load a 4-bit configuration other than
+Unsloth's (its `from_pretrained` builds NF4, double quantization, compute dtype = model dtype,
+blocks of 64, and drops a `quantization_config` passed to it), and a model that Unsloth loaded differently from
 what was asked (another dtype, or 16-bit weights where bitsandbytes refused the layers).
 """
 import json
@@ -81,7 +86,7 @@ class Subject(trl_sft.Subject):
         dtype_name = self.setup["dtype"]
         dtype = tf.DTYPES[dtype_name]
         q = self.setup.get("quantization")
-        if q is not None and not is_unsloths_4bit(q, dtype_name):
+        if q is not None and not tf.prequantized(base_dir) and not is_unsloths_4bit(q, dtype_name):
             # One message for every such case (a skip names each distinct reason once).
             raise Refusal("a 4-bit configuration other than Unsloth's load_in_4bit (NF4, double quantization, "
                           "blocks of 64, compute dtype = the model's)", kind="unsupported")
@@ -159,14 +164,17 @@ def main():
     ap = argparse.ArgumentParser(description="tunecheck driver for Unsloth's CPU backend")
     ap.add_argument("--attn-implementation", default=None,
                     help="passed to FastLanguageModel.from_pretrained (default: none, Unsloth's default)")
+    tf.add_base_options(ap)
+    opts = ap.parse_args()
+    tf.set_base_options(opts)
     global ATTN
-    ATTN = ap.parse_args().attn_implementation
+    ATTN = opts.attn_implementation
     from unsloth_zoo.cpu import cpu_bf16_supported, cpu_bnb_4bit_supported
     import unsloth_zoo
 
     def hello():
         return tf.hello_fields(
-            "unsloth-cpu" + (f" (attn_implementation={ATTN})" if ATTN else ""),
+            "unsloth-cpu" + (f" (attn_implementation={ATTN})" if ATTN else "") + tf.base_label(),
             f"unsloth {unsloth.__version__}, unsloth_zoo {unsloth_zoo.__version__}, trl {trl.__version__}, "
             f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
             f"native bf16 {cpu_bf16_supported()}",

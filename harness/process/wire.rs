@@ -160,7 +160,8 @@ pub fn capabilities_json(c: &Capabilities) -> Value {
 }
 
 /// Write the directory a driver builds a subject from: `base/` (a Hugging Face checkpoint of
-/// the synthetic base in its dtype, with a tokenizer of its vocabulary), `adapter/` (a PEFT adapter directory holding tunecheck's
+/// the synthetic base in its dtype, with a tokenizer of its vocabulary), for a 4-bit setup
+/// `base-4bit/` (the same base pre-quantized, as transformers + bitsandbytes save it), `adapter/` (a PEFT adapter directory holding tunecheck's
 /// seeded initial values, B non-zero) and `train.json` (the training configuration, the 4-bit
 /// configuration, the dtype, and the seed and B scale the initial adapter was drawn with, for
 /// drivers that rebuild it rather than read it).
@@ -177,6 +178,14 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> Result<()> {
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<crate::weights::Weights>>()?;
+    // A 4-bit setup's base also as a pre-quantized checkpoint, written as transformers +
+    // bitsandbytes save a 4-bit model, for drivers that load one instead of quantizing the
+    // dense base at load.
+    if let Some(q) = setup.quant.as_ref() {
+        let qdir = dir.join("base-4bit");
+        crate::io::quantize::save_quantized(&qdir, &setup.spec, &host_weights, q)?;
+        crate::data::vocab::write(&qdir, &setup.spec)?;
+    }
     let values = crate::adapt::LoraValues::Seeded { seed: setup.adapter_seed, master: DType::F32 };
     let inject = crate::adapt::Inject::none().with_lora(setup.lora.clone(), values);
     let crate::loader::Loaded { model, params } = crate::loader::build(&setup.spec, &host_weights, inject)?;

@@ -135,6 +135,17 @@ pub fn run(prop: &Property, factory: &dyn Factory, device: &Device, cfg: &PropCo
             _ => true,
         })
         .collect();
+    if let Some(only) = &cfg.kinds {
+        if !prop.kinds.is_empty() && !prop.kinds.iter().any(|k| only.contains(k)) {
+            let names = |ks: &[AdapterKind]| ks.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+            return finish(
+                cfg,
+                Verdict::Skipped {
+                    reason: format!("it exercises {}, none of the kinds selected ({})", names(prop.kinds), names(only)),
+                },
+            );
+        }
+    }
     let mut cases_run = 0u32;
     if !dtypes.is_empty() && !families.is_empty() {
         for &kind in prop.kinds.iter().filter(|k| cfg.kinds.as_ref().is_none_or(|only| only.contains(k))) {
