@@ -46,8 +46,10 @@ impl<'a> Group<'a> {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         let param = format!("{param}/t{threads}");
-        RAN.lock().unwrap().insert((self.name.clone(), function.to_string(), param.clone()));
+        let key = (self.name.clone(), function.to_string(), param.clone());
         self.g.bench_function(BenchmarkId::new(function, &param), |b| {
+            // Called only for the entries the command line's filter selects.
+            RAN.lock().unwrap().insert(key.clone());
             // One hand-over to the pool per batch of iterations, timed inside it.
             b.iter_custom(|iters| {
                 pool.install(|| {

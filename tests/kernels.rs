@@ -50,8 +50,10 @@ fn single_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 #[test]
 fn same_bits_on_every_isa_and_thread_count() {
-    // Large enough for the threaded paths; odd cols so rows start mid-byte and mid-block.
-    for (rows, cols, bs, dq) in [(96, 771, 64, true), (64, 1024, 256, false)] {
+    // Large enough for the threaded paths; odd cols so rows start mid-byte and mid-block;
+    // cols a multiple of 32 for AVX2's byte-plane path (whole 64-element steps, then one
+    // 32-element rest with two blocks of 32 per step; and steps only, one block per step).
+    for (rows, cols, bs, dq) in [(96, 771, 64, true), (64, 1024, 256, false), (40, 160, 32, true), (9, 64, 64, false)] {
         let q = big(rows, cols, bs, QuantType::Nf4, dq);
         let scales = q.block_scales();
         let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), bs, rows, cols).unwrap();

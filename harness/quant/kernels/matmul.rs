@@ -2,7 +2,9 @@
 //! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
 //!   when `x` has one row). Weights are decoded once per 16 and reused across up to 4 input
 //!   rows; threads split the output features. For batches on AVX-512, four weight rows at a
-//!   time are decoded into a small scratch buffer and multiplied by a 4×4 register tile.
+//!   time are decoded into a small scratch buffer and multiplied by a 4×4 register tile. On
+//!   AVX2, f32 weights in rows of a multiple of 32 (blocks ≥ 32) are looked up by byte planes
+//!   (`permuted`), the inputs permuted once per call.
 //! - [`matmul_nn`]: `dx = g · W` (the backward with respect to the input). Threads split
 //!   the input features; each weight row piece is decoded once into a small scratch buffer.
 //!
@@ -12,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::isa::Isa;
+use super::permuted;
 use super::simd;
 use super::view::Q4View;
 use crate::error::{Error, Result};
@@ -64,6 +67,28 @@ fn row_dots(v: &Q4View, isa: Isa, o: usize, x: &[f32], m0: usize, n: usize, out:
     go!(1, 2, 3, 4);
 }
 
+/// [`row_dots`] on the permuted path: `xp` holds every input row permuted
+/// ([`permuted::permute_input`]).
+#[allow(clippy::too_many_arguments)]
+fn row_dots_permuted(v: &Q4View, isa: Isa, o: usize, x: &[f32], xp: &[f32], m0: usize, n: usize, out: &mut [f32]) {
+    let (s, e) = (o * v.cols, (o + 1) * v.cols);
+    let (c, cp) = (v.cols, v.cols / permuted::STEP * permuted::STEP);
+    let xr = |r: usize| &x[(m0 + r) * c..(m0 + r + 1) * c];
+    let xpr = |r: usize| &xp[(m0 + r) * cp..(m0 + r + 1) * cp];
+    macro_rules! go {
+        ($($k:literal),*) => {
+            match n {
+                $($k => {
+                    let d = permuted::dot::<$k>(isa, v, s, e, std::array::from_fn(xr), std::array::from_fn(xpr));
+                    out[..$k].copy_from_slice(&d);
+                })*
+                _ => unreachable!("group sizes are 1..=4"),
+            }
+        };
+    }
+    go!(1, 2, 3, 4);
+}
+
 /// The tiled form of [`matmul_nt`] for `yt [rows, m]` rows `o0..`: each group of
 /// [`simd::TILE`] weight rows is decoded once into a scratch buffer, then multiplied with the
 /// inputs four rows at a time by a register tile. Same bits as the row-by-row form.
@@ -110,13 +135,19 @@ pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Re
         return Ok(());
     }
     let g = group(isa);
+    // AVX2 with byte-plane lookups where it applies: the inputs permuted once per call.
+    let permuted: Option<Vec<f32>> =
+        permuted::applies(isa, v).then(|| x.chunks(v.cols).flat_map(permuted::permute_input).collect());
     // Work on yᵀ [rows, m] so that each task owns a contiguous piece.
     let fill = |o0: usize, yt: &mut [f32]| {
         for (k, yo) in yt.chunks_mut(m).enumerate() {
             let mut m0 = 0;
             while m0 < m {
                 let n = g.min(m - m0);
-                row_dots(v, isa, o0 + k, x, m0, n, &mut yo[m0..m0 + n]);
+                match &permuted {
+                    Some(xp) => row_dots_permuted(v, isa, o0 + k, x, xp, m0, n, &mut yo[m0..m0 + n]),
+                    None => row_dots(v, isa, o0 + k, x, m0, n, &mut yo[m0..m0 + n]),
+                }
                 m0 += n;
             }
         }

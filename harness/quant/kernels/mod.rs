@@ -16,6 +16,7 @@ pub mod dequant;
 pub mod isa;
 pub mod matmul;
 pub mod op;
+mod permuted;
 pub mod round;
 mod simd;
 mod view;

@@ -18,7 +18,7 @@ use super::view::Q4View;
 
 /// `round(code · scale)` of flat element `f` (the reference's value).
 #[inline]
-fn weight(v: &Q4View, f: usize) -> f32 {
+pub(super) fn weight(v: &Q4View, f: usize) -> f32 {
     v.round.apply(v.code[v.nibble(f)] * v.scales[v.block(f)])
 }
 
@@ -75,7 +75,7 @@ pub(super) fn decode_bf16(isa: Isa, v: &Q4View, s: usize, e: usize, out: &mut [u
 
 /// The fixed reduction tree over 16 lanes.
 #[inline]
-fn tree(l: &[f32; 16]) -> f32 {
+pub(super) fn tree(l: &[f32; 16]) -> f32 {
     let s8: [f32; 8] = std::array::from_fn(|j| l[j] + l[j + 8]);
     let s4: [f32; 4] = std::array::from_fn(|j| s8[j] + s8[j + 4]);
     let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
