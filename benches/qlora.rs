@@ -2,7 +2,7 @@
 //! shape and the same thread count — 1 and 2 threads, each entry run inside a rayon pool of
 //! that size with `RAYON_NUM_THREADS` set to it (candle's CPU matmul reads the variable, its
 //! quantized matmul and tunecheck's kernels use the pool) — and the run ends with a table of
-//! ratios, tunecheck against each peer, from this run's medians only. `cargo bench --bench
+//! ratios, tunecheck against each peer, from this run's medians and best samples only. `cargo bench --bench
 //! qlora` (add `-- --quick` for a fast look, `-- nf4_matvec` to filter).
 //! `TUNECHECK_ISA=avx2|scalar` caps the instruction set to measure fallbacks.
 
@@ -24,8 +24,11 @@ use tunecheck_benches::values;
 /// The thread counts every entry is measured at.
 const THREADS: [usize; 2] = [1, 2];
 
-/// The entries this run measured: (group, function, parameter).
-static RAN: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
+/// An entry: group, function, parameter (shape and thread count).
+type Entry = (String, String, String);
+
+/// The entries this run measured.
+static RAN: Mutex<BTreeSet<Entry>> = Mutex::new(BTreeSet::new());
 
 /// A criterion group that measures every entry at a given thread count and remembers what it
 /// measured for the ratio table.
@@ -251,13 +254,26 @@ fn criterion_dir() -> PathBuf {
     target.join("criterion")
 }
 
-/// This run's median of an entry, in nanoseconds (criterion's `new/estimates.json`; its
-/// directory names replace the characters a file name cannot hold with `_`).
-fn median_ns(dir: &std::path::Path, (group, function, param): &(String, String, String)) -> Option<f64> {
+/// The directory of an entry's results (criterion replaces the characters a file name cannot
+/// hold with `_`).
+fn entry_dir(dir: &std::path::Path, (group, function, param): &Entry) -> PathBuf {
     let safe = |s: &str| s.replace(['?', '"', '/', '\\', '*', '<', '>', ':', '|', '^'], "_");
-    let path = dir.join(safe(group)).join(safe(function)).join(safe(param)).join("new/estimates.json");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64()
+    dir.join(safe(group)).join(safe(function)).join(safe(param)).join("new")
+}
+
+/// This run's median and best of an entry, in nanoseconds per iteration: criterion's median
+/// estimate (`estimates.json`) and the fastest sample (`sample.json`: total time / iterations
+/// per sample). Interference from elsewhere on the machine only adds time, so the best is the
+/// steadier figure on a shared machine.
+fn median_best_ns(dir: &std::path::Path, key: &Entry) -> Option<(f64, f64)> {
+    let d = entry_dir(dir, key);
+    let read = |f: &str| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(d.join(f)).ok()?).ok() };
+    let median = read("estimates.json")?["median"]["point_estimate"].as_f64()?;
+    let sample = read("sample.json")?;
+    let (iters, times) = (sample["iters"].as_array()?, sample["times"].as_array()?);
+    let best =
+        iters.iter().zip(times).filter_map(|(i, t)| Some(t.as_f64()? / i.as_f64()?)).fold(f64::INFINITY, f64::min);
+    best.is_finite().then_some((median, best))
 }
 
 fn human(ns: f64) -> String {
@@ -270,24 +286,29 @@ fn human(ns: f64) -> String {
 }
 
 /// The ratio table: for every group, shape and thread count this run measured, each
-/// tunecheck entry against each peer (peer median / tunecheck median: above 1, tunecheck is
-/// faster).
+/// tunecheck entry against each peer (peer time / tunecheck time, of the medians and of the
+/// best samples: above 1, tunecheck is faster).
 fn ratio_table(dir: &std::path::Path) -> String {
     let ran = RAN.lock().unwrap().clone();
-    let medians: Vec<((String, String, String), f64)> =
-        ran.into_iter().filter_map(|k| median_ns(dir, &k).map(|m| (k, m))).collect();
+    let times: Vec<(Entry, (f64, f64))> =
+        ran.into_iter().filter_map(|k| median_best_ns(dir, &k).map(|m| (k, m))).collect();
     let mut out = String::from(
-        "\nratios from this run (peer median / tunecheck median; above 1: tunecheck faster)\n\n\
-         | group | shape / threads | tunecheck entry | median | peer | median | ratio |\n|---|---|---|---|---|---|---|\n",
+        "\nratios from this run (peer time / tunecheck time, of the medians and of the best samples; above 1: \
+         tunecheck faster)\n\n\
+         | group | shape / threads | tunecheck entry | median | best | peer | median | best | ratio (median) | ratio (best) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for ((g, f, p), m) in medians.iter().filter(|((_, f, _), _)| f.starts_with("tunecheck")) {
-        for ((g2, f2, p2), m2) in &medians {
+    for ((g, f, p), (m, b)) in times.iter().filter(|((_, f, _), _)| f.starts_with("tunecheck")) {
+        for ((g2, f2, p2), (m2, b2)) in &times {
             if g2 == g && p2 == p && !f2.starts_with("tunecheck") {
                 out.push_str(&format!(
-                    "| {g} | {p} | {f} | {} | {f2} | {} | {:.2}× |\n",
+                    "| {g} | {p} | {f} | {} | {} | {f2} | {} | {} | {:.2}× | {:.2}× |\n",
                     human(*m),
+                    human(*b),
                     human(*m2),
-                    m2 / m
+                    human(*b2),
+                    m2 / m,
+                    b2 / b
                 ));
             }
         }

@@ -52,8 +52,11 @@ fn single_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 fn same_bits_on_every_isa_and_thread_count() {
     // Large enough for the threaded paths; odd cols so rows start mid-byte and mid-block;
     // cols a multiple of 32 for AVX2's byte-plane path (whole 64-element steps, then one
-    // 32-element rest with two blocks of 32 per step; and steps only, one block per step).
-    for (rows, cols, bs, dq) in [(96, 771, 64, true), (64, 1024, 256, false), (40, 160, 32, true), (9, 64, 64, false)] {
+    // 32-element rest with two blocks of 32 per step; and steps only, one block per step);
+    // 8192 columns: batches go through several weight panels per thread, the last one short.
+    for (rows, cols, bs, dq) in
+        [(96, 771, 64, true), (64, 1024, 256, false), (40, 160, 32, true), (9, 64, 64, false), (150, 8192, 128, false)]
+    {
         let q = big(rows, cols, bs, QuantType::Nf4, dq);
         let scales = q.block_scales();
         let v = Q4View::new(&q.packed, &scales, q.quant_type.code(), bs, rows, cols).unwrap();
@@ -75,6 +78,24 @@ fn same_bits_on_every_isa_and_thread_count() {
         for isa in Isa::available() {
             assert_eq!(run(isa), base, "{} differs from scalar", isa.name());
             assert_eq!(single_thread(|| run(isa)), base, "{} on one thread differs", isa.name());
+        }
+        // Rounded weights (the compute-dtype casts), bf16 last among them: AVX2's two-plane
+        // path where the shape allows it.
+        use tunecheck::quant::kernels::{Prec, Rounding};
+        for round in
+            [[Prec::Bf16, Prec::Bf16], [Prec::F32, Prec::Bf16], [Prec::F16, Prec::Bf16], [Prec::F32, Prec::F16]]
+        {
+            let vr = v.with_rounding(Rounding(round));
+            let prod = |isa: Isa| {
+                let mut y = vec![0f32; m * rows];
+                matmul_nt(&vr, &x, m, &mut y, isa).unwrap();
+                y.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            };
+            let want = prod(Isa::Scalar);
+            for isa in Isa::available() {
+                assert_eq!(prod(isa), want, "{} differs from scalar, {round:?}", isa.name());
+                assert_eq!(single_thread(|| prod(isa)), want, "{} on one thread differs, {round:?}", isa.name());
+            }
         }
     }
 }
@@ -100,8 +121,14 @@ fn bf16_output_rounds_like_half() {
 
 #[test]
 fn rounded_weights_with_non_finite_scales_match_half_on_every_isa() {
+    // 301 columns: the general paths; 320: AVX2's byte-plane path too.
+    for cols in [301, 320] {
+        non_finite_scales_case(9, cols);
+    }
+}
+
+fn non_finite_scales_case(rows: usize, cols: usize) {
     use tunecheck::quant::kernels::{Prec, Rounding};
-    let (rows, cols) = (9, 301);
     let q = big(rows, cols, 64, QuantType::Nf4, false);
     let mut scales = q.block_scales();
     // NaN, ±infinity (code 0 × ∞ is NaN), a value that rounds up to infinity, and one in f16's

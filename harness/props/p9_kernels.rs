@@ -1,5 +1,5 @@
 //! P9 — fast 4-bit kernels equal the oracle: on random shapes (odd sizes, partial blocks,
-//! rows straddling blocks), every blocksize from 32 to 4096, NF4 and FP4, plain and nested
+//! rows straddling blocks, and rows of whole 64-element steps), every blocksize from 32 to 4096, NF4 and FP4, plain and nested
 //! scales:
 //! - dequantization is bitwise equal to [`Quantized4::dequantize`], cast through the
 //!   case's rounding (none, or the original and compute dtypes of a bf16/f16 QLoRA layer:
@@ -92,7 +92,8 @@ prop_compose! {
     /// rounding, one input row.
     pub fn arb_kernel_case()(
         rows in 1usize..24,
-        cols in 1usize..200,
+        // A quarter of the rows are whole 64-element steps (AVX2's byte-plane path).
+        cols in prop_oneof![3 => 1usize..200, 1 => (1usize..4).prop_map(|k| 64 * k)],
         bs_log in 5u32..13,
         nf4 in any::<bool>(),
         dq in any::<bool>(),

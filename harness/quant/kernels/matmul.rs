@@ -1,10 +1,11 @@
 //! The fused 4-bit products, never materialising the dequantized weight `W [rows, cols]`:
 //! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
-//!   when `x` has one row). Weights are decoded once per 16 and reused across up to 4 input
-//!   rows; threads split the output features. For batches on AVX-512, four weight rows at a
-//!   time are decoded into a small scratch buffer and multiplied by a 4×4 register tile. On
-//!   AVX2, f32 weights in rows of a multiple of 32 (blocks ≥ 32) are looked up by byte planes
-//!   (`permuted`), the inputs permuted once per call.
+//!   when `x` has one row). For batches of at least 4 rows on AVX-512 and AVX2, four weight
+//!   rows at a time are decoded into a small scratch buffer and multiplied by a 4×4 register
+//!   tile (`simd::tile_dots`). Otherwise weights are decoded once per 16 and reused across up
+//!   to 2 (AVX2, portable) or 4 (AVX-512) input rows; on AVX2, f32 or bf16-rounded weights in
+//!   rows of a multiple of 32 (blocks ≥ 32) are looked up by byte planes (`permuted`), the
+//!   inputs permuted once per call. Threads split the output features.
 //! - [`matmul_nn`]: `dx = g · W` (the backward with respect to the input). Threads split
 //!   the input features; each weight row piece is decoded once into a small scratch buffer.
 //!
@@ -89,37 +90,51 @@ fn row_dots_permuted(v: &Q4View, isa: Isa, o: usize, x: &[f32], xp: &[f32], m0: 
     go!(1, 2, 3, 4);
 }
 
-/// The tiled form of [`matmul_nt`] for `yt [rows, m]` rows `o0..`: each group of
-/// [`simd::TILE`] weight rows is decoded once into a scratch buffer, then multiplied with the
-/// inputs four rows at a time by a register tile. Same bits as the row-by-row form.
+/// The tiled form of [`matmul_nt`] for `yt [rows, m]` rows `o0..`: a panel of weight rows
+/// (as many as fit in about 256 KiB, a multiple of [`simd::TILE`]) is decoded once into a
+/// scratch buffer, then for each group of [`simd::TILE`] input rows every tile of the panel
+/// is multiplied by a register tile. The panel and one input group stay in L2 while they are
+/// reused (with one tile per decode the whole input was streamed again for every four weight
+/// rows). Same bits as the row-by-row form.
 fn fill_tiled(v: &Q4View, isa: Isa, x: &[f32], m: usize, o0: usize, yt: &mut [f32]) {
     const T: usize = simd::TILE;
     let c = v.cols;
     let nrows = yt.len() / m;
-    let mut scratch = vec![0f32; T * c];
-    for b0 in (0..nrows).step_by(T) {
-        let nb = T.min(nrows - b0);
-        for j in 0..nb {
-            let o = o0 + b0 + j;
+    let panel = ((PANEL_FLOATS / c) / T * T).max(T);
+    let mut scratch = vec![0f32; panel.min(nrows.next_multiple_of(T)) * c];
+    for p0 in (0..nrows).step_by(panel) {
+        let np = panel.min(nrows - p0);
+        for j in 0..np {
+            let o = o0 + p0 + j;
             simd::decode(isa, v, o * c, (o + 1) * c, &mut scratch[j * c..(j + 1) * c]);
         }
-        // Short tiles repeat their last row; the repeats' results are dropped.
-        let ws: [&[f32]; T] = std::array::from_fn(|j| &scratch[j.min(nb - 1) * c..(j.min(nb - 1) + 1) * c]);
         for m0 in (0..m).step_by(T) {
             let nm = T.min(m - m0);
             let xs: [&[f32]; T] = std::array::from_fn(|i| {
                 let r = m0 + i.min(nm - 1);
                 &x[r * c..(r + 1) * c]
             });
-            let d = simd::tile_dots(isa, ws, xs, c).expect("tiled only where supported");
-            for (i, di) in d.iter().enumerate().take(nm) {
-                for (j, dij) in di.iter().enumerate().take(nb) {
-                    yt[(b0 + j) * m + m0 + i] = *dij;
+            for b0 in (0..np).step_by(T) {
+                let nb = T.min(np - b0);
+                // Short tiles repeat their last row; the repeats' results are dropped.
+                let ws: [&[f32]; T] = std::array::from_fn(|j| {
+                    let r = b0 + j.min(nb - 1);
+                    &scratch[r * c..(r + 1) * c]
+                });
+                let d = simd::tile_dots(isa, ws, xs, c).expect("tiled only where supported");
+                for (i, di) in d.iter().enumerate().take(nm) {
+                    for (j, dij) in di.iter().enumerate().take(nb) {
+                        yt[(p0 + b0 + j) * m + m0 + i] = *dij;
+                    }
                 }
             }
         }
     }
 }
+
+/// Decoded weight values per panel of [`fill_tiled`] (256 KiB of f32: half of a 512 KiB L2, as
+/// on Zen 3, leaving room for an input group).
+const PANEL_FLOATS: usize = 1 << 16;
 
 /// `y[m, o] = Σ_i x[m, i] · W[o, i]`; `x` is `[m, cols]`, `y` is `[m, rows]`, row-major.
 pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Result<()> {
@@ -128,7 +143,7 @@ pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Re
         return Ok(());
     }
     // Batches: a register tile over decoded rows, where the rows start at even flat indices.
-    if isa == Isa::Avx512 && m >= simd::TILE && v.cols.is_multiple_of(2) && v.cols >= 16 {
+    if matches!(isa, Isa::Avx512 | Isa::Avx2) && m >= simd::TILE && v.cols.is_multiple_of(2) && v.cols >= 16 {
         let mut yt = vec![0f32; m * v.rows];
         run_rows(v, m, &mut yt, |o0, yt| fill_tiled(v, isa, x, m, o0, yt));
         transpose_into(&yt, m, v.rows, y);
@@ -137,7 +152,7 @@ pub fn matmul_nt(v: &Q4View, x: &[f32], m: usize, y: &mut [f32], isa: Isa) -> Re
     let g = group(isa);
     // AVX2 with byte-plane lookups where it applies: the inputs permuted once per call.
     let permuted: Option<Vec<f32>> =
-        permuted::applies(isa, v).then(|| x.chunks(v.cols).flat_map(permuted::permute_input).collect());
+        permuted::applies(isa, v).then(|| x.chunks(v.cols).flat_map(|r| permuted::permute_input(v, r)).collect());
     // Work on yᵀ [rows, m] so that each task owns a contiguous piece.
     let fill = |o0: usize, yt: &mut [f32]| {
         for (k, yo) in yt.chunks_mut(m).enumerate() {

@@ -177,20 +177,23 @@ pub(super) const TILE: usize = 4;
 /// even: each row starts at an even flat index, so there is no head element), in exactly the
 /// order of [`dot`]: chunk `c` into chain `c mod 4`, `tree((c0 + c1) + (c2 + c3)) + tail`. The
 /// chains are computed one after the other, so a 4×4 register tile serves all 16 outputs:
-/// every weight load feeds four inputs and every input load four weights. AVX-512 only
-/// (`None` elsewhere: the caller uses [`dot`], which gives the same bits).
+/// every weight load feeds four inputs and every input load four weights. AVX-512 and AVX2
+/// (`None` on the portable path: the caller uses [`dot`], which gives the same bits).
 pub(super) fn tile_dots(isa: Isa, ws: [&[f32]; TILE], xs: [&[f32]; TILE], n: usize) -> Option<[[f32; TILE]; TILE]> {
     assert!(n.is_multiple_of(2) && ws.iter().chain(&xs).all(|r| r.len() >= n), "tile rows hold n values, n even");
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `isa.supported()`; the lengths are checked above.
         Isa::Avx512 => Some(unsafe { x86::tile_avx512(ws, xs, n) }),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => Some(unsafe { x86::tile_avx2(ws, xs, n) }),
         _ => None,
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     //! AVX2+FMA(+F16C) and AVX-512F versions. Unaligned loads throughout; every pointer
     //! offset is bounded by the slice lengths checked in the safe callers.
 
@@ -535,7 +538,12 @@ mod x86 {
     /// One block's table halves: `round(code · scale)` (NaN-free when the scale is finite).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn table256(v: &Q4View, cl: __m256, ch: __m256, scale: f32) -> (__m256, __m256) {
+    pub(in crate::quant::kernels) unsafe fn table256(
+        v: &Q4View,
+        cl: __m256,
+        ch: __m256,
+        scale: f32,
+    ) -> (__m256, __m256) {
         let sc = _mm256_set1_ps(scale);
         let (l, h) = (_mm256_mul_ps(cl, sc), _mm256_mul_ps(ch, sc));
         if v.round.is_none() {
@@ -655,6 +663,64 @@ mod x86 {
             let lo = _mm256_add_ps(_mm256_add_ps(a0l[r], a1l[r]), _mm256_add_ps(a2l[r], a3l[r]));
             let hi = _mm256_add_ps(_mm256_add_ps(a0h[r], a1h[r]), _mm256_add_ps(a2h[r], a3h[r]));
             out[r] = tree256(_mm256_add_ps(lo, hi)) + tail[r];
+        }
+        out
+    }
+
+    /// See `tile_dots`: outputs `[input row][weight row]`. A 16-lane chain is two 8-lane
+    /// halves, each lane accumulating on its own, so each (chain, half) is computed in turn, for
+    /// two weight rows at a time: 8 accumulators, 2 weight registers, one input register; per 8
+    /// fused multiply-adds 6 loads.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_avx2(ws: [&[f32]; 4], xs: [&[f32]; 4], n: usize) -> [[f32; 4]; 4] {
+        let z = _mm256_setzero_ps();
+        let chunks = n / 16;
+        // Chain sums [chain][half][input row][weight row], carried across pieces of the rows
+        // small enough for the eight rows' pieces to stay in L1 (32 chunks: 16 KiB); each lane
+        // still sees its chunks in order.
+        const PIECE: usize = 32;
+        let mut cs = [[[[z; 4]; 4]; 2]; 4];
+        for c0 in (0..chunks).step_by(PIECE) {
+            let c1 = (c0 + PIECE).min(chunks);
+            for (k, ck) in cs.iter_mut().enumerate() {
+                for (h, ch) in ck.iter_mut().enumerate() {
+                    for j0 in [0, 2] {
+                        let mut acc: [[__m256; 2]; 4] = std::array::from_fn(|i| [ch[i][j0], ch[i][j0 + 1]]);
+                        let mut c = c0 + k;
+                        while c < c1 {
+                            let off = 16 * c + 8 * h;
+                            let w0 = _mm256_loadu_ps(ws[j0].as_ptr().add(off));
+                            let w1 = _mm256_loadu_ps(ws[j0 + 1].as_ptr().add(off));
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                let xv = _mm256_loadu_ps(xs[i].as_ptr().add(off));
+                                a[0] = _mm256_fmadd_ps(w0, xv, a[0]);
+                                a[1] = _mm256_fmadd_ps(w1, xv, a[1]);
+                            }
+                            c += 4;
+                        }
+                        for (i, a) in acc.iter().enumerate() {
+                            ch[i][j0] = a[0];
+                            ch[i][j0 + 1] = a[1];
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 4];
+        for i in 0..4 {
+            for j in 0..4 {
+                let half = |h: usize| {
+                    _mm256_add_ps(
+                        _mm256_add_ps(cs[0][h][i][j], cs[1][h][i][j]),
+                        _mm256_add_ps(cs[2][h][i][j], cs[3][h][i][j]),
+                    )
+                };
+                let mut tail = 0f32;
+                for f in chunks * 16..n {
+                    tail = ws[j][f].mul_add(xs[i][f], tail);
+                }
+                out[i][j] = tree256(_mm256_add_ps(half(0), half(1))) + tail;
+            }
         }
         out
     }
