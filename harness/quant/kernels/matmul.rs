@@ -1,8 +1,8 @@
 //! The fused 4-bit products, never materialising the dequantized weight `W [rows, cols]`:
 //! - [`matmul_nt`]: `y = x · Wᵀ` (the forward of a 4-bit linear; a matrix-vector product
-//!   when `x` has one row). For batches of at least 4 rows on AVX-512 and AVX2, four weight
-//!   rows at a time are decoded into a small scratch buffer and multiplied by a 4×4 register
-//!   tile (`simd::tile_dots`). Otherwise weights are decoded once per 16 and reused across up
+//!   when `x` has one row). For batches of at least 4 rows on AVX-512 and AVX2, a panel of
+//!   weight rows (about 256 KiB) is decoded once into a scratch buffer and multiplied four
+//!   rows at a time by a 4×4 register tile (`simd::tile_dots`). Otherwise weights are decoded once per 16 and reused across up
 //!   to 2 (AVX2, portable) or 4 (AVX-512) input rows; on AVX2, f32 or bf16-rounded weights in
 //!   rows of a multiple of 32 (blocks ≥ 32) are looked up by byte planes (`permuted`), the
 //!   inputs permuted once per call. Threads split the output features.

@@ -150,9 +150,9 @@ mod x86 {
 
     /// Bytes 2 and 3 of one block's table, `round(code · scale)` with bf16 last, as dwords:
     /// lane 0 `[b2(0..4), b3(0..4), b2(8..12), b3(8..12)]`, lane 1 the same for entries 4..8
-    /// and 12..16. With a finite scale and no f16 cast the bf16 rounding (nearest even) is done
-    /// here without shifts, on the vector ALU pipes (only bytes 2 and 3 are kept, so the low
-    /// half needs no clearing); otherwise the general table of the other paths.
+    /// and 12..16. With a finite scale and no f16 cast the bf16 rounding (nearest even: add
+    /// 0x7fff, and one more when the kept half is odd) is done here, without clearing the low
+    /// half (only bytes 2 and 3 are kept); otherwise the general table of the other paths.
     macro_rules! bf16_entries {
         ($v:expr, $code:expr, $scale:expr, $lean:expr) => {{
             let (code, scale): ((__m256, __m256), f32) = ($code, $scale);
