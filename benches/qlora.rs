@@ -2,8 +2,8 @@
 //! shape and the same thread count — 1 and 2 threads, each entry run inside a rayon pool of
 //! that size with `RAYON_NUM_THREADS` set to it (candle's CPU matmul reads the variable, its
 //! quantized matmul and tunecheck's kernels use the pool) — and the run ends with a table of
-//! ratios, tunecheck against each peer, from this run's medians and best samples only. `cargo bench --bench
-//! qlora` (add `-- --quick` for a fast look, `-- nf4_matvec` to filter).
+//! ratios, tunecheck against each peer, from this run's medians and best samples only.
+//! `cargo bench --bench qlora` (add `-- --quick` for a fast look, `-- nf4_matvec` to filter).
 //! `TUNECHECK_ISA=avx2|scalar` caps the instruction set to measure fallbacks.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};

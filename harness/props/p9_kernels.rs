@@ -1,6 +1,6 @@
 //! P9 — fast 4-bit kernels equal the oracle: on random shapes (odd sizes, partial blocks,
-//! rows straddling blocks, and rows of whole 64-element steps), every blocksize from 32 to 4096, NF4 and FP4, plain and nested
-//! scales:
+//! rows straddling blocks, and rows of whole 64-element steps), every blocksize from 32 to
+//! 4096, NF4 and FP4, plain and nested scales:
 //! - dequantization is bitwise equal to [`Quantized4::dequantize`], cast through the
 //!   case's rounding (none, or the original and compute dtypes of a bf16/f16 QLoRA layer:
 //!   bitsandbytes multiplies the weight *after* those casts);

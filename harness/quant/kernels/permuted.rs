@@ -19,10 +19,9 @@
 //!   bytes 2 and 3 need looking up, and a byte unpack gives each weight's bf16 bits as a word;
 //!   a dword then holds two weights, the high one an f32 once the low word is masked off (the
 //!   vector ALU pipes, not the shuffle ones) and the low one once shifted up. The table is the
-//!   block's own, `round(code · scale)` (the rounding can't come after the lookup), made from
-//!   the same 16 values the other paths use (rounded to nearest even here, or by the general
-//!   code for an f16 cast or a non-finite scale) and cut into its two byte planes with four
-//!   shuffles. Measured on one Zen 3 core (1×4096×4096, blocksize 64, best of 150): 2.1 ms
+//!   block's own, `round(code · scale)` (the rounding can't come after the lookup): the other
+//!   AVX2 paths' table of the block (`simd`'s `table256`), cut into its two byte planes with
+//!   four shuffles. Measured on one Zen 3 core (1×4096×4096, blocksize 64, best of 150): 2.2 ms
 //!   against 3.8 ms on the general AVX2 loop; with blocksize 256 (a table every fourth step)
 //!   1.6 ms, below the f32 mode's 1.8 ms — at blocksize 64 the per-block table is a quarter
 //!   of the time.
@@ -148,31 +147,14 @@ mod x86 {
     // `#[inline(always)]`, and a call per step would spill the accumulators (every vector
     // register is caller-saved).
 
-    /// Bytes 2 and 3 of one block's table, `round(code · scale)` with bf16 last, as dwords:
-    /// lane 0 `[b2(0..4), b3(0..4), b2(8..12), b3(8..12)]`, lane 1 the same for entries 4..8
-    /// and 12..16. With a finite scale and no f16 cast the bf16 rounding (nearest even: add
-    /// 0x7fff, and one more when the kept half is odd) is done here, without clearing the low
-    /// half (only bytes 2 and 3 are kept); otherwise the general table of the other paths.
+    /// Bytes 2 and 3 of one block's table `round(code · scale)` (the other paths' table,
+    /// bf16 last), as dwords: lane 0 `[b2(0..4), b3(0..4), b2(8..12), b3(8..12)]`, lane 1 the
+    /// same for entries 4..8 and 12..16.
     macro_rules! bf16_entries {
-        ($v:expr, $code:expr, $scale:expr, $lean:expr) => {{
+        ($v:expr, $code:expr, $scale:expr) => {{
             let (code, scale): ((__m256, __m256), f32) = ($code, $scale);
-            let (l, h) = if $lean && scale.is_finite() {
-                let sc = _mm256_set1_ps(scale);
-                let bit = _mm256_set1_epi32(0x1_0000);
-                let half = _mm256_set1_epi32(0x7fff);
-                macro_rules! round {
-                    ($x:expr) => {{
-                        let b = _mm256_castps_si256($x);
-                        let odd = _mm256_cmpeq_epi32(_mm256_and_si256(b, bit), bit);
-                        // b + 0x7fff + (1 if the kept part is odd): -1 from the compare, subtracted.
-                        _mm256_sub_epi32(_mm256_add_epi32(b, half), odd)
-                    }};
-                }
-                (round!(_mm256_mul_ps(code.0, sc)), round!(_mm256_mul_ps(code.1, sc)))
-            } else {
-                let (l, h) = table256($v, code.0, code.1, scale);
-                (_mm256_castps_si256(l), _mm256_castps_si256(h))
-            };
+            let (l, h) = table256($v, code.0, code.1, scale);
+            let (l, h) = (_mm256_castps_si256(l), _mm256_castps_si256(h));
             const Z: i8 = -128; // pshufb: a set high bit gives 0
             let il = _mm256_setr_epi8(
                 2, 6, 10, 14, 3, 7, 11, 15, Z, Z, Z, Z, Z, Z, Z, Z, //
@@ -189,16 +171,16 @@ mod x86 {
     /// The lookup tables of a step whose lane 0 is in the block of scale `s.0` and lane 1 in
     /// that of `s.1` (`same`: one block): `[plane 2, plane 3]`, each lane its block's.
     macro_rules! bf16_tables {
-        ($v:expr, $code:expr, $s:expr, $same:expr, $lean:expr) => {{
+        ($v:expr, $code:expr, $s:expr, $same:expr) => {{
             let (s, same): ((f32, f32), bool) = ($s, $same);
-            let m0 = bf16_entries!($v, $code, s.0, $lean);
+            let m0 = bf16_entries!($v, $code, s.0);
             let i2 = _mm256_setr_epi32(0, 4, 2, 6, 0, 4, 2, 6);
             let i3 = _mm256_setr_epi32(1, 5, 3, 7, 1, 5, 3, 7);
             let (a2, a3) = (_mm256_permutevar8x32_epi32(m0, i2), _mm256_permutevar8x32_epi32(m0, i3));
             if same {
                 [a2, a3]
             } else {
-                let m1 = bf16_entries!($v, $code, s.1, $lean);
+                let m1 = bf16_entries!($v, $code, s.1);
                 let (b2, b3) = (_mm256_permutevar8x32_epi32(m1, i2), _mm256_permutevar8x32_epi32(m1, i3));
                 [_mm256_blend_epi32::<0xf0>(a2, b2), _mm256_blend_epi32::<0xf0>(a3, b3)]
             }
@@ -216,16 +198,17 @@ mod x86 {
         let ((s, e), (xs, xps)) = (row, ins);
         // f32: byte k of every code value, in both 128-bit lanes.
         let mut planes = [[0u8; 16]; 4];
-        for (i, c) in v.code.iter().enumerate() {
-            for (k, b) in c.to_le_bytes().into_iter().enumerate() {
-                planes[k][i] = b;
+        if !BF16 {
+            for (i, c) in v.code.iter().enumerate() {
+                for (k, b) in c.to_le_bytes().into_iter().enumerate() {
+                    planes[k][i] = b;
+                }
             }
         }
         let t: [__m256i; 4] =
             std::array::from_fn(|k| _mm256_broadcastsi128_si256(_mm_loadu_si128(planes[k].as_ptr() as *const __m128i)));
         // bf16: the planes of bytes 2 and 3 of the tables of the blocks `cur` (lane 0, lane 1).
         let code = (_mm256_loadu_ps(v.code.as_ptr()), _mm256_loadu_ps(v.code.as_ptr().add(8)));
-        let lean = v.round.0[0] != super::Prec::F16;
         let mut cur = (usize::MAX, usize::MAX);
         let [mut t2, mut t3] = [_mm256_setzero_si256(); 2];
         let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
@@ -244,7 +227,7 @@ mod x86 {
             let s1 = *v.scales.get_unchecked(b1);
             let scale = if b0 == b1 { _mm256_set1_ps(s0) } else { _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1)) };
             if BF16 && cur != (b0, b1) {
-                [t2, t3] = bf16_tables!(v, code, (s0, s1), b0 == b1, lean);
+                [t2, t3] = bf16_tables!(v, code, (s0, s1), b0 == b1);
                 cur = (b0, b1);
             }
             let off = f - s;
